@@ -1,0 +1,16 @@
+//! asiffs: read, write and mount Apple Sparse Image Format (ASIF) disk images.
+//!
+//! Layers, with data flowing one way:
+//! - [`format`]: pure encode/decode of the on-disk structures (no I/O);
+//! - [`engine`]: the sparse block translator ([`Image`]);
+//! - [`fs`]: a thin FUSE adapter over the engine;
+//! - [`cli`]: the `asiffs` command line.
+
+pub mod cli;
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod fs;
+
+pub use engine::{CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
+pub use error::{Error, Result};
