@@ -1,0 +1,198 @@
+//! Chunk allocation and the rules for handing freed chunks out again.
+//!
+//! Invariants:
+//! - A chunk handed out reads as zeros: it is either past the old end of
+//!   the file (grown with `set_len`, a host hole) or a freed chunk whose
+//!   range was punched when it was freed.
+//! - The file length grows before the chunk is published in any entry, so
+//!   a flush that syncs after taking its snapshot of the index has made
+//!   every referenced chunk's length durable.
+//! - A freed chunk waits in `pending` until a flush has made the entry
+//!   change that released it durable *and* every I/O that might still hold
+//!   the old translation has finished ([`IoGate`]); only then is it reused.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+
+use super::storage::Storage;
+use crate::error::{Error, Result};
+use crate::format::MAX_CHUNK_NUMBER;
+
+struct State {
+    /// Chunks in the file (its length divided by the chunk size).
+    end: u64,
+    /// Chunks free for reuse, lowest first so that images stay compact.
+    free: BTreeSet<u64>,
+    /// Chunks released since the last flush's snapshot.
+    pending: Vec<u64>,
+}
+
+pub struct Allocator {
+    chunk_size: u64,
+    state: Mutex<State>,
+    /// Mirror of `state.end` for lock-free range checks of entries.
+    end: AtomicU64,
+}
+
+impl Allocator {
+    pub fn new(chunk_size: u64, end: u64) -> Allocator {
+        Allocator {
+            chunk_size,
+            state: Mutex::new(State {
+                end,
+                free: BTreeSet::new(),
+                pending: Vec::new(),
+            }),
+            end: AtomicU64::new(end),
+        }
+    }
+
+    /// Number of chunks in the file.
+    pub fn end(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
+    }
+
+    /// Hands out one zero-reading chunk.
+    pub fn allocate(&self, storage: &dyn Storage) -> Result<u64> {
+        let mut s = self.state.lock();
+        if let Some(n) = s.free.pop_first() {
+            return Ok(n);
+        }
+        let n = s.end;
+        if n >= MAX_CHUNK_NUMBER {
+            return Err(Error::io(
+                "allocating a chunk",
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        storage
+            .set_len((n + 1) * self.chunk_size)
+            .map_err(|e| Error::io("growing the container", e))?;
+        s.end = n + 1;
+        self.end.store(n + 1, Ordering::Release);
+        Ok(n)
+    }
+
+    /// Records a chunk whose entry no longer points at it (already punched).
+    pub fn release(&self, n: u64) {
+        self.state.lock().pending.push(n);
+    }
+
+    /// Takes the chunks released so far; a flush calls it before it
+    /// snapshots the index, so their entry changes are in that snapshot.
+    pub fn take_pending(&self) -> Vec<u64> {
+        std::mem::take(&mut self.state.lock().pending)
+    }
+
+    /// Makes chunks reusable (after the flush and a grace period).
+    pub fn make_free(&self, chunks: Vec<u64>) {
+        self.state.lock().free.extend(chunks);
+    }
+
+    /// Puts back chunks that a failed flush could not make durable.
+    pub fn restore_pending(&self, chunks: Vec<u64>) {
+        self.state.lock().pending.extend(chunks);
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.state.lock().free.len()
+    }
+
+    /// Forgets free chunks at or past `end` and shrinks the count (compaction).
+    pub fn truncate(&self, end: u64) {
+        let mut s = self.state.lock();
+        s.free.retain(|&n| n < end);
+        s.end = end;
+        self.end.store(end, Ordering::Release);
+    }
+}
+
+/// A two-epoch grace period: every data-path I/O holds a [`GateGuard`];
+/// [`IoGate::wait_for_readers`] returns once every I/O that started before
+/// it has finished. No I/O ever waits on the gate.
+pub struct IoGate {
+    epoch: AtomicUsize,
+    active: [AtomicUsize; 2],
+    flip: Mutex<()>,
+}
+
+pub struct GateGuard<'a> {
+    gate: &'a IoGate,
+    slot: usize,
+}
+
+impl IoGate {
+    pub fn new() -> IoGate {
+        IoGate {
+            epoch: AtomicUsize::new(0),
+            active: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            flip: Mutex::new(()),
+        }
+    }
+
+    pub fn enter(&self) -> GateGuard<'_> {
+        loop {
+            let slot = self.epoch.load(Ordering::SeqCst) & 1;
+            self.active[slot].fetch_add(1, Ordering::SeqCst);
+            // If the epoch moved between the load and the increment, the
+            // waiter may already have seen this slot empty: go again.
+            if self.epoch.load(Ordering::SeqCst) & 1 == slot {
+                return GateGuard { gate: self, slot };
+            }
+            self.active[slot].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub fn wait_for_readers(&self) {
+        // After each wait every live guard sits in the current slot, so
+        // flipping once and draining the old slot covers all earlier I/O.
+        let _one_at_a_time = self.flip.lock();
+        let old = self.epoch.fetch_add(1, Ordering::SeqCst) & 1;
+        while self.active[old].load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Default for IoGate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        self.gate.active[self.slot].fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn gate_waits_for_io_started_before() {
+        let gate = Arc::new(IoGate::new());
+        let g = gate.enter();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g2 = gate.clone();
+        let t = std::thread::spawn(move || {
+            g2.wait_for_readers();
+            tx.send(()).unwrap();
+        });
+        // The waiter cannot finish while the guard lives.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        drop(g);
+        rx.recv().unwrap();
+        t.join().unwrap();
+        // New I/O does not block the next wait.
+        let _g = gate.enter();
+        drop(_g);
+        gate.wait_for_readers();
+    }
+}

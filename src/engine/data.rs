@@ -1,0 +1,387 @@
+//! The data path: read, write, discard, zero and allocate.
+
+use std::sync::Arc;
+
+use super::cache::Group;
+use super::{bump, Image};
+use crate::error::{Error, Result};
+use crate::format::{bitmap_span, BitmapEntry, ChunkState, Location, SectorState};
+
+/// One piece of a request that stays inside a single chunk.
+struct Piece {
+    loc: Location,
+    /// Offset of the piece within the request.
+    at: usize,
+    len: usize,
+}
+
+impl Image {
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
+        let cs = self.geo.chunk_size;
+        let mut done = 0u64;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let loc = self.geo.locate(offset + done);
+            let n = (cs - loc.within).min(len - done);
+            let p = Piece {
+                loc,
+                at: done as usize,
+                len: n as usize,
+            };
+            done += n;
+            Some(p)
+        })
+    }
+
+    /// The chunk-group for `loc`, loading it if needed. With `create`, an
+    /// absent table is allocated; without, `None` means "reads as zeros".
+    pub(super) fn group(&self, loc: &Location, create: bool) -> Result<Option<Arc<Group>>> {
+        let key = self.geo.group_number(loc);
+        loop {
+            let miss = match self.cache.get(key) {
+                Ok(g) => return Ok(Some(g)),
+                Err(miss) => miss,
+            };
+            let table = self.dir.read().tables[loc.table as usize];
+            if table == 0 {
+                if !create {
+                    return Ok(None);
+                }
+                self.add_table(loc.table)?;
+                continue;
+            }
+            let g = self.load_group(table, loc.group)?;
+            if let Some(g) = self.cache.insert(key, g, &miss) {
+                return Ok(Some(g));
+            }
+        }
+    }
+
+    pub(super) fn load_group(&self, table: u64, group: u64) -> Result<Group> {
+        let cs = self.geo.chunk_size;
+        let off = table * cs + self.geo.group_offset_in_table(group);
+        let mut b = vec![0u8; self.geo.group_bytes as usize];
+        self.storage.read_at(&mut b, off).map_err(|e| {
+            Error::io(
+                format!("{}: reading table chunk {table}", self.path.display()),
+                e,
+            )
+        })?;
+        let end = self.alloc.end();
+        let n = self.geo.entries_per_group as usize;
+        let dir = self.dir.read();
+        Ok(Group::decode(table, off, &b, |i, raw| {
+            if i == n {
+                self.bitmap_entry_is_valid(raw, end, &dir.table_chunks)
+            } else {
+                self.entry_is_valid(raw, end, &dir.table_chunks)
+            }
+        }))
+    }
+
+    /// Allocates table `t` (a zeroed chunk: every entry "never written").
+    fn add_table(&self, t: u64) -> Result<()> {
+        let mut d = self.dir.write();
+        if d.tables[t as usize] != 0 {
+            return Ok(());
+        }
+        let n = self.alloc.allocate(&*self.storage)?;
+        d.tables[t as usize] = n;
+        d.table_chunks.insert(n);
+        d.generation += 1;
+        bump(&self.counters.chunks_allocated, 1);
+        Ok(())
+    }
+
+    pub(super) fn corrupt_entry(&self, loc: &Location) -> Error {
+        Error::Corrupt(format!(
+            "{}: table {} group {} entry {} is out of rule",
+            self.path.display(),
+            loc.table,
+            loc.group,
+            loc.index
+        ))
+    }
+
+    pub(super) fn io_err(&self, what: &str, e: std::io::Error) -> Error {
+        Error::io(format!("{}: {what}", self.path.display()), e)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of the virtual disk.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let _io = self.gate.enter();
+        self.read_inner(buf, offset)?;
+        bump(&self.counters.reads, 1);
+        bump(&self.counters.bytes_read, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Reads without the size check: the metadata chunk lies past the disk.
+    pub(super) fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let cs = self.geo.chunk_size;
+        for p in self.pieces(offset, buf.len() as u64) {
+            let piece = &mut buf[p.at..p.at + p.len];
+            let Some(g) = self.group(&p.loc, false)? else {
+                piece.fill(0);
+                continue;
+            };
+            match g.state(p.loc.index as usize) {
+                None => return Err(self.corrupt_entry(&p.loc)),
+                Some(ChunkState::Unwritten | ChunkState::Unmapped) => piece.fill(0),
+                Some(ChunkState::Full(n)) => self
+                    .storage
+                    .read_at(piece, n * cs + p.loc.within)
+                    .map_err(|e| self.io_err("reading a data chunk", e))?,
+                Some(ChunkState::Partial(n)) => {
+                    self.storage
+                        .read_at(piece, n * cs + p.loc.within)
+                        .map_err(|e| self.io_err("reading a data chunk", e))?;
+                    self.mask_unwritten(&g, &p.loc, piece)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The bitmap states of the sectors `first..first+count` of `g`.
+    pub(super) fn sector_states(
+        &self,
+        g: &Group,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<SectorState>> {
+        let bitmap = match BitmapEntry(g.bitmap_raw()).chunk() {
+            Ok(Some(b)) if !g.is_invalid(g.len()) => b,
+            _ => {
+                return Err(Error::Corrupt(format!(
+                    "{}: partially valid chunk in a group without a valid bitmap chunk",
+                    self.path.display()
+                )))
+            }
+        };
+        let span = bitmap_span(first, count);
+        let mut bytes = vec![0u8; (span.end - span.start) as usize];
+        self.storage
+            .read_at(&mut bytes, bitmap * self.geo.chunk_size + span.start)
+            .map_err(|e| self.io_err("reading a bitmap chunk", e))?;
+        (first..first + count)
+            .map(
+                |s| match SectorState::from_byte(bytes[(s / 4 - span.start) as usize], s % 4) {
+                    SectorState::Unknown(v) => Err(Error::Corrupt(format!(
+                        "{}: bitmap state {v:#b} for a sector is unknown",
+                        self.path.display()
+                    ))),
+                    st => Ok(st),
+                },
+            )
+            .collect()
+    }
+
+    /// Zeroes the parts of `piece` whose sectors the bitmap marks unwritten.
+    fn mask_unwritten(&self, g: &Group, loc: &Location, piece: &mut [u8]) -> Result<()> {
+        let bs = self.geo.block_size;
+        let base = loc.index * self.geo.sectors_per_chunk();
+        let first = loc.within / bs;
+        let last = (loc.within + piece.len() as u64 - 1) / bs;
+        let states = self.sector_states(g, base + first, last - first + 1)?;
+        for (i, st) in states.into_iter().enumerate() {
+            if st == SectorState::Unwritten {
+                let s = (first + i as u64) * bs;
+                let from = s.max(loc.within) - loc.within;
+                let to = (s + bs).min(loc.within + piece.len() as u64) - loc.within;
+                piece[from as usize..to as usize].fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn require_writable_pub(&self) -> Result<()> {
+        self.require_writable()
+    }
+
+    fn require_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly)
+        }
+    }
+
+    /// Writes `buf` at `offset` of the virtual disk.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.require_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        {
+            let _io = self.gate.enter();
+            let cs = self.geo.chunk_size;
+            for p in self.pieces(offset, buf.len() as u64) {
+                let data = &buf[p.at..p.at + p.len];
+                let n = self.writable_chunk(&p.loc)?;
+                self.storage
+                    .write_at(data, n * cs + p.loc.within)
+                    .map_err(|e| self.io_err("writing a data chunk", e))?;
+            }
+            self.note_data_change();
+            bump(&self.counters.writes, 1);
+            bump(&self.counters.bytes_written, buf.len() as u64);
+        }
+        self.flush_if_too_dirty()
+    }
+
+    /// The physical chunk to write `loc` into: allocated when absent,
+    /// promoted to fully valid when macOS left it partial.
+    fn writable_chunk(&self, loc: &Location) -> Result<u64> {
+        let g = self.group(loc, true)?.expect("group exists after creation");
+        let k = loc.index as usize;
+        match g.state(k) {
+            Some(ChunkState::Full(n)) => return Ok(n),
+            None => return Err(self.corrupt_entry(loc)),
+            _ => {}
+        }
+        let _alloc = g.alloc_lock.lock();
+        match g.state(k) {
+            Some(ChunkState::Full(n)) => Ok(n),
+            Some(ChunkState::Partial(n)) => {
+                self.promote(&g, loc, n)?;
+                Ok(n)
+            }
+            Some(ChunkState::Unwritten | ChunkState::Unmapped) => {
+                let n = self.alloc.allocate(&*self.storage)?;
+                g.set_state(k, ChunkState::Full(n));
+                self.cache.mark_dirty(self.geo.group_number(loc), &g);
+                bump(&self.counters.chunks_allocated, 1);
+                Ok(n)
+            }
+            None => Err(self.corrupt_entry(loc)),
+        }
+    }
+
+    /// Turns a partially valid chunk into a fully valid one: its unwritten
+    /// sectors may hold stale bytes, so they are zeroed before the entry
+    /// says 01 (and so before the entry can reach the disk). Caller holds
+    /// the group's allocation lock.
+    fn promote(&self, g: &Arc<Group>, loc: &Location, n: u64) -> Result<()> {
+        let bs = self.geo.block_size;
+        let spc = self.geo.sectors_per_chunk();
+        let states = self.sector_states(g, loc.index * spc, spc)?;
+        let cs = self.geo.chunk_size;
+        let mut s = 0;
+        while s < spc {
+            if states[s as usize] != SectorState::Unwritten {
+                s += 1;
+                continue;
+            }
+            let start = s;
+            while s < spc && states[s as usize] == SectorState::Unwritten {
+                s += 1;
+            }
+            self.storage
+                .punch(n * cs + start * bs, (s - start) * bs)
+                .map_err(|e| self.io_err("zeroing stale sectors", e))?;
+        }
+        g.set_state(loc.index as usize, ChunkState::Full(n));
+        self.cache.mark_dirty(self.geo.group_number(loc), g);
+        Ok(())
+    }
+
+    /// Makes `offset..offset+len` read as zeros and gives whole chunks back
+    /// (state 10, host space punched). Any alignment; clamped to the disk.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.require_writable()?;
+        let end = offset.saturating_add(len).min(self.size());
+        if offset >= end {
+            return Ok(());
+        }
+        self.discard_range(offset, end)?;
+        bump(&self.counters.discards, 1);
+        bump(&self.counters.bytes_discarded, end - offset);
+        self.flush_if_too_dirty()
+    }
+
+    /// Zeroes a range. Discarded ranges read as zeros, so this is a discard.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard(offset, len)
+    }
+
+    /// Discards `offset..end` with no size check (resize uses it past the end).
+    pub(super) fn discard_range(&self, offset: u64, end: u64) -> Result<()> {
+        let _io = self.gate.enter();
+        let cs = self.geo.chunk_size;
+        let disk_end = self.size().max(end);
+        let mut at = offset;
+        while at < end {
+            let loc = self.geo.locate(at);
+            let Some(g) = self.group(&loc, false)? else {
+                // No table: the whole table's span already reads as zeros.
+                at = ((loc.table + 1) * self.geo.table_span).min(end);
+                continue;
+            };
+            let n = (cs - loc.within).min(end - at);
+            let whole = loc.within == 0 && (n == cs || at + n >= disk_end);
+            self.discard_piece(&g, &loc, n, whole)?;
+            at += n;
+        }
+        self.note_data_change();
+        Ok(())
+    }
+
+    fn discard_piece(&self, g: &Arc<Group>, loc: &Location, len: u64, whole: bool) -> Result<()> {
+        let cs = self.geo.chunk_size;
+        let k = loc.index as usize;
+        let _alloc = g.alloc_lock.lock();
+        match g.state(k) {
+            None => Err(self.corrupt_entry(loc)),
+            Some(ChunkState::Unwritten | ChunkState::Unmapped) => Ok(()),
+            Some(ChunkState::Full(n) | ChunkState::Partial(n)) if whole => {
+                g.set_state(k, ChunkState::Unmapped);
+                self.cache.mark_dirty(self.geo.group_number(loc), g);
+                self.storage
+                    .punch(n * cs, cs)
+                    .map_err(|e| self.io_err("punching a chunk", e))?;
+                // Only a punched chunk may be handed out again.
+                self.alloc.release(n);
+                bump(&self.counters.chunks_freed, 1);
+                Ok(())
+            }
+            Some(ChunkState::Partial(n)) => {
+                self.promote(g, loc, n)?;
+                self.storage
+                    .punch(n * cs + loc.within, len)
+                    .map_err(|e| self.io_err("punching part of a chunk", e))
+            }
+            Some(ChunkState::Full(n)) => self
+                .storage
+                .punch(n * cs + loc.within, len)
+                .map_err(|e| self.io_err("punching part of a chunk", e)),
+        }
+    }
+
+    /// Maps every chunk of the range and reserves host space for it, so that
+    /// later writes there cannot fail for lack of space (fallocate mode 0).
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.require_writable()?;
+        self.check_range(offset, len)?;
+        {
+            let _io = self.gate.enter();
+            let cs = self.geo.chunk_size;
+            for p in self.pieces(offset, len) {
+                let n = self.writable_chunk(&p.loc)?;
+                self.storage
+                    .reserve(n * cs + p.loc.within, p.len as u64)
+                    .map_err(|e| self.io_err("reserving space", e))?;
+            }
+            self.note_data_change();
+        }
+        self.flush_if_too_dirty()
+    }
+
+    fn flush_if_too_dirty(&self) -> Result<()> {
+        if self.cache.dirty_len() > self.max_dirty {
+            self.flush()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,125 @@
+//! Flush: the only place index changes reach the disk (see the protocol in
+//! the module docs of `engine`).
+
+use std::sync::atomic::Ordering;
+
+use super::{bump, Image};
+use crate::error::{Error, Result};
+use crate::format::Directory;
+
+impl Image {
+    pub(super) fn note_data_change(&self) {
+        if !self.data_dirty.load(Ordering::Relaxed) {
+            self.data_dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Makes every write, discard and resize that completed before this call
+    /// durable. Safe to call concurrently with I/O.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _one = self.flush_lock.lock();
+        // Order matters: released chunks first, so that the entry change
+        // that released each of them is inside the index snapshot below.
+        let released = self.alloc.take_pending();
+        let data_dirty = self.data_dirty.swap(false, Ordering::AcqRel);
+        let groups = self.cache.dirty_snapshot();
+        let dir = {
+            let d = self.dir.read();
+            (d.generation != d.written)
+                .then(|| (d.generation, d.tables.clone(), d.active, d.versions))
+        };
+        if !data_dirty && groups.is_empty() && dir.is_none() && released.is_empty() {
+            return Ok(());
+        }
+        let sync = |what: &str| self.storage.sync().map_err(|e| self.io_err(what, e));
+        let result = (|| -> Result<()> {
+            sync("syncing data")?;
+            if !groups.is_empty() {
+                for g in &groups {
+                    self.storage
+                        .write_at(&g.bytes, g.group.disk_offset)
+                        .map_err(|e| self.io_err("writing a table", e))?;
+                }
+                sync("syncing tables")?;
+                self.cache.note_writeback();
+                self.cache.mark_clean(&groups);
+            }
+            if let Some((generation, tables, active, versions)) = dir {
+                let slot = 1 - active;
+                let version = versions[active] + 1;
+                let bytes = Directory { version, tables }.encode(self.geo.directory_bytes as usize);
+                let off = self.geo.directory_offsets[slot];
+                let bs = self.geo.block_size as usize;
+                // Body first, then the sector holding the version: until that
+                // lands the old directory stays the active one.
+                self.storage
+                    .write_at(&bytes[bs..], off + bs as u64)
+                    .map_err(|e| self.io_err("writing a directory", e))?;
+                sync("syncing a directory")?;
+                self.storage
+                    .write_at(&bytes[..bs], off)
+                    .map_err(|e| self.io_err("writing a directory", e))?;
+                sync("syncing a directory")?;
+                let mut d = self.dir.write();
+                d.active = slot;
+                d.versions[slot] = version;
+                d.written = generation;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                if !released.is_empty() {
+                    self.gate.wait_for_readers();
+                    self.alloc.make_free(released);
+                }
+                bump(&self.counters.flushes, 1);
+                Ok(())
+            }
+            Err(e) => {
+                self.data_dirty.store(true, Ordering::Release);
+                self.alloc.restore_pending(released);
+                Err(e)
+            }
+        }
+    }
+
+    /// Changes the virtual size. Shrinking discards the tail; growing makes
+    /// sure the new range reads as zeros. Durable on return.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        self.require_writable_pub()?;
+        let bs = self.geo.block_size;
+        if new_size % bs != 0 {
+            return Err(Error::Invalid(format!(
+                "size {new_size} is not a multiple of the {bs}-byte block size"
+            )));
+        }
+        if new_size > self.max_size() {
+            return Err(Error::Invalid(format!(
+                "size {new_size} is larger than the format allows ({} bytes)",
+                self.max_size()
+            )));
+        }
+        let old = self.size();
+        if new_size < old {
+            self.discard_range(new_size, old)?;
+            self.size.store(new_size, Ordering::Release);
+        } else if new_size > old {
+            self.discard_range(old, new_size)?;
+        }
+        self.flush()?;
+        let mut h = self.header.lock();
+        h.sector_count = new_size / bs;
+        self.storage
+            .write_at(&h.encode(), 0)
+            .map_err(|e| self.io_err("writing the header", e))?;
+        self.storage
+            .sync()
+            .map_err(|e| self.io_err("syncing the header", e))?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}

@@ -1,0 +1,405 @@
+//! The sparse block translator: an [`Image`] maps reads, writes and
+//! discards of a virtual disk onto chunks of an ASIF container.
+//!
+//! ## Update protocol (crash safety)
+//! The format has no journal, so safety comes from ordering alone:
+//! 1. Data goes straight to its chunk. A new chunk is taken from past the
+//!    end of the file (grown first) or from chunks freed and punched
+//!    earlier, so it reads as zeros until written.
+//! 2. Index changes (entries, the directory) stay in memory until a flush.
+//! 3. A flush snapshots the dirty index, syncs the container (data, punches
+//!    and growth become durable), writes the chunk-groups in place and
+//!    syncs again. Each 8-byte entry lies inside one sector, so a torn group
+//!    write leaves each entry either old or new, and both are valid.
+//! 4. If tables were added, the new directory goes to the *inactive* slot
+//!    with version + 1: all sectors but the first, sync, then the first
+//!    (holding the version), sync. A torn directory write therefore keeps
+//!    the old version and the old directory stays active.
+//! 5. A chunk freed by a discard returns to the allocator only after the
+//!    flush that made its entry change durable, and after every I/O that
+//!    could still hold its old translation has finished.
+//!
+//! See `docs/design.md` for the reasoning and the crash-replay tests.
+
+mod alloc;
+mod cache;
+mod create;
+mod data;
+mod flush;
+mod scan;
+pub mod storage;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::{BitmapEntry, ChunkEntry, Directory, Geometry, Header, Metadata, HEADER_SIZE};
+use alloc::{Allocator, IoGate};
+use cache::GroupCache;
+pub use create::CreateOptions;
+pub use scan::{CheckReport, Extent, ImageInfo};
+use storage::{FileStorage, Storage};
+
+/// How an image is locked against other processes (`flock`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Nobody else may open it (default for writers).
+    Exclusive,
+    /// Other readers may open it, writers may not (default for readers).
+    Shared,
+    /// No lock: reading an image another process may be changing.
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub writable: bool,
+    /// Chunk-groups kept in the index cache (16 KiB each for 1 MiB chunks).
+    pub cache_groups: usize,
+    pub lock: LockMode,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            writable: false,
+            cache_groups: 512,
+            lock: LockMode::Shared,
+        }
+    }
+}
+
+impl OpenOptions {
+    pub fn writable() -> Self {
+        OpenOptions {
+            writable: true,
+            lock: LockMode::Exclusive,
+            ..Default::default()
+        }
+    }
+}
+
+/// Counters of one open image, for `asiffs stats`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub discards: u64,
+    pub bytes_discarded: u64,
+    pub flushes: u64,
+    pub chunks_allocated: u64,
+    pub chunks_freed: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub dirty_groups: u64,
+    pub free_chunks: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    discards: AtomicU64,
+    bytes_discarded: AtomicU64,
+    flushes: AtomicU64,
+    chunks_allocated: AtomicU64,
+    chunks_freed: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+/// The directory as the engine keeps it.
+struct DirState {
+    /// Slot (0 = A, 1 = B) holding the active directory.
+    active: usize,
+    versions: [u64; 2],
+    tables: Vec<u64>,
+    table_chunks: HashSet<u64>,
+    /// Bumped when a table is added; equal to `written` when on disk.
+    generation: u64,
+    written: u64,
+}
+
+/// An open ASIF image. Cheap to share behind an `Arc`; every method takes
+/// `&self` and may run on many threads at once.
+pub struct Image {
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    geo: Geometry,
+    header: Mutex<Header>,
+    size: AtomicU64,
+    writable: bool,
+    dir: RwLock<DirState>,
+    cache: GroupCache,
+    alloc: Allocator,
+    gate: IoGate,
+    flush_lock: Mutex<()>,
+    /// Set by every data change; a flush with nothing to do skips its sync.
+    data_dirty: AtomicBool,
+    counters: Counters,
+    /// Past this many dirty groups a write flushes, bounding memory.
+    max_dirty: usize,
+}
+
+fn lock_file(file: &File, mode: LockMode, path: &Path) -> Result<()> {
+    let op = match mode {
+        LockMode::Exclusive => libc::LOCK_EX,
+        LockMode::Shared => libc::LOCK_SH,
+        LockMode::None => return Ok(()),
+    };
+    // SAFETY: plain syscall on an owned descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        return Err(Error::io(format!("{}: locking", path.display()), e));
+    }
+    Ok(())
+}
+
+impl Image {
+    /// Opens an existing image, validating its header and directories.
+    /// Tables are read on demand, so opening costs the same at any size.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(opts.writable)
+            .open(path)
+            .map_err(|e| Error::io(path.display().to_string(), e))?;
+        if !file
+            .metadata()
+            .map_err(|e| Error::io(path.display().to_string(), e))?
+            .is_file()
+        {
+            return Err(Error::Invalid(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
+        }
+        lock_file(&file, opts.lock, path)?;
+        Self::from_storage(path, Arc::new(FileStorage::new(file)), opts)
+    }
+
+    /// Opens an image on any [`Storage`] (used by tests that replay crashes).
+    pub fn from_storage(
+        path: &Path,
+        storage: Arc<dyn Storage>,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let ctx = |what: &str| format!("{}: {what}", path.display());
+        let len = storage.len().map_err(|e| Error::io(ctx("stat"), e))?;
+        let mut hb = [0u8; HEADER_SIZE];
+        if len < HEADER_SIZE as u64 {
+            return Err(Error::Format(crate::format::FormatError::Truncated(
+                len as usize,
+                HEADER_SIZE,
+            )));
+        }
+        storage
+            .read_at(&mut hb, 0)
+            .map_err(|e| Error::io(ctx("reading the header"), e))?;
+        let header = Header::decode(&hb)?;
+        let geo = Geometry::new(&header)?;
+        let cs = geo.chunk_size;
+        if len < cs {
+            return Err(Error::Corrupt(format!(
+                "container is truncated ({len} bytes, less than one chunk)"
+            )));
+        }
+        if opts.writable && len % cs != 0 {
+            return Err(Error::Corrupt(format!(
+                "container length {len} is not a whole number of {cs}-byte chunks"
+            )));
+        }
+        let end = len / cs;
+        let mut dirs = Vec::with_capacity(2);
+        for off in geo.directory_offsets {
+            let mut b = vec![0u8; geo.directory_bytes as usize];
+            storage
+                .read_at(&mut b, off)
+                .map_err(|e| Error::io(ctx("reading a directory"), e))?;
+            dirs.push(Directory::decode(&b, geo.directory_entries));
+        }
+        let versions = [dirs[0].version, dirs[1].version];
+        let active = Directory::active(versions);
+        let tables = std::mem::take(&mut dirs[active].tables);
+        let mut table_chunks = HashSet::new();
+        for (t, &n) in tables.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            if n >= end {
+                return Err(Error::Corrupt(format!(
+                    "directory entry {t} points at chunk {n}, past the end of the file ({end} chunks)"
+                )));
+            }
+            if !table_chunks.insert(n) {
+                return Err(Error::Corrupt(format!(
+                    "directory entry {t} reuses table chunk {n}"
+                )));
+            }
+        }
+        let dir = DirState {
+            active,
+            versions,
+            tables,
+            table_chunks,
+            generation: 0,
+            written: 0,
+        };
+        let cache_groups = opts.cache_groups.max(1);
+        Ok(Image {
+            path: path.to_path_buf(),
+            size: AtomicU64::new(geo.size),
+            storage,
+            header: Mutex::new(header),
+            writable: opts.writable,
+            dir: RwLock::new(dir),
+            cache: GroupCache::new(cache_groups),
+            alloc: Allocator::new(cs, end),
+            gate: IoGate::new(),
+            flush_lock: Mutex::new(()),
+            data_dirty: AtomicBool::new(false),
+            counters: Counters::default(),
+            max_dirty: cache_groups.max(64),
+            geo,
+        })
+    }
+
+    /// Creates a new, empty image (see [`CreateOptions`]) and opens it for
+    /// writing with an exclusive lock.
+    pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Image> {
+        create::create(path.as_ref(), opts)?;
+        Image::open(path, &OpenOptions::writable())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Largest size [`Image::resize`] accepts.
+    pub fn max_size(&self) -> u64 {
+        self.geo.size_limit()
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+
+    pub fn header(&self) -> Header {
+        self.header.lock().clone()
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Which directory is active (0 = A, 1 = B) and its version.
+    pub fn active_directory(&self) -> (usize, u64) {
+        let d = self.dir.read();
+        (d.active, d.versions[d.active])
+    }
+
+    /// Stat of the container file.
+    pub fn container_metadata(&self) -> Result<std::fs::Metadata> {
+        std::fs::metadata(&self.path).map_err(|e| Error::io(self.path.display().to_string(), e))
+    }
+
+    /// Bytes the host has allocated to the container.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        self.storage
+            .allocated_bytes()
+            .map_err(|e| Error::io(self.path.display().to_string(), e))
+    }
+
+    /// The metadata chunk's contents (stable uuid, user metadata).
+    pub fn metadata(&self) -> Result<Metadata> {
+        let mut b = vec![0u8; (64 << 10).min(self.geo.chunk_size as usize)];
+        self.read_inner(&mut b, self.geo.metadata_offset)?;
+        Ok(Metadata::decode(&b)?)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let cc = self.cache.counters();
+        Stats {
+            reads: l(&c.reads),
+            writes: l(&c.writes),
+            bytes_read: l(&c.bytes_read),
+            bytes_written: l(&c.bytes_written),
+            discards: l(&c.discards),
+            bytes_discarded: l(&c.bytes_discarded),
+            flushes: l(&c.flushes),
+            chunks_allocated: l(&c.chunks_allocated),
+            chunks_freed: l(&c.chunks_freed),
+            cache_hits: cc.hits,
+            cache_misses: cc.misses,
+            dirty_groups: self.cache.dirty_len() as u64,
+            free_chunks: self.alloc.free_count() as u64,
+        }
+    }
+
+    /// Flushes and closes, reporting a failure that `Drop` would only log.
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Whether a data entry may be used: in rule, and pointing at a chunk
+    /// inside the file that is not part of the index.
+    fn entry_is_valid(&self, raw: u64, end: u64, tables: &HashSet<u64>) -> bool {
+        match ChunkEntry(raw).state() {
+            None => false,
+            Some(s) => match ChunkEntry::encode(s).chunk() {
+                Some(n) => n < end && !tables.contains(&n),
+                None => true,
+            },
+        }
+    }
+
+    fn bitmap_entry_is_valid(&self, raw: u64, end: u64, tables: &HashSet<u64>) -> bool {
+        match BitmapEntry(raw).chunk() {
+            Ok(None) => true,
+            Ok(Some(n)) => n < end && !tables.contains(&n),
+            Err(()) => false,
+        }
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::error!(path = %self.path.display(), "flush on close failed: {e}");
+        }
+    }
+}

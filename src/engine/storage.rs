@@ -1,0 +1,164 @@
+//! The container file underneath an image, behind a small trait so that
+//! tests can substitute a recording store and replay crashes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+/// What the engine needs from the container. Every method may be called
+/// from many threads at once.
+pub trait Storage: Send + Sync {
+    /// Reads exactly `buf.len()` bytes; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes `offset..offset+len` read as zeros and frees whole host blocks
+    /// inside it; the file length does not change.
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Reserves host space for a range inside the file (fallocate mode 0).
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes every completed write, punch and length change durable.
+    fn sync(&self) -> io::Result<()>;
+    /// First offset at or after `offset` that may hold data (SEEK_DATA).
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>>;
+    /// Bytes the host has allocated to the container.
+    fn allocated_bytes(&self) -> io::Result<u64>;
+}
+
+/// A container that is a regular file.
+pub struct FileStorage {
+    file: File,
+}
+
+impl FileStorage {
+    pub fn new(file: File) -> FileStorage {
+        FileStorage { file }
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: plain syscall on an owned descriptor.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        match cvt(r) {
+            // A host filesystem without hole punching still has to read
+            // zeros there.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zeros(self, offset, len),
+            other => other,
+        }
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: plain syscall on an owned descriptor.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        match cvt(r) {
+            // Nothing to reserve on a host that cannot: writes may still work.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        // SAFETY: plain syscall on an owned descriptor.
+        let r = unsafe {
+            libc::lseek(
+                self.file.as_raw_fd(),
+                offset as libc::off_t,
+                libc::SEEK_DATA,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(r as u64))
+    }
+
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+}
+
+/// Writes zeros over a range, for stores that cannot punch.
+pub(crate) fn write_zeros(s: &dyn Storage, offset: u64, len: u64) -> io::Result<()> {
+    const BLOCK: u64 = 1 << 20;
+    let zeros = vec![0u8; BLOCK.min(len) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = BLOCK.min(offset + len - at);
+        s.write_at(&zeros[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
+}
