@@ -1,0 +1,278 @@
+//! The `asiffs` command line.
+
+mod convert;
+mod progress;
+pub mod size;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::engine::{CreateOptions, Image, LockMode, OpenOptions};
+use crate::error::{Error, Result};
+use size::{human, parse_size};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "asiffs",
+    version,
+    about = "Apple Sparse Image Format (ASIF) disk images on Linux"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create an empty image, laid out as macOS lays out its own.
+    Create(CreateArgs),
+    /// Show an image's sizes, identity and index figures.
+    Info(ImageArgs),
+    /// Show which ranges of the virtual disk hold data.
+    Map(ImageArgs),
+    /// Check every structure of an image; exit 0 clean, 2 corrupt, 3 leaks only.
+    Check(ImageArgs),
+    /// Convert between ASIF and raw (and other formats through qemu-img).
+    Convert(convert::ConvertArgs),
+    /// Present a directory of ASIF images as raw files through FUSE.
+    Mount(crate::fs::MountArgs),
+    /// Flush and unmount an asiffs mount.
+    Umount(crate::fs::UmountArgs),
+    /// Per-image counters of a running mount, as JSON.
+    Stats(crate::fs::StatsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CreateArgs {
+    file: PathBuf,
+    /// Virtual size: bytes, K/M/G/T/P (powers of 1024) or KB/MB/GB/TB (powers of 1000).
+    #[arg(short, long, value_parser = parse_size)]
+    size: u64,
+    /// Replace an existing file.
+    #[arg(long)]
+    force: bool,
+    /// Chunk size (macOS has only been seen to use 1M).
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    chunk_size: u64,
+    /// Block size (macOS has only been seen to use 512).
+    #[arg(long, value_parser = parse_size, default_value = "512")]
+    block_size: u64,
+}
+
+#[derive(clap::Args, Debug)]
+struct ImageArgs {
+    file: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    /// Read even if another process has the image open for writing.
+    #[arg(short = 'U', long)]
+    force_share: bool,
+}
+
+/// Runs the command line and returns the exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("asiffs: {e}");
+            match e {
+                // A file that breaks the format is what `check` calls corrupt.
+                Error::Format(_) | Error::Corrupt(_) => 2,
+                _ => 1,
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ASIFFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Create(a) => create(a),
+        Command::Info(a) => info(a),
+        Command::Map(a) => map(a),
+        Command::Check(a) => check(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Mount(a) => crate::fs::cmd_mount(&a),
+        Command::Umount(a) => crate::fs::cmd_umount(&a),
+        Command::Stats(a) => crate::fs::cmd_stats(&a),
+    }
+}
+
+/// Chunk and block sizes other than macOS's own work here but may not there.
+pub(crate) fn geometry_options(chunk_size: u64, block_size: u64) -> Result<(u32, u32)> {
+    let cs = u32::try_from(chunk_size)
+        .map_err(|_| Error::Invalid(format!("chunk size {chunk_size} is too large")))?;
+    let bs = u32::try_from(block_size)
+        .map_err(|_| Error::Invalid(format!("block size {block_size} is too large")))?;
+    if (cs, bs)
+        != (
+            crate::format::DEFAULT_CHUNK_SIZE,
+            crate::format::DEFAULT_BLOCK_SIZE.into(),
+        )
+    {
+        eprintln!(
+            "asiffs: warning: macOS has only been seen to use 1 MiB chunks and 512-byte blocks"
+        );
+    }
+    Ok((cs, bs))
+}
+
+fn create(a: CreateArgs) -> Result<i32> {
+    let (chunk_size, block_size) = geometry_options(a.chunk_size, a.block_size)?;
+    let opts = CreateOptions {
+        size: a.size,
+        force: a.force,
+        chunk_size,
+        block_size,
+    };
+    let img = Image::create(&a.file, &opts)?;
+    println!(
+        "Formatting '{}', fmt=asif size={}",
+        a.file.display(),
+        img.size()
+    );
+    img.close()?;
+    Ok(0)
+}
+
+fn open_for_reading(a: &ImageArgs) -> Result<Image> {
+    let lock = if a.force_share {
+        LockMode::None
+    } else {
+        LockMode::Shared
+    };
+    Image::open(
+        &a.file,
+        &OpenOptions {
+            lock,
+            ..OpenOptions::default()
+        },
+    )
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("serialising plain data")
+    );
+}
+
+fn info(a: ImageArgs) -> Result<i32> {
+    let img = open_for_reading(&a)?;
+    let i = img.info()?;
+    if a.json {
+        print_json(&i);
+        return Ok(0);
+    }
+    println!("image: {}", i.path);
+    println!("file format: asif");
+    println!(
+        "virtual size: {} ({} bytes)",
+        human(i.virtual_size),
+        i.virtual_size
+    );
+    println!("disk size: {}", human(i.actual_size));
+    println!("file length: {}", human(i.file_size));
+    println!("chunk size: {}", i.chunk_size);
+    println!("block size: {}", i.block_size);
+    println!("max size: {} ({} bytes)", human(i.max_size), i.max_size);
+    println!("uuid: {}", i.uuid);
+    println!(
+        "stable uuid: {}",
+        i.stable_uuid.as_deref().unwrap_or("(unreadable)")
+    );
+    println!(
+        "active directory: {} (version {})",
+        i.active_directory, i.directory_version
+    );
+    println!("tables: {}", i.tables);
+    println!(
+        "data chunks: {} ({} partially valid)",
+        i.data_chunks, i.partial_chunks
+    );
+    Ok(0)
+}
+
+fn map(a: ImageArgs) -> Result<i32> {
+    let img = open_for_reading(&a)?;
+    let extents = img.extents()?;
+    if a.json {
+        let v: Vec<_> = extents
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "start": e.start, "length": e.length, "data": e.data, "zero": !e.data,
+                    "offset": e.offset,
+                })
+            })
+            .collect();
+        print_json(&v);
+        return Ok(0);
+    }
+    println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
+    for e in extents.iter().filter(|e| e.data) {
+        println!(
+            "{:<20}{:<20}{:<20}{}",
+            format!("{:#x}", e.start),
+            format!("{:#x}", e.length),
+            format!("{:#x}", e.offset.unwrap_or(0)),
+            a.file.display()
+        );
+    }
+    Ok(0)
+}
+
+fn check(a: ImageArgs) -> Result<i32> {
+    let img = open_for_reading(&a)?;
+    let r = img.check()?;
+    if a.json {
+        let mut v = serde_json::to_value(&r).expect("serialising plain data");
+        v["exit_code"] = r.exit_code().into();
+        print_json(&v);
+        return Ok(r.exit_code());
+    }
+    for c in &r.corruptions {
+        println!("ERROR {c}");
+    }
+    if r.corruptions_not_listed > 0 {
+        println!("ERROR ... and {} more", r.corruptions_not_listed);
+    }
+    for w in &r.warnings {
+        println!("Warning: {w}");
+    }
+    let cs = img.geometry().chunk_size;
+    if r.leaked_chunks > 0 {
+        println!(
+            "{} leaked chunks ({}): unreferenced but holding space; `asiffs compact` reclaims them",
+            r.leaked_chunks,
+            human(r.leaked_chunks * cs)
+        );
+    }
+    match r.exit_code() {
+        0 => println!("No errors were found on the image."),
+        2 => println!(
+            "{} errors were found on the image.",
+            r.corruptions.len() as u64 + r.corruptions_not_listed
+        ),
+        _ => println!("No corruption was found, but the image leaks space."),
+    }
+    println!(
+        "{} tables, {} data chunks ({} partial), {} bitmap chunks, {} free chunks, {} chunks in the file",
+        r.tables, r.data_chunks, r.partial_chunks, r.bitmap_chunks, r.free_chunks, r.file_chunks
+    );
+    Ok(r.exit_code())
+}

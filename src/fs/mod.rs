@@ -1,0 +1,624 @@
+//! The FUSE layer: `asiffs mount`, `asiffs umount`, `asiffs stats`.
+//!
+//! A thin adapter: every request maps onto one [`Image`](crate::Image) call.
+//! SOURCE is a directory of `NAME.asif` (shown as flat files `NAME.img`) or a
+//! single `.asif` file (the mountpoint may then be a regular file itself).
+//!
+//! Namespace choices: creating `NAME.img` creates `SOURCE/NAME.asif`;
+//! unlinking `NAME.img` deletes `SOURCE/NAME.asif` (an open image keeps
+//! working until its last handle closes, as in a real directory); renaming
+//! renames the container. Per-image counters are the JSON value of the xattr
+//! `user.asiffs.stats`; the root carries `user.asiffs.pid` for `umount`.
+
+mod namespace;
+mod ops;
+mod pool;
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use tracing::{debug, error, info, warn};
+
+use crate::{Error, Result};
+use namespace::{Namespace, Source};
+use ops::{AsifFs, XATTR_PID, XATTR_STATS};
+use pool::Pool;
+
+/// How requests are spread over threads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dispatch {
+    /// fuser's own loop: N threads, each reading its own cloned /dev/fuse fd.
+    Fuser,
+    /// One reader thread feeding a crossbeam-channel pool of N workers.
+    Pool,
+}
+
+/// When the kernel page cache is bypassed (`FOPEN_DIRECT_IO`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirectIo {
+    /// Only for opens with O_DIRECT (QEMU cache=none): parallel direct writes.
+    Auto,
+    /// For every open.
+    Always,
+    /// Never: O_DIRECT still works, through the kernel's generic path.
+    Never,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// A directory of NAME.asif images, or one .asif file.
+    pub source: PathBuf,
+    /// Where to mount: a directory, or (for a single image) a regular file.
+    pub mountpoint: PathBuf,
+    /// Stay in the foreground instead of returning once the mount is ready.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Mount options, comma separated (ro, allow_other, allow_root,
+    /// default_permissions, auto_unmount, nodev, nosuid, noexec, noatime,
+    /// fsname=, subtype=, direct_io; others go to the kernel as they are).
+    #[arg(short = 'o', value_name = "OPTS", value_delimiter = ',', action = clap::ArgAction::Append)]
+    pub options: Vec<String>,
+    /// Index cache size per image, in chunk-groups.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub cache_tables: usize,
+    /// Threads serving requests.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub threads: usize,
+    /// Threading model.
+    #[arg(long, value_enum, default_value_t = Dispatch::Fuser)]
+    pub dispatch: Dispatch,
+    /// Page-cache bypass policy.
+    #[arg(long, value_enum, default_value_t = DirectIo::Auto)]
+    pub direct_io: DirectIo,
+    /// Once detached, append log lines to FILE (default: discarded).
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UmountArgs {
+    /// The mountpoint of an asiffs mount.
+    pub mountpoint: PathBuf,
+    /// Detach now even if busy; the daemon ends once the last file is closed.
+    #[arg(short, long)]
+    pub lazy: bool,
+    /// Seconds to wait for the daemon to flush and exit.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub timeout: u64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatsArgs {
+    /// The mountpoint of an asiffs mount.
+    pub mountpoint: PathBuf,
+    /// One image (NAME or NAME.img); default: all of them.
+    pub name: Option<String>,
+    /// Indent the JSON.
+    #[arg(long)]
+    pub pretty: bool,
+}
+
+fn io_err(context: impl Into<String>, e: io::Error) -> Error {
+    Error::Io {
+        context: context.into(),
+        source: e,
+    }
+}
+
+/// What `-o` asked for, split into what fuser mounts with and what we do.
+#[derive(Debug)]
+struct Opts {
+    mount: Vec<MountOption>,
+    acl: SessionACL,
+    readonly: bool,
+    direct_io: Option<DirectIo>,
+}
+
+fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
+    let mut o = Opts {
+        mount: Vec::new(),
+        acl: SessionACL::Owner,
+        readonly: false,
+        direct_io: None,
+    };
+    let mut fsname = false;
+    let mut subtype = false;
+    let mut default_permissions = false;
+    for raw in list.iter().flat_map(|s| s.split(',')) {
+        let opt = raw.trim();
+        let m = match opt {
+            "" => continue,
+            "ro" => {
+                o.readonly = true;
+                MountOption::RO
+            }
+            "rw" => {
+                o.readonly = false;
+                MountOption::RW
+            }
+            "allow_other" => {
+                o.acl = SessionACL::All;
+                continue;
+            }
+            "allow_root" => {
+                o.acl = SessionACL::RootAndOwner;
+                continue;
+            }
+            "default_permissions" => {
+                default_permissions = true;
+                continue;
+            }
+            "auto_unmount" => MountOption::AutoUnmount,
+            "dev" => MountOption::Dev,
+            "nodev" => MountOption::NoDev,
+            "suid" => MountOption::Suid,
+            "nosuid" => MountOption::NoSuid,
+            "exec" => MountOption::Exec,
+            "noexec" => MountOption::NoExec,
+            "atime" => MountOption::Atime,
+            "noatime" => MountOption::NoAtime,
+            "sync" => MountOption::Sync,
+            "async" => MountOption::Async,
+            "dirsync" => MountOption::DirSync,
+            "direct_io" => {
+                o.direct_io = Some(DirectIo::Always);
+                continue;
+            }
+            // libfuse-only knobs with no meaning here.
+            "kernel_cache" | "auto_cache" | "big_writes" => continue,
+            x if x.starts_with("fsname=") => {
+                fsname = true;
+                MountOption::FSName(x[7..].to_string())
+            }
+            x if x.starts_with("subtype=") => {
+                subtype = true;
+                MountOption::Subtype(x[8..].to_string())
+            }
+            x if x.contains(char::is_whitespace) => {
+                return Err(Error::Invalid(format!("bad mount option {x:?}")));
+            }
+            x => MountOption::CUSTOM(x.to_string()),
+        };
+        o.mount.retain(|e| e != &m);
+        o.mount.push(m);
+    }
+    if o.mount.contains(&MountOption::RO) && o.mount.contains(&MountOption::RW) {
+        o.mount.retain(|m| {
+            *m != if o.readonly {
+                MountOption::RW
+            } else {
+                MountOption::RO
+            }
+        });
+    }
+    // Other users get in only through the kernel's permission checks on the container's mode.
+    if default_permissions || o.acl != SessionACL::Owner {
+        o.mount.push(MountOption::DefaultPermissions);
+    }
+    if o.mount.contains(&MountOption::AutoUnmount) && o.acl == SessionACL::Owner {
+        return Err(Error::Invalid(
+            "auto_unmount needs allow_other or allow_root".into(),
+        ));
+    }
+    if !fsname {
+        o.mount
+            .push(MountOption::FSName(source.display().to_string()));
+    }
+    if !subtype {
+        o.mount.push(MountOption::Subtype("asiffs".into()));
+    }
+    Ok(o)
+}
+
+/// `asiffs mount SOURCE MOUNTPOINT`: returns once the mount is ready
+/// (the server goes on in a detached child), or serves in the foreground with `-f`.
+pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
+    let source = args
+        .source
+        .canonicalize()
+        .map_err(|e| io_err(format!("source {}", args.source.display()), e))?;
+    let mountpoint = args
+        .mountpoint
+        .canonicalize()
+        .map_err(|e| io_err(format!("mountpoint {}", args.mountpoint.display()), e))?;
+    let opts = parse_options(&args.options, &source)?;
+    let src_md = std::fs::metadata(&source).map_err(|e| io_err(source.display().to_string(), e))?;
+    let mp_md =
+        std::fs::metadata(&mountpoint).map_err(|e| io_err(mountpoint.display().to_string(), e))?;
+    let source_kind = if src_md.is_dir() {
+        if !mp_md.is_dir() {
+            return Err(Error::Invalid(format!(
+                "{}: a directory source needs a directory mountpoint",
+                mountpoint.display()
+            )));
+        }
+        Source::Dir(source.clone())
+    } else if src_md.is_file() {
+        if !mp_md.is_dir() && !mp_md.is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: mountpoint must be a directory or a regular file",
+                mountpoint.display()
+            )));
+        }
+        Source::File {
+            path: source.clone(),
+            root_is_file: mp_md.is_file(),
+        }
+    } else {
+        return Err(Error::Invalid(format!(
+            "{}: not a directory or an .asif file",
+            source.display()
+        )));
+    };
+    if args.threads == 0 {
+        return Err(Error::Invalid("--threads must be at least 1".into()));
+    }
+
+    if args.foreground {
+        return serve(args, opts, source_kind, &mountpoint, None);
+    }
+    // Fork before anything starts threads; the child reports readiness on a pipe.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io_err("pipe", io::Error::last_os_error()));
+    }
+    // SAFETY: fds are fresh and owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the process is single-threaded here (nothing spawned yet).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io_err("fork", io::Error::last_os_error()));
+    }
+    if pid > 0 {
+        drop(wr);
+        let mut msg = String::new();
+        let _ = std::fs::File::from(rd).read_to_string(&mut msg);
+        if msg.starts_with("OK") {
+            return Ok(0);
+        }
+        // The child already printed why; pass on its exit status.
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            1
+        };
+        return Ok(if code == 0 { 1 } else { code });
+    }
+    drop(rd);
+    // SAFETY: in the child; a new session so the terminal's hangup does not reach us.
+    unsafe { libc::setsid() };
+    serve(args, opts, source_kind, &mountpoint, Some(wr))
+}
+
+fn serve(
+    args: &MountArgs,
+    opts: Opts,
+    source_kind: Source,
+    mountpoint: &Path,
+    ready: Option<OwnedFd>,
+) -> Result<i32> {
+    let root_md = match &source_kind {
+        Source::Dir(d) => std::fs::metadata(d),
+        Source::File { path, .. } => std::fs::metadata(path.parent().unwrap_or(Path::new("/"))),
+    }
+    .map_err(|e| io_err("source", e))?;
+    let ns = Arc::new(Namespace::new(
+        source_kind,
+        !opts.readonly,
+        args.cache_tables,
+    ));
+    ns.load_single().map_err(|e| {
+        if let Error::Locked { .. } = e {
+            error!("{e}: is it mounted elsewhere? (asiffs umount, or mount with -o ro)");
+        }
+        e
+    })?;
+    ns.rescan();
+    let direct_io = opts.direct_io.unwrap_or(args.direct_io);
+
+    // Signals are taken by a dedicated thread; block them before any thread exists.
+    // SAFETY: plain signal-mask calls on a zeroed sigset.
+    let sigs = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+
+    let pool = match args.dispatch {
+        Dispatch::Pool => Some(Arc::new(
+            Pool::new(args.threads).map_err(|e| io_err("threads", e))?,
+        )),
+        Dispatch::Fuser => None,
+    };
+    let fs = AsifFs::new(ns.clone(), pool.clone(), direct_io, root_md);
+    let mut config = Config::default();
+    config.mount_options = opts.mount.clone();
+    config.acl = opts.acl;
+    config.n_threads = Some(match args.dispatch {
+        Dispatch::Fuser => args.threads,
+        Dispatch::Pool => 1,
+    });
+    config.clone_fd = true;
+    let session = Session::new(fs, mountpoint, &config)
+        .map_err(|e| io_err(format!("mounting on {}", mountpoint.display()), e))?;
+    info!(
+        "mounted {} images on {} ({:?}, {} threads, direct_io {:?}{})",
+        ns.listing().len(),
+        mountpoint.display(),
+        args.dispatch,
+        args.threads,
+        direct_io,
+        if opts.readonly { ", read-only" } else { "" }
+    );
+
+    raise_readahead(mountpoint);
+
+    let mp = mountpoint.to_path_buf();
+    std::thread::Builder::new()
+        .name("asiffs-signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: sigs holds the blocked set.
+            if unsafe { libc::sigwait(&sigs, &mut sig) } != 0 {
+                continue;
+            }
+            info!("signal {sig}: unmounting {}", mp.display());
+            if let Err(e) = unmount(&mp, false) {
+                warn!("unmount {}: {e}; detaching lazily", mp.display());
+                let _ = unmount(&mp, true);
+            }
+        })
+        .map_err(|e| io_err("signal thread", e))?;
+
+    if let Some(wr) = ready {
+        detach_stdio(args.log.as_deref());
+        let _ = std::fs::File::from(wr).write_all(b"OK\n");
+    }
+
+    let r = session.run();
+    if let Some(p) = &pool {
+        p.shutdown();
+    }
+    let mut failed = false;
+    for n in ns.all() {
+        if n.image.is_writable() {
+            if let Err(e) = n.image.flush() {
+                error!("{}: final flush failed: {e}", n.path().display());
+                failed = true;
+            }
+        }
+    }
+    match r {
+        Ok(()) => info!("unmounted {}; images flushed", mountpoint.display()),
+        Err(e) => {
+            error!("session on {} ended: {e}", mountpoint.display());
+            failed = true;
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// The kernel caps FUSE readahead at its 128 KiB default whatever INIT asks;
+/// root may raise it through sysfs, which doubles buffered sequential reads.
+fn raise_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let (major, minor) = (libc::major(md.dev()), libc::minor(md.dev()));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let kb = ops::MAX_WRITE / 1024;
+    match std::fs::write(&knob, format!("{kb}\n")) {
+        Ok(()) => debug!("{knob} = {kb}"),
+        Err(e) => debug!("cannot raise readahead ({knob}): {e}"),
+    }
+}
+
+/// Points stdin/stdout at /dev/null and stderr (the log) at `log` or /dev/null.
+fn detach_stdio(log: Option<&Path>) {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null");
+    let err = match log {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .or_else(|e| {
+                warn!("log file {}: {e}", p.display());
+                std::fs::OpenOptions::new().write(true).open("/dev/null")
+            }),
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null"),
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 onto the standard descriptors from files open here.
+    unsafe {
+        if let Ok(n) = &null {
+            libc::dup2(n.as_raw_fd(), 0);
+            libc::dup2(n.as_raw_fd(), 1);
+        }
+        if let Ok(e) = &err {
+            libc::dup2(e.as_raw_fd(), 2);
+        }
+        libc::chdir(c"/".as_ptr());
+    }
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{}: NUL in path", p.display())))
+}
+
+/// Unmounts directly (root), else through fusermount3.
+fn unmount(mp: &Path, lazy: bool) -> io::Result<()> {
+    let c = CString::new(mp.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EPERM) {
+        return Err(e);
+    }
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let st = cmd.arg("--").arg(mp).status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("fusermount3 -u failed ({st})")))
+    }
+}
+
+fn get_xattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let n = CString::new(name).map_err(io::Error::other)?;
+    loop {
+        // SAFETY: size query with a null buffer.
+        let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+        if len < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; len as usize + 1];
+        // SAFETY: buf is writable for buf.len() bytes.
+        let got =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue; // grew in between
+            }
+            return Err(e);
+        }
+        buf.truncate(got as usize);
+        return Ok(buf);
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie has exited already: only its parent has yet to reap it.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// `asiffs umount MOUNTPOINT`: unmounts and waits until the server has flushed and exited.
+pub fn cmd_umount(args: &UmountArgs) -> Result<i32> {
+    let mp = std::path::absolute(&args.mountpoint)
+        .map_err(|e| io_err(args.mountpoint.display().to_string(), e))?;
+    let _ = cstr(&mp)?;
+    let pid = get_xattr(&mp, XATTR_PID)
+        .ok()
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    if pid.is_none() {
+        warn!(
+            "{}: no asiffs server answers here; unmounting anyway",
+            mp.display()
+        );
+    }
+    unmount(&mp, args.lazy).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EBUSY) {
+            " (busy: try --lazy)"
+        } else {
+            ""
+        };
+        io_err(format!("unmounting {}{hint}", mp.display()), e)
+    })?;
+    let Some(pid) = pid else { return Ok(0) };
+    if args.lazy {
+        return Ok(0);
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    while pid_alive(pid) {
+        if Instant::now() > deadline {
+            error!("server {pid} still running after {} s", args.timeout);
+            return Ok(1);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(0)
+}
+
+/// `asiffs stats MOUNTPOINT [NAME]`: prints the engine counters as JSON.
+pub fn cmd_stats(args: &StatsArgs) -> Result<i32> {
+    let mut path = args.mountpoint.clone();
+    if let Some(name) = &args.name {
+        let direct = args.mountpoint.join(name);
+        path = if direct.exists() || name.ends_with(".img") {
+            direct
+        } else {
+            args.mountpoint.join(format!("{name}.img"))
+        };
+    }
+    let raw = get_xattr(&path, XATTR_STATS).map_err(|e| {
+        let what = if e.raw_os_error() == Some(libc::ENODATA)
+            || e.raw_os_error() == Some(libc::EOPNOTSUPP)
+        {
+            io::Error::other("not an asiffs mount")
+        } else {
+            e
+        };
+        io_err(path.display().to_string(), what)
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&raw)
+        .map_err(|e| Error::Invalid(format!("{}: bad stats: {e}", path.display())))?;
+    let text = if args.pretty {
+        serde_json::to_string_pretty(&value)
+    } else {
+        serde_json::to_string(&value)
+    }
+    .map_err(|e| Error::Invalid(e.to_string()))?;
+    println!("{text}");
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let o = parse_options(
+            &["ro,allow_other".into(), "noatime".into()],
+            Path::new("/s"),
+        )
+        .unwrap();
+        assert!(o.readonly);
+        assert_eq!(o.acl, SessionACL::All);
+        assert!(o.mount.contains(&MountOption::RO));
+        assert!(o.mount.contains(&MountOption::NoAtime));
+        assert!(o.mount.contains(&MountOption::DefaultPermissions));
+        let o = parse_options(&["ro,rw".into()], Path::new("/s")).unwrap();
+        assert!(!o.readonly);
+        assert!(!o.mount.contains(&MountOption::RO));
+        assert!(parse_options(&["auto_unmount".into()], Path::new("/s")).is_err());
+        let o = parse_options(&["direct_io,max_read=131072".into()], Path::new("/s")).unwrap();
+        assert_eq!(o.direct_io, Some(DirectIo::Always));
+        assert!(o
+            .mount
+            .contains(&MountOption::CUSTOM("max_read=131072".into())));
+    }
+}
