@@ -4,9 +4,11 @@
 //! - A chunk handed out reads as zeros: it is either past the old end of
 //!   the file (grown with `set_len`, a host hole) or a freed chunk whose
 //!   range was punched when it was freed.
-//! - The file length grows before the chunk is published in any entry, so
-//!   a flush that syncs after taking its snapshot of the index has made
-//!   every referenced chunk's length durable.
+//! - A chunk is handed out only below the file's *durable* length: the file
+//!   grows a batch of chunks at a time and is synced before any of them is
+//!   used, so an entry that reaches the disk early (entries are written
+//!   through at once, see `data.rs`) never points past the end after a
+//!   power cut.
 //! - A freed chunk waits in `pending` until a flush has made the entry
 //!   change that released it durable *and* every I/O that might still hold
 //!   the old translation has finished ([`IoGate`]); only then is it reused.
@@ -20,9 +22,14 @@ use super::storage::Storage;
 use crate::error::{Error, Result};
 use crate::format::MAX_CHUNK_NUMBER;
 
+/// Chunks the file grows by at a time.
+const GROWTH: u64 = 64;
+
 struct State {
-    /// Chunks in the file (its length divided by the chunk size).
+    /// Chunks handed out or in use: everything at or past it is unused.
     end: u64,
+    /// Chunks in the file, durable (its length divided by the chunk size).
+    len: u64,
     /// Chunks free for reuse, lowest first so that images stay compact.
     free: BTreeSet<u64>,
     /// Chunks released since the last flush's snapshot.
@@ -42,6 +49,7 @@ impl Allocator {
             chunk_size,
             state: Mutex::new(State {
                 end,
+                len: end,
                 free: BTreeSet::new(),
                 pending: Vec::new(),
             }),
@@ -49,7 +57,7 @@ impl Allocator {
         }
     }
 
-    /// Number of chunks in the file.
+    /// Chunks in use or handed out; entries must point below it.
     pub fn end(&self) -> u64 {
         self.end.load(Ordering::Acquire)
     }
@@ -67,9 +75,14 @@ impl Allocator {
                 std::io::Error::from_raw_os_error(libc::ENOSPC),
             ));
         }
-        storage
-            .set_len((n + 1) * self.chunk_size)
-            .map_err(|e| Error::io("growing the container", e))?;
+        if n >= s.len {
+            let len = (n + GROWTH).min(MAX_CHUNK_NUMBER);
+            storage
+                .set_len(len * self.chunk_size)
+                .and_then(|()| storage.sync())
+                .map_err(|e| Error::io("growing the container", e))?;
+            s.len = len;
+        }
         s.end = n + 1;
         self.end.store(n + 1, Ordering::Release);
         Ok(n)
@@ -100,11 +113,23 @@ impl Allocator {
         self.state.lock().free.len()
     }
 
-    /// Forgets free chunks at or past `end` and shrinks the count (compaction).
-    pub fn truncate(&self, end: u64) {
+    /// Gives back the chunks grown but never handed out (on close).
+    pub fn trim_tail(&self, storage: &dyn Storage) -> std::io::Result<()> {
         let mut s = self.state.lock();
-        s.free.retain(|&n| n < end);
+        if s.len > s.end {
+            storage.set_len(s.end * self.chunk_size)?;
+            s.len = s.end;
+        }
+        Ok(())
+    }
+
+    /// Sets the chunk count after the file was rewritten (compaction).
+    pub fn reset(&self, end: u64) {
+        let mut s = self.state.lock();
+        s.free.clear();
+        s.pending.clear();
         s.end = end;
+        s.len = end;
         self.end.store(end, Ordering::Release);
     }
 }

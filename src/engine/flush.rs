@@ -26,12 +26,7 @@ impl Image {
         let released = self.alloc.take_pending();
         let data_dirty = self.data_dirty.swap(false, Ordering::AcqRel);
         let groups = self.cache.dirty_snapshot();
-        let dir = {
-            let d = self.dir.read();
-            (d.generation != d.written)
-                .then(|| (d.generation, d.tables.clone(), d.active, d.versions))
-        };
-        if !data_dirty && groups.is_empty() && dir.is_none() && released.is_empty() {
+        if !data_dirty && groups.is_empty() && released.is_empty() {
             return Ok(());
         }
         let sync = |what: &str| self.storage.sync().map_err(|e| self.io_err(what, e));
@@ -46,27 +41,6 @@ impl Image {
                 sync("syncing tables")?;
                 self.cache.note_writeback();
                 self.cache.mark_clean(&groups);
-            }
-            if let Some((generation, tables, active, versions)) = dir {
-                let slot = 1 - active;
-                let version = versions[active] + 1;
-                let bytes = Directory { version, tables }.encode(self.geo.directory_bytes as usize);
-                let off = self.geo.directory_offsets[slot];
-                let bs = self.geo.block_size as usize;
-                // Body first, then the sector holding the version: until that
-                // lands the old directory stays the active one.
-                self.storage
-                    .write_at(&bytes[bs..], off + bs as u64)
-                    .map_err(|e| self.io_err("writing a directory", e))?;
-                sync("syncing a directory")?;
-                self.storage
-                    .write_at(&bytes[..bs], off)
-                    .map_err(|e| self.io_err("writing a directory", e))?;
-                sync("syncing a directory")?;
-                let mut d = self.dir.write();
-                d.active = slot;
-                d.versions[slot] = version;
-                d.written = generation;
             }
             Ok(())
         })();
@@ -85,6 +59,32 @@ impl Image {
                 Err(e)
             }
         }
+    }
+
+    /// Writes a directory with `version` into the slot that is not
+    /// `active` and returns that slot. Every table it names must already be
+    /// durable. The body goes first, then the sector holding the version:
+    /// until that lands, a crash leaves the old directory active.
+    pub(super) fn write_directory(
+        &self,
+        active: usize,
+        version: u64,
+        tables: Vec<u64>,
+    ) -> Result<usize> {
+        let slot = 1 - active;
+        let bytes = Directory { version, tables }.encode(self.geo.directory_bytes as usize);
+        let off = self.geo.directory_offsets[slot];
+        let bs = self.geo.block_size as usize;
+        let sync = |what: &str| self.storage.sync().map_err(|e| self.io_err(what, e));
+        self.storage
+            .write_at(&bytes[bs..], off + bs as u64)
+            .map_err(|e| self.io_err("writing a directory", e))?;
+        sync("syncing a directory")?;
+        self.storage
+            .write_at(&bytes[..bs], off)
+            .map_err(|e| self.io_err("writing a directory", e))?;
+        sync("syncing a directory")?;
+        Ok(slot)
     }
 
     /// Changes the virtual size. Shrinking discards the tail; growing makes

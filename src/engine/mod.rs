@@ -6,15 +6,21 @@
 //! 1. Data goes straight to its chunk. A new chunk is taken from past the
 //!    end of the file (grown first) or from chunks freed and punched
 //!    earlier, so it reads as zeros until written.
-//! 2. Index changes (entries, the directory) stay in memory until a flush.
-//! 3. A flush snapshots the dirty index, syncs the container (data, punches
-//!    and growth become durable), writes the chunk-groups in place and
-//!    syncs again. Each 8-byte entry lies inside one sector, so a torn group
-//!    write leaves each entry either old or new, and both are valid.
-//! 4. If tables were added, the new directory goes to the *inactive* slot
-//!    with version + 1: all sectors but the first, sync, then the first
-//!    (holding the version), sync. A torn directory write therefore keeps
-//!    the old version and the old directory stays active.
+//!    The file grows a batch of chunks at a time, synced before use.
+//! 2. An entry that changes between mapped and unmapped is also written
+//!    through at once (unsynced): it names a chunk inside the durable file
+//!    that reads as zeros until its data lands, so any order of arrival is
+//!    valid, and a killed process leaves no orphaned chunk.
+//! 3. A flush snapshots the dirty groups, syncs the container (data, punches
+//!    and growth become durable), writes the groups in place and syncs
+//!    again. Each 8-byte entry lies inside one sector, so a torn group write
+//!    leaves each entry either old or new, and both are valid. Promoting a
+//!    chunk macOS left partial waits for this path: its stale sectors must be
+//!    zeroed durably before the entry says "fully valid".
+//! 4. A new table is published at once: a new directory goes to the
+//!    *inactive* slot with version + 1, all sectors but the first, sync,
+//!    then the first (holding the version), sync. A torn directory write
+//!    keeps the old version, so the old directory stays active.
 //! 5. A chunk freed by a discard returns to the allocator only after the
 //!    flush that made its entry change durable, and after every I/O that
 //!    could still hold its old translation has finished.
@@ -128,9 +134,6 @@ struct DirState {
     versions: [u64; 2],
     tables: Vec<u64>,
     table_chunks: HashSet<u64>,
-    /// Bumped when a table is added; equal to `written` when on disk.
-    generation: u64,
-    written: u64,
 }
 
 /// An open ASIF image. Cheap to share behind an `Arc`; every method takes
@@ -261,8 +264,6 @@ impl Image {
             versions,
             tables,
             table_chunks,
-            generation: 0,
-            written: 0,
         };
         let cache_groups = opts.cache_groups.max(1);
         Ok(Image {
@@ -364,7 +365,19 @@ impl Image {
 
     /// Flushes and closes, reporting a failure that `Drop` would only log.
     pub fn close(self) -> Result<()> {
-        self.flush()
+        self.shutdown()
+    }
+
+    /// Flushes, then gives back the chunks the file grew by but never used.
+    fn shutdown(&self) -> Result<()> {
+        self.flush()?;
+        if self.writable {
+            self.alloc
+                .trim_tail(&*self.storage)
+                .and_then(|()| self.storage.sync())
+                .map_err(|e| self.io_err("trimming the container", e))?;
+        }
+        Ok(())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -398,7 +411,7 @@ impl Image {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.shutdown() {
             tracing::error!(path = %self.path.display(), "flush on close failed: {e}");
         }
     }
