@@ -95,9 +95,23 @@ impl Image {
     }
 
     /// The disk as merged runs of data and zeros, like `qemu-img map`.
+    /// Fails if two entries share a chunk: the disk's content would be a
+    /// guess (the walk sees every chunk, so this check costs no I/O).
     pub fn extents(&self) -> Result<Vec<Extent>> {
+        let cs = self.geo.chunk_size;
         let mut out: Vec<Extent> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut last_chunk = None;
+        let mut shared = None;
         self.walk(0, self.size(), |e| {
+            if let Some(off) = e.offset {
+                let chunk = off / cs;
+                if last_chunk != Some(chunk) && !seen.insert(chunk) {
+                    shared = Some((e.start, chunk));
+                    return ControlFlow::Break(());
+                }
+                last_chunk = Some(chunk);
+            }
             match out.last_mut() {
                 Some(l)
                     if l.data == e.data
@@ -113,7 +127,17 @@ impl Image {
             }
             ControlFlow::Continue(())
         })?;
+        if let Some((at, chunk)) = shared {
+            return Err(self.shared_chunk(at / cs, chunk));
+        }
         Ok(out)
+    }
+
+    fn shared_chunk(&self, logical: u64, chunk: u64) -> Error {
+        Error::Corrupt(format!(
+            "{}: logical chunk {logical} uses chunk {chunk}, which another entry uses too",
+            self.path.display()
+        ))
     }
 
     /// First offset at or after `offset` that holds data (SEEK_DATA);
@@ -251,6 +275,7 @@ impl Image {
         let (active, version) = self.active_directory();
         let tables: Vec<u64> = self.dir.read().tables.clone();
         let (mut data, mut partial) = (0, 0);
+        let mut seen = std::collections::HashSet::new();
         for (t, &n) in tables.iter().enumerate() {
             if n == 0 {
                 continue;
@@ -259,12 +284,19 @@ impl Image {
                 let grp = self.load_group(n, g)?;
                 for k in 0..grp.len() {
                     match grp.state(k) {
+                        Some(ChunkState::Full(c) | ChunkState::Partial(c)) if !seen.insert(c) => {
+                            let logical = t as u64 * self.geo.table_span / self.geo.chunk_size
+                                + g * self.geo.entries_per_group
+                                + k as u64;
+                            return Err(self.shared_chunk(logical, c));
+                        }
                         Some(ChunkState::Full(_)) => data += 1,
                         Some(ChunkState::Partial(_)) => partial += 1,
                         Some(_) => {}
                         None => {
                             return Err(Error::Corrupt(format!(
-                                "table {t} group {g} entry {k} is out of rule (run asiffs check)"
+                                "{}: table {t} group {g} entry {k} is out of rule (run asiffs check)",
+                                self.path.display()
                             )))
                         }
                     }
