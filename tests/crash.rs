@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use asiffs::engine::storage::Storage;
@@ -116,12 +117,12 @@ enum Op {
 struct Recorder {
     mem: Mutex<Mem>,
     log: Mutex<Vec<Op>>,
-    recording: bool,
+    recording: AtomicBool,
 }
 
 impl Recorder {
     fn record(&self, op: Op) {
-        if self.recording {
+        if self.recording.load(Ordering::Relaxed) {
             self.log.lock().push(op.clone());
         }
         self.mem.lock().apply(&op);
@@ -403,27 +404,25 @@ fn verify(state: Mem, model: &Model, durable: usize, started: usize, ctx: &str) 
     assert!(big.iter().all(|&b| b == 0xEE), "{ctx}: recovery write lost");
 }
 
-fn replay(seed: u64, steps: usize, variants: u64) {
+fn fresh_image() -> Mem {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("base.asif");
-    Image::create(
-        &path,
-        &CreateOptions {
-            size: DISK,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    let bytes = std::fs::read(&path).unwrap();
+    let opts = CreateOptions {
+        size: DISK,
+        ..Default::default()
+    };
+    Image::create(&path, &opts).unwrap().close().unwrap();
     let mut base = Mem::default();
-    base.write(&bytes, 0);
+    base.write(&std::fs::read(&path).unwrap(), 0);
+    base
+}
 
+fn replay(seed: u64, steps: usize, variants: u64) {
+    let base = fresh_image();
     let store = Arc::new(Recorder {
         mem: Mutex::new(base.clone()),
         log: Mutex::default(),
-        recording: true,
+        recording: AtomicBool::new(true),
     });
     let plan = workload(seed, steps);
     {
@@ -432,13 +431,25 @@ fn replay(seed: u64, steps: usize, variants: u64) {
         // Dropping the image is a clean close: flush and trim.
     }
     let log = store.log.lock().clone();
-    let model = Model::new(&plan);
-    let mut r = Rng(seed ^ 0x9E37_79B9_7F4A_7C15);
+    sweep(seed, base, &log, &plan, variants, 0);
+}
 
+/// Rebuilds and verifies every crash state of `log`, applied to `base`.
+/// Steps before `durable_from_start` count as flushed from the outset.
+fn sweep(
+    seed: u64,
+    base: Mem,
+    log: &[Op],
+    plan: &[Step],
+    variants: u64,
+    durable_from_start: usize,
+) {
+    let model = Model::new(plan);
+    let mut r = Rng(seed ^ 0x9E37_79B9_7F4A_7C15);
     let mut synced = base;
     let mut last_sync = 0; // index in `log` after the last Sync
-    let mut durable = 0; // steps before this are covered by a completed flush
-    let mut started = 0; // steps that have begun
+    let mut durable = durable_from_start; // steps before this are covered by a completed flush
+    let mut started = durable_from_start; // steps that have begun
     let mut crash_points = 0;
     for i in 0..=log.len() {
         // Crash just before log[i].
@@ -469,9 +480,77 @@ fn replay(seed: u64, steps: usize, variants: u64) {
         }
     }
     assert!(
-        crash_points > 100,
+        crash_points > 10 * variants,
         "too few crash points ({crash_points}) to mean anything"
     );
+}
+
+/// Compaction after a workload: every crash point during it must keep all
+/// data (everything was flushed before it began). The plan frees early
+/// chunks after a table and data were placed late, so data chunks, a
+/// table chunk and the directory all move.
+fn replay_compaction(seed: u64) {
+    let chunk = MIB / SECTOR;
+    let mut plan = Vec::new();
+    let mut tag = 0;
+    let mut write = |plan: &mut Vec<Step>, sector: u64, count: u64| {
+        tag += 1;
+        plan.push(Step::Write { sector, count, tag });
+    };
+    for i in 0..6 {
+        write(&mut plan, i * chunk, chunk);
+    }
+    write(&mut plan, 200 * GIB / SECTOR, 8); // table 1, late
+    write(&mut plan, 6 * chunk + 3, 5);
+    plan.push(Step::Flush);
+    for i in [0, 2, 3] {
+        plan.push(Step::Discard {
+            sector: i * chunk,
+            count: chunk,
+        });
+    }
+    plan.push(Step::Flush);
+    let mut r = Rng(seed);
+    for _ in 0..4 {
+        // Only chunks still mapped, so the holes stay for compaction.
+        let s = [1, 4, 5][r.below(3) as usize] * chunk + r.below(chunk - 16);
+        write(&mut plan, s, 1 + r.below(15));
+    }
+    plan.push(Step::Flush);
+
+    let store = Arc::new(Recorder {
+        mem: Mutex::new(fresh_image()),
+        ..Default::default()
+    });
+    {
+        let img = open(store.clone(), true).unwrap();
+        run(&store, &img, &plan);
+    }
+    store.log.lock().clear();
+    let base = store.mem.lock().clone();
+    store.recording.store(true, Ordering::Relaxed);
+    let moved = {
+        let img = open(store.clone(), true).unwrap();
+        img.compact(&mut |_, _| {}).unwrap().chunks_moved
+    };
+    assert!(
+        moved >= 3,
+        "seed {seed}: compaction moved {moved} chunks, expected the late ones"
+    );
+    let log = store.log.lock().clone();
+    assert!(
+        log.iter()
+            .any(|op| matches!(op, Op::Write(off, _) if *off < MIB)),
+        "no directory was rewritten"
+    );
+    sweep(seed, base, &log, &plan, 3, plan.len());
+}
+
+#[test]
+fn every_crash_point_during_compaction_keeps_all_data() {
+    for seed in [3, 11] {
+        replay_compaction(seed);
+    }
 }
 
 #[test]
@@ -521,7 +600,7 @@ fn harness_detects_a_lost_flushed_write() {
     let store = Arc::new(Recorder {
         mem: Mutex::new(base.clone()),
         log: Mutex::default(),
-        recording: true,
+        recording: AtomicBool::new(true),
     });
     {
         let img = open(store.clone(), true).unwrap();

@@ -21,8 +21,6 @@ use crate::format::{be_u64, put_u64, ChunkEntry, ChunkState};
 
 /// One chunk-group in memory: `N` data entries then the bitmap entry.
 pub struct Group {
-    /// Physical chunk of the table holding this group.
-    pub table_chunk: u64,
     /// Byte offset of the group in the container.
     pub disk_offset: u64,
     entries: Box<[AtomicU64]>,
@@ -39,9 +37,8 @@ pub struct Group {
 
 impl Group {
     #[cfg(test)]
-    pub fn zeroed(table_chunk: u64, disk_offset: u64, entries: u64) -> Group {
+    pub fn zeroed(disk_offset: u64, entries: u64) -> Group {
         Group {
-            table_chunk,
             disk_offset,
             entries: (0..=entries).map(|_| AtomicU64::new(0)).collect(),
             invalid: Box::new([]),
@@ -52,12 +49,7 @@ impl Group {
 
     /// Builds a group from its on-disk bytes; `valid` says whether a data
     /// entry's raw value is acceptable in this image.
-    pub fn decode(
-        table_chunk: u64,
-        disk_offset: u64,
-        bytes: &[u8],
-        valid: impl Fn(usize, u64) -> bool,
-    ) -> Group {
+    pub fn decode(disk_offset: u64, bytes: &[u8], valid: impl Fn(usize, u64) -> bool) -> Group {
         let n = bytes.len() / 8;
         let entries: Box<[AtomicU64]> = (0..n)
             .map(|i| AtomicU64::new(be_u64(bytes, 8 * i)))
@@ -67,7 +59,6 @@ impl Group {
             .map(|i| i as u32)
             .collect();
         Group {
-            table_chunk,
             disk_offset,
             entries,
             invalid,
@@ -104,6 +95,12 @@ impl Group {
     /// Sets a data entry, keeping any reserved bits it carried.
     pub fn set_state(&self, index: usize, state: ChunkState) {
         self.entries[index].store(ChunkEntry::encode(state).0, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Points the group's bitmap entry at chunk `n`.
+    pub fn set_bitmap(&self, n: u64) {
+        self.entries[self.len()].store(n, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
@@ -264,10 +261,11 @@ impl GroupCache {
         self.inner.lock().counters
     }
 
-    /// Drops every clean group (used after the index was rewritten behind
-    /// the cache, by compaction).
-    pub fn clear_clean(&self) {
+    /// Drops every group after tables moved (compaction, after a flush:
+    /// nothing is dirty).
+    pub fn clear(&self) {
         let mut g = self.inner.lock();
+        debug_assert!(g.dirty.is_empty());
         g.lru.clear();
         self.writebacks.fetch_add(1, Ordering::SeqCst);
     }
@@ -281,11 +279,11 @@ mod tests {
     fn dirty_groups_survive_eviction() {
         let c = GroupCache::new(1);
         let m = c.get(1).err().expect("miss");
-        let g1 = c.insert(1, Group::zeroed(4, 0, 4), &m).expect("inserted");
+        let g1 = c.insert(1, Group::zeroed(0, 4), &m).expect("inserted");
         g1.set_state(0, ChunkState::Full(9));
         c.mark_dirty(1, &g1);
         let m = c.get(2).err().expect("miss");
-        c.insert(2, Group::zeroed(4, 100, 4), &m).expect("inserted"); // evicts 1 from the LRU
+        c.insert(2, Group::zeroed(100, 4), &m).expect("inserted"); // evicts 1 from the LRU
         let again = c.get(1).ok().expect("dirty group must still be found");
         assert_eq!(again.state(0), Some(ChunkState::Full(9)));
     }
@@ -295,16 +293,16 @@ mod tests {
         let c = GroupCache::new(4);
         let m = c.get(1).err().expect("miss");
         c.note_writeback();
-        assert!(c.insert(1, Group::zeroed(4, 0, 4), &m).is_none());
+        assert!(c.insert(1, Group::zeroed(0, 4), &m).is_none());
         let m = c.get(1).err().expect("miss");
-        assert!(c.insert(1, Group::zeroed(4, 0, 4), &m).is_some());
+        assert!(c.insert(1, Group::zeroed(0, 4), &m).is_some());
     }
 
     #[test]
     fn mark_clean_keeps_groups_changed_since_snapshot() {
         let c = GroupCache::new(4);
         let m = c.get(3).err().expect("miss");
-        let g = c.insert(3, Group::zeroed(4, 0, 4), &m).expect("inserted");
+        let g = c.insert(3, Group::zeroed(0, 4), &m).expect("inserted");
         g.set_state(0, ChunkState::Full(5));
         c.mark_dirty(3, &g);
         let snap = c.dirty_snapshot();
@@ -320,7 +318,7 @@ mod tests {
     fn invalid_entries_are_flagged() {
         let mut bytes = vec![0u8; 8 * 3];
         put_u64(&mut bytes, 8, 0x4000_0000_0000_0063);
-        let g = Group::decode(4, 0, &bytes, |_, raw| raw == 0);
+        let g = Group::decode(0, &bytes, |_, raw| raw == 0);
         assert!(g.is_invalid(1));
         assert_eq!(g.state(1), None);
         assert_eq!(g.state(0), Some(ChunkState::Unwritten));

@@ -72,7 +72,7 @@ impl Image {
         let end = self.alloc.end();
         let n = self.geo.entries_per_group as usize;
         let dir = self.dir.read();
-        Ok(Group::decode(table, off, &b, |i, raw| {
+        Ok(Group::decode(off, &b, |i, raw| {
             if i == n {
                 self.bitmap_entry_is_valid(raw, end, &dir.table_chunks)
             } else {

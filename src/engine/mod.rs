@@ -29,6 +29,7 @@
 
 mod alloc;
 mod cache;
+mod compact;
 mod create;
 mod data;
 mod flush;
@@ -49,6 +50,7 @@ use crate::error::{Error, Result};
 use crate::format::{BitmapEntry, ChunkEntry, Directory, Geometry, Header, Metadata, HEADER_SIZE};
 use alloc::{Allocator, IoGate};
 use cache::GroupCache;
+pub use compact::CompactReport;
 pub use create::CreateOptions;
 pub use scan::{CheckReport, Extent, ImageInfo};
 use storage::{FileStorage, Storage};

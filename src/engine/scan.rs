@@ -248,8 +248,9 @@ impl CheckReport {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Owner {
+/// What uses a chunk of the container.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Owner {
     Free,
     Header,
     Table(u64),
@@ -295,9 +296,9 @@ impl Image {
                         Some(_) => {}
                         None => {
                             return Err(Error::Corrupt(format!(
-                                "{}: table {t} group {g} entry {k} is out of rule (run asiffs check)",
-                                self.path.display()
-                            )))
+                            "{}: table {t} group {g} entry {k} is out of rule (run asiffs check)",
+                            self.path.display()
+                        )))
                         }
                     }
                 }
@@ -325,6 +326,11 @@ impl Image {
     /// Reads every structure from disk and checks every rule of the format.
     /// Never changes the file.
     pub fn check(&self) -> Result<CheckReport> {
+        Ok(self.census()?.0)
+    }
+
+    /// The check, plus the owner of every chunk of the file.
+    pub(super) fn census(&self) -> Result<(CheckReport, Vec<Owner>)> {
         let mut r = CheckReport::default();
         let cs = self.geo.chunk_size;
         let len = self.storage.len().map_err(|e| self.io_err("stat", e))?;
@@ -439,7 +445,7 @@ impl Image {
                 r.free_chunks += 1;
             }
         }
-        Ok(r)
+        Ok((r, owner))
     }
 
     /// Records that `who` uses chunk `n`; false when that is not allowed.
