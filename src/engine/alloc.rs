@@ -22,8 +22,9 @@ use super::storage::Storage;
 use crate::error::{Error, Result};
 use crate::format::MAX_CHUNK_NUMBER;
 
-/// Chunks the file grows by at a time.
-const GROWTH: u64 = 64;
+/// Chunks the file grows by at a time: half what it holds, within these
+/// bounds, so a large sequential write pays for few syncs.
+const GROWTH: (u64, u64) = (64, 4096);
 
 struct State {
     /// Chunks handed out or in use: everything at or past it is unused.
@@ -76,7 +77,7 @@ impl Allocator {
             ));
         }
         if n >= s.len {
-            let len = (n + GROWTH).min(MAX_CHUNK_NUMBER);
+            let len = (n + (n / 2).clamp(GROWTH.0, GROWTH.1)).min(MAX_CHUNK_NUMBER);
             storage
                 .set_len(len * self.chunk_size)
                 .and_then(|()| storage.sync())

@@ -59,7 +59,7 @@ pub fn new_header(opts: &CreateOptions) -> Result<(Header, Geometry)> {
     h.max_sector_count = (DEFAULT_MAX_SECTORS * 512) / u64::from(bs.max(1));
     h.metadata_chunk = ((DEFAULT_METADATA_CHUNK + 1) << 20) / u64::from(opts.chunk_size.max(1)) - 1;
     // Directory A right after the header and B right after A, as macOS does.
-    let a = crate::format::HEADER_SIZE as u64;
+    let a = (crate::format::HEADER_SIZE as u64).next_multiple_of(u64::from(bs));
     let dir_bytes = Geometry::directory_bytes_for(&h)?;
     h.directory_offsets = [a, a + dir_bytes];
     let geo = Geometry::new(&h)?;
