@@ -7,6 +7,10 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
 use super::progress;
 use super::size::parse_size;
 use crate::engine::{CreateOptions, Image, OpenOptions};
@@ -37,13 +41,41 @@ pub struct ConvertArgs {
     block_size: u64,
 }
 
-/// Bytes moved per step; one chunk of a default image.
-const STEP: usize = 1 << 20;
+/// Bytes moved per step at least; one chunk of a default image.
+const STEP: u64 = 1 << 20;
+
+/// Steps read at once: fewer, larger reads (each NBD request is a round
+/// trip through qemu-nbd); zeros are still skipped step by step.
+const READ_STEPS: u64 = 4;
+
+/// Copy workers. Each reads a step, skips it if it is all zeros, and writes
+/// it; several of them keep both the source and the destination busy (the
+/// serial loop spent half its time waiting on one while the other idled).
+const WORKERS: usize = 4;
 
 /// Where the virtual disk comes from.
+#[allow(clippy::large_enum_variant)] // one per run
 enum Source {
     Asif(Image),
     Raw(File, u64),
+    /// Any other format qemu-img reads, exported by qemu-nbd.
+    Qemu(qemu::Export),
+}
+
+/// One worker's handle on the source: the shared file or image, or its own
+/// NBD connection.
+enum Reader<'a> {
+    Shared(&'a Source),
+    Nbd(qemu::Nbd),
+}
+
+impl Reader<'_> {
+    fn read_at(&mut self, buf: &mut [u8], off: u64) -> Result<()> {
+        match self {
+            Reader::Shared(s) => s.read_at(buf, off),
+            Reader::Nbd(c) => c.read_at(buf, off),
+        }
+    }
 }
 
 impl Source {
@@ -51,6 +83,7 @@ impl Source {
         match self {
             Source::Asif(i) => i.size(),
             Source::Raw(_, n) => *n,
+            Source::Qemu(q) => q.size,
         }
     }
 
@@ -64,6 +97,14 @@ impl Source {
                 .map(|e| (e.start, e.start + e.length))
                 .collect()),
             Source::Raw(f, size) => raw_data_ranges(f, *size),
+            Source::Qemu(q) => q.data_ranges(),
+        }
+    }
+
+    fn reader(&self) -> Result<Reader<'_>> {
+        match self {
+            Source::Qemu(q) => Ok(Reader::Nbd(q.connect()?)),
+            _ => Ok(Reader::Shared(self)),
         }
     }
 
@@ -85,6 +126,7 @@ impl Source {
                 }
                 Ok(())
             }
+            Source::Qemu(_) => unreachable!("qemu sources are read through a Reader"),
         }
     }
 }
@@ -160,21 +202,16 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
             a.dst.display()
         )));
     }
-    let src = if is_asif(&a.src)? {
-        Source::Asif(Image::open(&a.src, &OpenOptions::default())?)
-    } else {
-        let f = File::open(&a.src).map_err(|e| Error::io(a.src.display().to_string(), e))?;
-        let m = f
-            .metadata()
-            .map_err(|e| Error::io(a.src.display().to_string(), e))?;
-        if !m.is_file() {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                a.src.display()
-            )));
-        }
-        Source::Raw(f, m.len())
-    };
+    let src = open_source(&a.src)?;
+    let written = write_output(&a, out, &src);
+    if written.is_err() {
+        // Half a disk is worse than none: never leave one behind.
+        let _ = std::fs::remove_file(&a.dst);
+    }
+    written.map(|()| 0)
+}
+
+fn write_output(a: &ConvertArgs, out: Format, src: &Source) -> Result<()> {
     match out {
         Format::Asif => {
             let (chunk_size, block_size) = super::geometry_options(a.chunk_size, a.block_size)?;
@@ -185,7 +222,8 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
                 block_size,
             };
             let dst = Image::create(&a.dst, &opts)?;
-            copy(&src, |buf, off| dst.write_at(buf, off))?;
+            let step = u64::from(chunk_size).clamp(STEP, 8 * STEP);
+            copy(src, step, |buf, off| dst.write_at(buf, off))?;
             dst.close()?;
         }
         Format::Raw => {
@@ -197,38 +235,464 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
                 .map_err(|e| Error::io(a.dst.display().to_string(), e))?;
             let ctx = |e| Error::io(a.dst.display().to_string(), e);
             f.set_len(src.size()).map_err(ctx)?;
-            copy(&src, |buf, off| f.write_all_at(buf, off).map_err(ctx))?;
+            copy(src, STEP, |buf, off| f.write_all_at(buf, off).map_err(ctx))?;
             f.sync_all().map_err(ctx)?;
         }
     }
-    Ok(0)
+    Ok(())
 }
 
-/// Copies every non-zero step of `src`'s data ranges through `write`.
-fn copy(src: &Source, mut write: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
+fn open_source(path: &Path) -> Result<Source> {
+    if is_asif(path)? {
+        return Ok(Source::Asif(Image::open(path, &OpenOptions::default())?));
+    }
+    let f = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    let m = f
+        .metadata()
+        .map_err(|e| Error::io(path.display().to_string(), e))?;
+    if !m.is_file() {
+        return Err(Error::Invalid(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    match qemu::probe(path)? {
+        None => Ok(Source::Raw(f, m.len())),
+        Some(format) => Ok(Source::Qemu(qemu::Export::start(path, &format, WORKERS)?)),
+    }
+}
+
+/// Copies every non-zero step of `src`'s data ranges through `write`, with
+/// [`WORKERS`] threads. Steps end on multiples of `step` so that chunks are
+/// written whole.
+fn copy(src: &Source, step: u64, write: impl Fn(&[u8], u64) -> Result<()> + Sync) -> Result<()> {
     let ranges = src.data_ranges()?;
     let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
     let pb = progress::bar(total, "converting");
-    let mut buf = vec![0u8; STEP];
-    for (start, end) in ranges {
-        let mut at = start;
-        while at < end {
-            // Steps end on STEP boundaries so that chunks are written whole.
-            let n = ((at / STEP as u64 + 1) * STEP as u64).min(end) - at;
-            let b = &mut buf[..n as usize];
-            src.read_at(b, at)?;
-            if !is_zero(b) {
-                write(b, at)?;
-            }
-            at += n;
-            pb.inc(n);
+    let (tx, rx) = crossbeam_channel::bounded::<(u64, u64)>(WORKERS * 2);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        failed.store(true, Ordering::Relaxed);
+        first_error.lock().get_or_insert(e);
+    };
+    std::thread::scope(|s| {
+        for _ in 0..WORKERS {
+            let rx = rx.clone();
+            let (pb, write, fail, failed) = (&pb, &write, &fail, &failed);
+            s.spawn(move || {
+                let mut reader = match src.reader() {
+                    Ok(r) => r,
+                    Err(e) => return fail(e),
+                };
+                let mut buf = vec![0u8; (step * READ_STEPS) as usize];
+                for (at, n) in rx {
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let b = &mut buf[..n as usize];
+                    let r = reader.read_at(b, at).and_then(|()| {
+                        // Written a step at a time, all-zero steps skipped.
+                        let mut done = 0u64;
+                        while done < n {
+                            let k = ((at + done) / step + 1) * step - (at + done);
+                            let piece = &b[done as usize..(done + k.min(n - done)) as usize];
+                            if !is_zero(piece) {
+                                write(piece, at + done)?;
+                            }
+                            done += piece.len() as u64;
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        return fail(e);
+                    }
+                    pb.inc(n);
+                }
+            });
         }
-    }
+        drop(rx);
+        'feed: for (start, end) in ranges {
+            let mut at = start;
+            while at < end {
+                let big = step * READ_STEPS;
+                let n = ((at / big + 1) * big).min(end) - at;
+                // Fails only once every worker has quit (on an error).
+                if failed.load(Ordering::Relaxed) || tx.send((at, n)).is_err() {
+                    break 'feed;
+                }
+                at += n;
+            }
+        }
+        drop(tx);
+    });
     pb.finish_and_clear();
-    Ok(())
+    match first_error.into_inner() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn is_zero(b: &[u8]) -> bool {
     let (head, body, tail) = unsafe { b.align_to::<u128>() };
     head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// Sources in the formats qemu-img reads (qcow2, vmdk, vhdx, vdi, vpc, ...).
+///
+/// How they are read, and why (measured on a 2 GiB qcow2 holding 1 GiB of
+/// data, 2 CPUs, warm page cache):
+/// - `qemu-img convert -O raw` cannot write to a pipe (it resizes and seeks
+///   its target), and neither can `qemu-img dd`.
+/// - A temporary sparse raw copy next to DST works anywhere but costs the
+///   source's data size in disk space and took 4.6 s just to make.
+/// - `qemu-storage-daemon` with a FUSE export reads as a plain file (even
+///   SEEK_DATA works) but managed 320 MB/s.
+/// - `qemu-nbd` on a private unix socket, read by the small NBD client
+///   below with one connection per copy worker: no extra disk space, no
+///   FUSE, and the data ranges come from `qemu-img map --output=json`, so
+///   holes are never read at all. This is what we use.
+///
+/// `qemu-nbd --fork` returns once the socket accepts connections, so there
+/// is no polling. It runs without `--persistent`: it exits by itself when
+/// its last client disconnects, including when asiffs dies. A control
+/// connection is held open from start to end so that the workers, which
+/// connect later, always find it running.
+mod qemu {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use crate::error::{Error, Result};
+
+    /// The qemu format of a source that is neither ASIF nor raw, or `None`
+    /// for raw. Without qemu-img, files carrying a known magic are refused
+    /// (they must not be copied as if they were raw disks).
+    pub fn probe(path: &Path) -> Result<Option<String>> {
+        let abs = absolute(path)?;
+        let out = match Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&abs)
+            .output()
+        {
+            Ok(o) => o,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return match sniff(path)? {
+                    Some(fmt) => Err(Error::Invalid(format!(
+                        "{}: looks like a {fmt} image; converting it needs qemu-img (install qemu-utils)",
+                        path.display()
+                    ))),
+                    None => Ok(None),
+                };
+            }
+            Err(e) => return Err(Error::io("running qemu-img", e)),
+        };
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "qemu-img info {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            Error::Invalid(format!("qemu-img info printed something unexpected: {e}"))
+        })?;
+        match v["format"].as_str() {
+            Some("raw") => Ok(None),
+            Some(f) => Ok(Some(f.to_string())),
+            None => Err(Error::Invalid(
+                "qemu-img info printed no format".to_string(),
+            )),
+        }
+    }
+
+    /// Magics of the common formats, for when qemu-img is not installed.
+    fn sniff(path: &Path) -> Result<Option<&'static str>> {
+        let mut f =
+            std::fs::File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+        let mut b = [0u8; 512];
+        let mut n = 0;
+        while n < b.len() {
+            match f.read(&mut b[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(path.display().to_string(), e)),
+            }
+        }
+        let b = &b[..n];
+        let at = |off: usize, m: &[u8]| b.len() >= off + m.len() && &b[off..off + m.len()] == m;
+        Ok(if at(0, b"QFI\xfb") {
+            Some("qcow2")
+        } else if at(0, b"KDMV") || at(0, b"# Disk DescriptorFile") || at(0, b"COWD") {
+            Some("vmdk")
+        } else if at(0, b"vhdxfile") {
+            Some("vhdx")
+        } else if at(0x40, &[0x7f, 0x10, 0xda, 0xbe]) {
+            Some("vdi")
+        } else if at(0, b"conectix") {
+            Some("vhd")
+        } else if at(0, b"QED\0") {
+            Some("qed")
+        } else if at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt") {
+            Some("parallels")
+        } else {
+            None
+        })
+    }
+
+    /// An absolute path, so that qemu never reads `name:rest` as a protocol.
+    fn absolute(path: &Path) -> Result<PathBuf> {
+        std::path::absolute(path).map_err(|e| Error::io(path.display().to_string(), e))
+    }
+
+    /// A read-only qemu-nbd export of one image.
+    pub struct Export {
+        pub size: u64,
+        format: String,
+        path: PathBuf,
+        dir: PathBuf,
+        socket: PathBuf,
+        /// Held open so the server outlives the gaps between worker connections.
+        control: Option<Nbd>,
+        /// The server, as a pidfd: immune to pid reuse, and pollable for its
+        /// exit although it is not our child (`--fork` reparents it).
+        pidfd: Option<std::os::fd::OwnedFd>,
+    }
+
+    impl Export {
+        pub fn start(path: &Path, format: &str, workers: usize) -> Result<Export> {
+            let abs = absolute(path)?;
+            let dir = std::env::temp_dir().join(format!("asiffs-nbd-{}", uuid::Uuid::new_v4()));
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Error::io(dir.display().to_string(), e))?;
+            let mut ex = Export {
+                size: 0,
+                format: format.to_string(),
+                path: abs,
+                socket: dir.join("s"),
+                dir,
+                control: None,
+                pidfd: None,
+            };
+            let pidfile = ex.dir.join("pid");
+            let out = Command::new("qemu-nbd")
+                .arg("--fork")
+                .arg("--read-only")
+                .arg(format!("--shared={}", workers + 1))
+                .arg(format!("--format={format}"))
+                .arg("--socket")
+                .arg(&ex.socket)
+                .arg("--pid-file")
+                .arg(&pidfile)
+                .arg(&ex.path)
+                .output()
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Error::Invalid(format!(
+                        "{}: converting a {format} image needs qemu-nbd (install qemu-utils)",
+                        path.display()
+                    )),
+                    _ => Error::io("running qemu-nbd", e),
+                })?;
+            ex.pidfd = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+                .and_then(pidfd_open);
+            if !out.status.success() {
+                return Err(Error::Invalid(format!(
+                    "qemu-nbd {}: {}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            let c = ex.connect()?;
+            ex.size = c.size;
+            ex.control = Some(c);
+            Ok(ex)
+        }
+
+        pub fn connect(&self) -> Result<Nbd> {
+            Nbd::connect(&self.socket)
+        }
+
+        /// The ranges `qemu-img map` reports as holding data (zero ranges,
+        /// allocated or not, are left out), merged.
+        pub fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
+            let out = Command::new("qemu-img")
+                .args(["map", "--output=json", "-f", &self.format])
+                .arg(&self.path)
+                .output()
+                .map_err(|e| Error::io("running qemu-img map", e))?;
+            if !out.status.success() {
+                return Err(Error::Invalid(format!(
+                    "qemu-img map {}: {}",
+                    self.path.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            let bad = |what: &str| Error::Invalid(format!("qemu-img map printed {what}"));
+            let v: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).map_err(|_| bad("something unexpected"))?;
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for e in v {
+                let (Some(start), Some(len)) = (e["start"].as_u64(), e["length"].as_u64()) else {
+                    return Err(bad("an extent without start or length"));
+                };
+                if e["data"].as_bool() != Some(true) || e["zero"].as_bool() == Some(true) {
+                    continue;
+                }
+                let end = (start + len).min(self.size);
+                match ranges.last_mut() {
+                    Some(last) if last.1 == start => last.1 = end,
+                    _ if start < end => ranges.push((start, end)),
+                    _ => {}
+                }
+            }
+            Ok(ranges)
+        }
+    }
+
+    fn pidfd_open(pid: libc::pid_t) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    impl Drop for Export {
+        fn drop(&mut self) {
+            use std::os::fd::AsRawFd;
+            // Closing the last connection makes qemu-nbd exit; a server no
+            // client ever reached would wait forever, so that one is told to.
+            if self.control.take().is_none() {
+                if let Some(fd) = &self.pidfd {
+                    // SAFETY: plain syscall on a pidfd we own.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            fd.as_raw_fd(),
+                            libc::SIGTERM,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        )
+                    };
+                }
+            }
+            // Wait (bounded) until it has gone, so that nothing of ours
+            // outlives the command.
+            if let Some(fd) = &self.pidfd {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 10_000) };
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const NBD_OPT_EXPORT_NAME: u32 = 1;
+    const NBD_FLAG_FIXED_NEWSTYLE: u16 = 1;
+    const NBD_FLAG_NO_ZEROES: u16 = 2;
+    const NBD_REQUEST_MAGIC: u32 = 0x2560_9513;
+    const NBD_SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    const NBD_CMD_READ: u16 = 0;
+    const NBD_CMD_DISC: u16 = 2;
+    /// qemu-nbd's largest request.
+    const MAX_REQUEST: usize = 32 << 20;
+
+    /// A minimal NBD client: fixed-newstyle handshake, the default export,
+    /// simple replies (no structured replies are asked for), reads only.
+    pub struct Nbd {
+        sock: UnixStream,
+        pub size: u64,
+        handle: u64,
+    }
+
+    fn proto(what: &str) -> Error {
+        Error::Invalid(format!("qemu-nbd: unexpected {what}"))
+    }
+
+    impl Nbd {
+        fn connect(path: &Path) -> Result<Nbd> {
+            let io = |e| Error::io("talking to qemu-nbd", e);
+            let mut sock = UnixStream::connect(path).map_err(io)?;
+            let mut hello = [0u8; 18];
+            sock.read_exact(&mut hello).map_err(io)?;
+            if &hello[..16] != b"NBDMAGICIHAVEOPT" {
+                return Err(proto("greeting"));
+            }
+            let flags = u16::from_be_bytes([hello[16], hello[17]]);
+            if flags & NBD_FLAG_FIXED_NEWSTYLE == 0 {
+                return Err(proto("handshake (not fixed newstyle)"));
+            }
+            let no_zeroes = flags & NBD_FLAG_NO_ZEROES != 0;
+            let client = u32::from(NBD_FLAG_FIXED_NEWSTYLE | (flags & NBD_FLAG_NO_ZEROES));
+            let mut m = Vec::with_capacity(20);
+            m.extend_from_slice(&client.to_be_bytes());
+            m.extend_from_slice(b"IHAVEOPT");
+            m.extend_from_slice(&NBD_OPT_EXPORT_NAME.to_be_bytes());
+            m.extend_from_slice(&0u32.to_be_bytes());
+            sock.write_all(&m).map_err(io)?;
+            let mut info = [0u8; 10];
+            sock.read_exact(&mut info).map_err(io)?;
+            if !no_zeroes {
+                sock.read_exact(&mut [0u8; 124]).map_err(io)?;
+            }
+            let size = u64::from_be_bytes(info[..8].try_into().expect("8 bytes"));
+            Ok(Nbd {
+                sock,
+                size,
+                handle: 0,
+            })
+        }
+
+        fn request(&mut self, kind: u16, off: u64, len: u32) -> std::io::Result<()> {
+            self.handle += 1;
+            let mut r = [0u8; 28];
+            r[..4].copy_from_slice(&NBD_REQUEST_MAGIC.to_be_bytes());
+            r[6..8].copy_from_slice(&kind.to_be_bytes());
+            r[8..16].copy_from_slice(&self.handle.to_be_bytes());
+            r[16..24].copy_from_slice(&off.to_be_bytes());
+            r[24..28].copy_from_slice(&len.to_be_bytes());
+            self.sock.write_all(&r)
+        }
+
+        pub fn read_at(&mut self, buf: &mut [u8], off: u64) -> Result<()> {
+            let io = |e| Error::io("reading from qemu-nbd", e);
+            for (i, piece) in buf.chunks_mut(MAX_REQUEST).enumerate() {
+                let at = off + (i * MAX_REQUEST) as u64;
+                self.request(NBD_CMD_READ, at, piece.len() as u32)
+                    .map_err(io)?;
+                let mut rep = [0u8; 16];
+                self.sock.read_exact(&mut rep).map_err(io)?;
+                let magic = u32::from_be_bytes(rep[..4].try_into().expect("4 bytes"));
+                let err = u32::from_be_bytes(rep[4..8].try_into().expect("4 bytes"));
+                let handle = u64::from_be_bytes(rep[8..].try_into().expect("8 bytes"));
+                if magic != NBD_SIMPLE_REPLY_MAGIC || handle != self.handle {
+                    return Err(proto("reply"));
+                }
+                if err != 0 {
+                    return Err(Error::io(
+                        format!("qemu-nbd could not read {at:#x}+{:#x}", piece.len()),
+                        std::io::Error::from_raw_os_error(err as i32),
+                    ));
+                }
+                self.sock.read_exact(piece).map_err(io)?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Drop for Nbd {
+        fn drop(&mut self) {
+            let _ = self.request(NBD_CMD_DISC, 0, 0);
+        }
+    }
 }

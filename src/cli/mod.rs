@@ -1,6 +1,7 @@
 //! The `asiffs` command line.
 
 mod convert;
+mod lifecycle;
 mod progress;
 pub mod size;
 
@@ -36,6 +37,10 @@ enum Command {
     Check(ImageArgs),
     /// Convert between ASIF and raw (and other formats through qemu-img).
     Convert(convert::ConvertArgs),
+    /// Change an image's virtual size (SIZE, +SIZE or -SIZE; shrinking needs --shrink).
+    Resize(lifecycle::ResizeArgs),
+    /// Pack an image's chunks and give unused space back to the host.
+    Compact(lifecycle::CompactArgs),
     /// Present a directory of ASIF images as raw files through FUSE.
     Mount(crate::fs::MountArgs),
     /// Flush and unmount an asiffs mount.
@@ -106,6 +111,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Map(a) => map(a),
         Command::Check(a) => check(a),
         Command::Convert(a) => convert::run(a),
+        Command::Resize(a) => lifecycle::resize(a),
+        Command::Compact(a) => lifecycle::compact(a),
         Command::Mount(a) => crate::fs::cmd_mount(&a),
         Command::Umount(a) => crate::fs::cmd_umount(&a),
         Command::Stats(a) => crate::fs::cmd_stats(&a),
@@ -264,10 +271,13 @@ fn check(a: ImageArgs) -> Result<i32> {
     }
     match r.exit_code() {
         0 => println!("No errors were found on the image."),
-        2 => println!(
-            "{} errors were found on the image.",
-            r.corruptions.len() as u64 + r.corruptions_not_listed
-        ),
+        2 => {
+            let n = r.corruptions.len() as u64 + r.corruptions_not_listed;
+            println!(
+                "{n} error{} found on the image.",
+                if n == 1 { " was" } else { "s were" }
+            );
+        }
         _ => println!("No corruption was found, but the image leaks space."),
     }
     println!(
