@@ -17,7 +17,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 ASIFFS  := target/release/asiffs
 
-APT_PACKAGES := fuse3 e2fsprogs fio util-linux python3-venv
+APT_PACKAGES := fuse3 e2fsprogs fio util-linux python3-venv qemu-utils
 DEPS_STAMP   := $(VENV)/.deps-stamp
 
 # Run apt as root, or through sudo when we are not root.

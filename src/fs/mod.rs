@@ -414,18 +414,37 @@ fn serve(
 
 /// The kernel caps FUSE readahead at its 128 KiB default whatever INIT asks;
 /// root may raise it through sysfs, which doubles buffered sequential reads.
+/// The device number comes from mountinfo: a stat of the mountpoint would
+/// wait on this very server, which does not serve yet.
 fn raise_readahead(mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(md) = std::fs::metadata(mountpoint) else {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    let (major, minor) = (libc::major(md.dev()), libc::minor(md.dev()));
-    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let want = mountinfo_escape(mountpoint);
+    let Some(dev) = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && f[4].as_bytes() == want.as_slice()).then(|| f[2].to_string())
+    }) else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     let kb = ops::MAX_WRITE / 1024;
     match std::fs::write(&knob, format!("{kb}\n")) {
         Ok(()) => debug!("{knob} = {kb}"),
         Err(e) => debug!("cannot raise readahead ({knob}): {e}"),
     }
+}
+
+/// A path as /proc/self/mountinfo spells it (space, tab, newline, backslash in octal).
+fn mountinfo_escape(p: &Path) -> Vec<u8> {
+    let mut s = Vec::new();
+    for &b in p.as_os_str().as_bytes() {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => s.extend_from_slice(format!("\\{b:03o}").as_bytes()),
+            _ => s.push(b),
+        }
+    }
+    s
 }
 
 /// Points stdin/stdout at /dev/null and stderr (the log) at `log` or /dev/null.

@@ -23,20 +23,26 @@ use super::namespace::{flush_logged, Namespace, Node, ROOT_INO};
 use super::pool::Pool;
 use super::DirectIo;
 
-/// Attribute and entry cache lifetime: short, because SOURCE may change under us.
+/// Attribute cache lifetime.
 const TTL: Duration = Duration::from_secs(1);
+/// Names are not cached: SOURCE may gain, lose or replace images at any time,
+/// and a lookup costs one stat.
+const ENTRY_TTL: Duration = Duration::ZERO;
 pub(crate) const MAX_WRITE: u32 = 1 << 20;
 pub(crate) const XATTR_STATS: &str = "user.asiffs.stats";
 pub(crate) const XATTR_PID: &str = "user.asiffs.pid";
 /// fh bit: the handle may write (only those flush on close).
 const FH_WRITE: u64 = 1;
 
+/// A directory as opendir saw it: (ino, kind, name).
+type Listing = Vec<(u64, FileType, std::ffi::OsString)>;
+
 pub(crate) struct AsifFs {
     pub ns: Arc<Namespace>,
     pool: Option<Arc<Pool>>,
     direct_io: DirectIo,
     /// Directory listings taken at opendir, served by readdir.
-    dirs: Mutex<HashMap<u64, Arc<Vec<(u64, FileType, std::ffi::OsString)>>>>,
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     next_dir: AtomicU64,
     /// Attributes of the root directory (SOURCE's own stat).
     root_md: std::fs::Metadata,
@@ -413,7 +419,7 @@ impl Filesystem for AsifFs {
             return reply.error(Errno::ENOENT);
         };
         match self.node_attr(&node) {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok(a) => reply.entry_with_ttls(&TTL, &ENTRY_TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -503,7 +509,7 @@ impl Filesystem for AsifFs {
             .map_err(errno)
             .and_then(|n| self.node_attr(&n))
         {
-            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Ok(a) => reply.entry_with_ttls(&TTL, &ENTRY_TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
