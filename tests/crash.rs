@@ -287,11 +287,7 @@ impl Model {
     /// the last value set before `durable`, or any set after it.
     fn allowed(&self, s: u64, durable: usize, started: usize) -> Vec<u32> {
         let h = &self.history[&s];
-        let mut v: Vec<u32> = vec![h
-            .iter()
-            .filter(|(i, _)| *i < durable)
-            .last()
-            .map_or(0, |x| x.1)];
+        let mut v: Vec<u32> = vec![h.iter().rfind(|(i, _)| *i < durable).map_or(0, |x| x.1)];
         v.extend(
             h.iter()
                 .filter(|(i, _)| *i >= durable && *i < started)

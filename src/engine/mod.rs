@@ -406,7 +406,7 @@ impl Image {
         match BitmapEntry(raw).chunk() {
             Ok(None) => true,
             Ok(Some(n)) => n < end && !tables.contains(&n),
-            Err(()) => false,
+            Err(_) => false,
         }
     }
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::Image;
 use crate::error::{Error, Result};
 use crate::format::{
-    be_u64, bitmap_span, BitmapEntry, ChunkEntry, ChunkState, Directory, SectorState,
+    be_u64, bitmap_span, BitmapEntry, ChunkEntry, ChunkState, Directory, FlagBits, SectorState,
 };
 
 /// A run of the virtual disk that is all data or all zeros.
@@ -389,7 +389,7 @@ impl Image {
                 let raw_bitmap = be_u64(&gbuf, 8 * n_entries);
                 let bitmap = match BitmapEntry(raw_bitmap).chunk() {
                     Ok(b) => b,
-                    Err(()) => {
+                    Err(FlagBits) => {
                         r.corrupt(format!("table {t} group {g}: bitmap entry {raw_bitmap:#018x} has flag bits set"));
                         None
                     }
@@ -414,12 +414,14 @@ impl Image {
                             r.data_chunks += 1;
                             r.partial_chunks += 1;
                             self.claim(&mut r, &mut owner, n, who, end);
-                            if bitmap.is_none() {
-                                r.corrupt(format!(
+                            match bitmap {
+                                None => r.corrupt(format!(
                                     "{who}: partially valid chunk but the group has no bitmap"
-                                ));
-                            } else if bitmap_ok {
-                                self.check_bitmap(&mut r, bitmap.unwrap(), k as u64, who)?;
+                                )),
+                                Some(b) if bitmap_ok => {
+                                    self.check_bitmap(&mut r, b, k as u64, who)?
+                                }
+                                Some(_) => {}
                             }
                         }
                         Some(_) => {}

@@ -8,6 +8,7 @@ use std::os::unix::io::AsRawFd;
 
 /// What the engine needs from the container. Every method may be called
 /// from many threads at once.
+#[allow(clippy::len_without_is_empty)] // a container is never empty
 pub trait Storage: Send + Sync {
     /// Reads exactly `buf.len()` bytes; bytes past the end read as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

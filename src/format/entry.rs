@@ -64,12 +64,16 @@ impl ChunkEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BitmapEntry(pub u64);
 
+/// A bitmap entry with flag or reserved bits set: out of rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlagBits;
+
 impl BitmapEntry {
-    /// `Ok(None)` when absent, `Err(())` when flag or reserved bits are set.
-    pub fn chunk(self) -> Result<Option<u64>, ()> {
+    /// `Ok(None)` when absent, `Err` when flag or reserved bits are set.
+    pub fn chunk(self) -> Result<Option<u64>, FlagBits> {
         match self.0 {
             0 => Ok(None),
-            n if n & !CHUNK_MASK != 0 => Err(()),
+            n if n & !CHUNK_MASK != 0 => Err(FlagBits),
             n => Ok(Some(n)),
         }
     }
@@ -126,6 +130,6 @@ mod tests {
     fn bitmap_entries() {
         assert_eq!(BitmapEntry(0).chunk(), Ok(None));
         assert_eq!(BitmapEntry(3).chunk(), Ok(Some(3)));
-        assert_eq!(BitmapEntry(0x4000_0000_0000_0003).chunk(), Err(()));
+        assert_eq!(BitmapEntry(0x4000_0000_0000_0003).chunk(), Err(FlagBits));
     }
 }

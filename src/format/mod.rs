@@ -17,7 +17,7 @@ mod metadata;
 
 pub use bitmap::{bitmap_span, SectorState};
 pub use directory::Directory;
-pub use entry::{BitmapEntry, ChunkEntry, ChunkState, MAX_CHUNK_NUMBER};
+pub use entry::{BitmapEntry, ChunkEntry, ChunkState, FlagBits, MAX_CHUNK_NUMBER};
 pub use error::FormatError;
 pub use geometry::{Geometry, Location};
 pub use header::{Header, HEADER_SIZE, MAGIC, VERSION};
