@@ -96,6 +96,7 @@ impl Mem {
         match op {
             Op::Write(off, data) => self.write(data, *off),
             Op::SetLen(len) => self.set_len(*len),
+            Op::Extend(len) => self.set_len(self.len.max(*len)),
             Op::Punch(off, len) => self.zero(*off, *len),
             Op::Sync | Op::Mark(_) => {}
         }
@@ -106,6 +107,8 @@ impl Mem {
 enum Op {
     Write(u64, Vec<u8>),
     SetLen(u64),
+    /// Grow to a length that is durable at once (nothing else is synced).
+    Extend(u64),
     Punch(u64, u64),
     Sync,
     /// Workload step `n` has returned.
@@ -143,6 +146,10 @@ impl Storage for Recorder {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.record(Op::SetLen(len));
+        Ok(())
+    }
+    fn extend(&self, len: u64) -> io::Result<()> {
+        self.record(Op::Extend(len));
         Ok(())
     }
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -471,6 +478,8 @@ fn sweep(
                 }
                 last_sync = i + 1;
             }
+            // Durable by itself, without making earlier operations so.
+            Op::Extend(_) => synced.apply(op),
             Op::Mark(n) => {
                 started = n + 1;
                 if matches!(plan[*n], Step::Flush) {

@@ -8,7 +8,9 @@
 //!   grows a batch of chunks at a time and is synced before any of them is
 //!   used, so an entry that reaches the disk early (entries are written
 //!   through at once, see `data.rs`) never points past the end after a
-//!   power cut.
+//!   power cut. The next batch is grown ahead, by a caller that holds no
+//!   lock, once half of the current one is used, so writers rarely wait for
+//!   that sync.
 //! - A freed chunk waits in `pending` until a flush has made the entry
 //!   change that released it durable *and* every I/O that might still hold
 //!   the old translation has finished ([`IoGate`]); only then is it reused.
@@ -16,7 +18,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::storage::Storage;
 use crate::error::{Error, Result};
@@ -26,11 +28,24 @@ use crate::format::MAX_CHUNK_NUMBER;
 /// bounds, so a large sequential write pays for few syncs.
 const GROWTH: (u64, u64) = (64, 4096);
 
+fn batch(len: u64) -> u64 {
+    (len / 2).clamp(GROWTH.0, GROWTH.1)
+}
+
+/// A chunk handed out, and whether the caller should grow the file ahead.
+#[must_use]
+pub struct Allocation {
+    pub chunk: u64,
+    pub grow_ahead: bool,
+}
+
 struct State {
     /// Chunks handed out or in use: everything at or past it is unused.
     end: u64,
     /// Chunks in the file, durable (its length divided by the chunk size).
     len: u64,
+    /// A caller is growing the file (outside the lock).
+    growing: bool,
     /// Chunks free for reuse, lowest first so that images stay compact.
     free: BTreeSet<u64>,
     /// Chunks released since the last flush's snapshot.
@@ -40,6 +55,7 @@ struct State {
 pub struct Allocator {
     chunk_size: u64,
     state: Mutex<State>,
+    grown: Condvar,
     /// Mirror of `state.end` for lock-free range checks of entries.
     end: AtomicU64,
 }
@@ -48,9 +64,11 @@ impl Allocator {
     pub fn new(chunk_size: u64, end: u64) -> Allocator {
         Allocator {
             chunk_size,
+            grown: Condvar::new(),
             state: Mutex::new(State {
                 end,
                 len: end,
+                growing: false,
                 free: BTreeSet::new(),
                 pending: Vec::new(),
             }),
@@ -63,30 +81,69 @@ impl Allocator {
         self.end.load(Ordering::Acquire)
     }
 
-    /// Hands out one zero-reading chunk.
-    pub fn allocate(&self, storage: &dyn Storage) -> Result<u64> {
+    /// Hands out one zero-reading chunk. When the answer says so, the
+    /// caller should call [`Allocator::grow_ahead`] once it holds no lock.
+    pub fn allocate(&self, storage: &dyn Storage) -> Result<Allocation> {
         let mut s = self.state.lock();
         if let Some(n) = s.free.pop_first() {
-            return Ok(n);
+            return Ok(Allocation {
+                chunk: n,
+                grow_ahead: false,
+            });
         }
-        let n = s.end;
-        if n >= MAX_CHUNK_NUMBER {
-            return Err(Error::io(
-                "allocating a chunk",
-                std::io::Error::from_raw_os_error(libc::ENOSPC),
-            ));
+        loop {
+            let n = s.end;
+            if n >= MAX_CHUNK_NUMBER {
+                return Err(Error::io(
+                    "allocating a chunk",
+                    std::io::Error::from_raw_os_error(libc::ENOSPC),
+                ));
+            }
+            if n < s.len {
+                s.end = n + 1;
+                self.end.store(n + 1, Ordering::Release);
+                let grow_ahead = !s.growing && s.len - s.end <= batch(s.len) / 2;
+                s.growing |= grow_ahead;
+                return Ok(Allocation {
+                    chunk: n,
+                    grow_ahead,
+                });
+            }
+            if s.growing {
+                self.grown.wait(&mut s);
+                continue;
+            }
+            // The durable part is used up: grow now, this caller waits.
+            s.growing = true;
+            drop(s);
+            let r = self.grow(storage);
+            s = self.state.lock();
+            r?;
         }
-        if n >= s.len {
-            let len = (n + (n / 2).clamp(GROWTH.0, GROWTH.1)).min(MAX_CHUNK_NUMBER);
-            storage
-                .set_len(len * self.chunk_size)
-                .and_then(|()| storage.sync())
-                .map_err(|e| Error::io("growing the container", e))?;
-            s.len = len;
+    }
+
+    /// Grows the file by one batch and syncs it; called after
+    /// [`Allocator::allocate`] asked for it, holding no lock.
+    pub fn grow_ahead(&self, storage: &dyn Storage) -> Result<()> {
+        self.grow(storage)
+    }
+
+    /// Grows and syncs the file; the caller has set `growing`.
+    fn grow(&self, storage: &dyn Storage) -> Result<()> {
+        let target = {
+            let s = self.state.lock();
+            (s.len + batch(s.len)).min(MAX_CHUNK_NUMBER)
+        };
+        let r = storage
+            .extend(target * self.chunk_size)
+            .map_err(|e| Error::io("growing the container", e));
+        let mut s = self.state.lock();
+        if r.is_ok() {
+            s.len = target;
         }
-        s.end = n + 1;
-        self.end.store(n + 1, Ordering::Release);
-        Ok(n)
+        s.growing = false;
+        self.grown.notify_all();
+        r
     }
 
     /// Records a chunk whose entry no longer points at it (already punched).

@@ -103,16 +103,32 @@ impl Image {
         if d.tables[t as usize] != 0 {
             return Ok(());
         }
-        let n = self.alloc.allocate(&*self.storage)?;
+        let a = self.alloc.allocate(&*self.storage)?;
+        let n = a.chunk;
         let mut tables = d.tables.clone();
         tables[t as usize] = n;
-        let slot = self.write_directory(d.active, d.versions[d.active] + 1, tables)?;
-        d.tables[t as usize] = n;
-        d.table_chunks.insert(n);
-        d.versions[slot] = d.versions[d.active] + 1;
-        d.active = slot;
-        bump(&self.counters.chunks_allocated, 1);
-        Ok(())
+        let written = self.write_directory(d.active, d.versions[d.active] + 1, tables);
+        if let Ok(slot) = written {
+            d.tables[t as usize] = n;
+            d.table_chunks.insert(n);
+            d.versions[slot] = d.versions[d.active] + 1;
+            d.active = slot;
+            bump(&self.counters.chunks_allocated, 1);
+        }
+        drop(d);
+        self.grow_ahead_if(a.grow_ahead);
+        written.map(|_| ())
+    }
+
+    /// Grows the file ahead of need when an allocation asked for it; called
+    /// holding no lock. A failure only delays growth to the next allocation,
+    /// which then reports it.
+    fn grow_ahead_if(&self, asked: bool) {
+        if asked {
+            if let Err(e) = self.alloc.grow_ahead(&*self.storage) {
+                tracing::warn!(path = %self.path.display(), "growing the container ahead failed: {e}");
+            }
+        }
     }
 
     pub(super) fn corrupt_entry(&self, loc: &Location) -> Error {
@@ -261,20 +277,30 @@ impl Image {
             None => return Err(self.corrupt_entry(loc)),
             _ => {}
         }
+        let mut grow = false;
+        let r = self.map_chunk(&g, loc, &mut grow);
+        self.grow_ahead_if(grow);
+        r
+    }
+
+    /// Under the group's allocation lock: allocate or promote `loc`'s chunk.
+    fn map_chunk(&self, g: &Arc<Group>, loc: &Location, grow: &mut bool) -> Result<u64> {
+        let k = loc.index as usize;
         let _alloc = g.alloc_lock.lock();
         match g.state(k) {
             Some(ChunkState::Full(n)) => Ok(n),
             Some(ChunkState::Partial(n)) => {
-                self.promote(&g, loc, n)?;
+                self.promote(g, loc, n)?;
                 Ok(n)
             }
             Some(ChunkState::Unwritten | ChunkState::Unmapped) => {
-                let n = self.alloc.allocate(&*self.storage)?;
-                g.set_state(k, ChunkState::Full(n));
-                self.cache.mark_dirty(self.geo.group_number(loc), &g);
-                self.write_through(&g, k)?;
+                let a = self.alloc.allocate(&*self.storage)?;
+                *grow = a.grow_ahead;
+                g.set_state(k, ChunkState::Full(a.chunk));
+                self.cache.mark_dirty(self.geo.group_number(loc), g);
                 bump(&self.counters.chunks_allocated, 1);
-                Ok(n)
+                self.write_through(g, k)?;
+                Ok(a.chunk)
             }
             None => Err(self.corrupt_entry(loc)),
         }

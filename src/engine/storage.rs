@@ -15,6 +15,12 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Grows the file to `len` and makes that length durable. Nothing else
+    /// needs to become durable, so a store may do less than a full sync.
+    fn extend(&self, len: u64) -> io::Result<()> {
+        self.set_len(len)?;
+        self.sync()
+    }
     /// Makes `offset..offset+len` read as zeros and frees whole host blocks
     /// inside it; the file length does not change.
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
@@ -78,6 +84,39 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    /// One O_DSYNC write of the new last sector makes the size durable
+    /// without writing back the rest of the file, which a sync would (and
+    /// which stalls every writer while a large write streams in). The
+    /// sector is punched again at once: an unused chunk stays a hole.
+    fn extend(&self, len: u64) -> io::Result<()> {
+        const SECTOR: usize = 512;
+        let zeros = [0u8; SECTOR];
+        let iov = libc::iovec {
+            iov_base: zeros.as_ptr() as *mut libc::c_void,
+            iov_len: SECTOR,
+        };
+        let at = len
+            .checked_sub(SECTOR as u64)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: one iovec over a live stack buffer, on an owned descriptor.
+        let r = unsafe {
+            libc::pwritev2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                at as libc::off_t,
+                libc::RWF_DSYNC,
+            )
+        };
+        if r != SECTOR as isize {
+            // Kernels or filesystems without per-write sync: the long way.
+            self.set_len(len)?;
+            return self.sync();
+        }
+        let _ = self.punch(at, SECTOR as u64);
+        Ok(())
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
