@@ -234,17 +234,22 @@ impl Image {
             )));
         }
         let end = len / cs;
-        let mut dirs = Vec::with_capacity(2);
-        for off in geo.directory_offsets {
-            let mut b = vec![0u8; geo.directory_bytes as usize];
+        // Only the versions of both, then the active one whole: opening a
+        // directory of images reads half as much.
+        let mut versions = [0u64; 2];
+        for (v, off) in versions.iter_mut().zip(geo.directory_offsets) {
+            let mut b = [0u8; 8];
             storage
                 .read_at(&mut b, off)
                 .map_err(|e| Error::io(ctx("reading a directory"), e))?;
-            dirs.push(Directory::decode(&b, geo.directory_entries));
+            *v = u64::from_be_bytes(b);
         }
-        let versions = [dirs[0].version, dirs[1].version];
         let active = Directory::active(versions);
-        let tables = std::mem::take(&mut dirs[active].tables);
+        let mut b = vec![0u8; geo.directory_bytes as usize];
+        storage
+            .read_at(&mut b, geo.directory_offsets[active])
+            .map_err(|e| Error::io(ctx("reading a directory"), e))?;
+        let tables = Directory::decode(&b, geo.directory_entries).tables;
         let mut table_chunks = HashSet::new();
         for (t, &n) in tables.iter().enumerate() {
             if n == 0 {
