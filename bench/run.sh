@@ -1,0 +1,574 @@
+#!/usr/bin/env bash
+# asiffs benchmark harness: native file vs asiffs FUSE mount vs qemu-storage-daemon
+# (qcow2 FUSE export), plus RSS / mount-1000 / open-10T / convert figures.
+# See bench/README.md.  Called by `make bench`; not part of the tests.
+set -Eeuo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+ROOT=$(dirname "$BENCH_DIR")
+WORK=$(realpath -m "${BENCH_WORK:-$BENCH_DIR/work}")  # canonical: compared with /proc/self/mountinfo
+RESULTS=${BENCH_RESULTS:-$BENCH_DIR/results}
+ASIFFS=${ASIFFS:-$ROOT/target/release/asiffs}
+QUICK=${BENCH_QUICK:-0}
+
+if [[ $QUICK == 1 ]]; then
+    d_size=256M d_runs=1 d_runtime=3 d_ramp=1 d_region=128M d_many=100
+    d_big=1T d_bigchunks=1024 d_conv=256M d_open_runs=5 d_mount_runs=2
+else
+    d_size=2G d_runs=3 d_runtime=12 d_ramp=2 d_region=1G d_many=1000
+    d_big=10T d_bigchunks=102400 d_conv=2G d_open_runs=20 d_mount_runs=5
+fi
+SIZE=${BENCH_SIZE:-$d_size}                  # test file size per target
+RUNS=${BENCH_RUNS:-$d_runs}                  # repetitions (median taken)
+RUNTIME=${BENCH_RUNTIME:-$d_runtime}         # seconds per time-based fio job
+RAMP=${BENCH_RAMP:-$d_ramp}                  # fio ramp_time seconds
+REGION=${BENCH_DISCARD_REGION:-$d_region}    # discard job region (50% punched)
+MANY=${BENCH_MANY:-$d_many}                  # images for the mount-many test
+BIG=${BENCH_BIG_SIZE:-$d_big}                # virtual size of the big image
+BIGCHUNKS=${BENCH_BIG_CHUNKS:-$d_bigchunks}  # 1 MiB chunks touched in it
+CONV=${BENCH_CONVERT_SIZE:-$d_conv}          # convert input size (~50% data)
+OPEN_RUNS=${BENCH_OPEN_RUNS:-$d_open_runs}
+MOUNT_RUNS=${BENCH_MOUNT_RUNS:-$d_mount_runs}
+TARGETS=${BENCH_TARGETS:-native asiffs qsd}
+JOBS=${BENCH_JOBS:-fill seqwrite seqread randwrite randread bufwrite bufread mixed discard}
+EXTRAS=${BENCH_EXTRAS:-mount open convert}
+MIN_FREE_GB=${BENCH_MIN_FREE_GB:-10}
+ASIFFS_MOUNT_OPTS=${BENCH_ASIFFS_MOUNT_OPTS:-}
+FIO_TIMEOUT=${BENCH_FIO_TIMEOUT:-900}
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RAW=$WORK/raw/$STAMP
+LOGS=$WORK/logs
+TOOL=$WORK/bin/benchtool
+MEAS=$RAW/measurements.jsonl
+
+log()  { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+warn() { printf '[bench %(%H:%M:%S)T] WARNING: %s\n' -1 "$*" >&2; }
+die()  { printf '[bench] FATAL: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- cleanup
+declare -a CLEAN_MOUNTS=()   # mount points we created
+declare -a CLEAN_PIDS=()     # daemons we started
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    local m p
+    for m in "${CLEAN_MOUNTS[@]}"; do
+        if is_mounted "$m" 2>/dev/null; then
+            fusermount3 -u "$m" 2>/dev/null || umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+        fi
+    done
+    for p in "${CLEAN_PIDS[@]}"; do
+        kill -0 "$p" 2>/dev/null && kill -TERM "$p" 2>/dev/null
+    done
+    for p in "${CLEAN_PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null
+    done
+    for m in "${CLEAN_MOUNTS[@]}"; do
+        is_mounted "$m" 2>/dev/null && umount -l "$m" 2>/dev/null
+    done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+forget_pid() { local p=$1 i; for i in "${!CLEAN_PIDS[@]}"; do [[ ${CLEAN_PIDS[$i]} == "$p" ]] && unset 'CLEAN_PIDS[i]'; done; return 0; }
+
+# wait_for TIMEOUT_S CMD...: poll CMD every 20 ms until it succeeds.
+wait_for() {
+    local t=$1; shift
+    local end=$(( $(date +%s%N) + t * 1000000000 ))
+    until "$@"; do
+        (( $(date +%s%N) < end )) || return 1
+        sleep 0.02
+    done
+}
+# is_mounted PATH: from /proc/self/mountinfo only, so it neither blocks on a hung
+# FUSE server nor misses a dead one (where `mountpoint` fails with ENOTCONN)
+is_mounted() { awk -v m="$1" '$5 == m {f=1} END {exit !f}' /proc/self/mountinfo; }
+not_running() { # gone, or a zombie
+    kill -0 "$1" 2>/dev/null || return 0
+    [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) == Z ]]
+}
+not_mounted() { ! is_mounted "$1"; }
+
+drop_caches() {
+    sync
+    echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+}
+
+# after drop_caches: re-read the asiffs executable and its libraries so that
+# "cold" timings measure image metadata I/O, not paging in the program
+warm_binary() {
+    [[ $ASIFFS_OK == 1 ]] || return 0
+    cat "$ASIFFS" > /dev/null
+    ldd "$ASIFFS" 2>/dev/null | awk '$(NF-1) ~ /^\// {print $(NF-1)} $1 ~ /^\// {print $1}' |
+        while read -r lib; do cat "$lib" > /dev/null 2>&1 || true; done || true
+    return 0
+}
+to_bytes() { numfmt --from=iec "$(tr -d 'iB' <<<"$1" | tr 'kmgt' 'KMGT')"; }
+alloc_bytes() { if [[ -e $1 ]]; then echo $(( $(stat -c '%b * %B' "$1") )); else echo null; fi; }
+now_ns() { date +%s%N; }
+
+# record KEY=VALUE... -> one JSON object per line in $MEAS (values: numbers,
+# null, or strings quoted by the caller through jstr)
+jstr() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
+record() {
+    local out="{" sep="" kv
+    for kv in "$@"; do out+="$sep\"${kv%%=*}\": ${kv#*=}"; sep=", "; done
+    echo "$out}" >> "$MEAS"
+}
+
+# ---------------------------------------------------------------- setup
+install_deps() {
+    [[ ${BENCH_NO_INSTALL:-0} == 1 ]] && return 0
+    local need=()
+    command -v fio >/dev/null || need+=(fio)
+    command -v fusermount3 >/dev/null || need+=(fuse3)
+    command -v jq >/dev/null || need+=(jq)
+    command -v python3 >/dev/null || need+=(python3)
+    command -v cc >/dev/null || need+=(gcc)
+    command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
+    command -v qemu-img >/dev/null || need+=(qemu-utils)
+    command -v mountpoint >/dev/null || need+=(util-linux)
+    command -v numfmt >/dev/null || need+=(coreutils)
+    command -v hyperfine >/dev/null || need+=(hyperfine)
+    if ((${#need[@]})); then
+        log "installing: ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+        # hyperfine is optional: retry without it if it is not available
+        apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${need[@]}" >/dev/null ||
+            apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${need[@]/hyperfine/}" >/dev/null
+    fi
+    local c
+    for c in fio fusermount3 python3 cc qemu-storage-daemon qemu-img mountpoint numfmt; do
+        command -v "$c" >/dev/null || die "missing required tool: $c"
+    done
+}
+
+build_tool() {
+    mkdir -p "$WORK/bin"
+    if [[ ! -x $TOOL || $BENCH_DIR/benchtool.c -nt $TOOL ]]; then
+        cc -O2 -Wall -o "$TOOL" "$BENCH_DIR/benchtool.c"
+    fi
+}
+
+ASIFFS_OK=0
+ASIFFS_SRC=${ASIFFS}
+build_asiffs() {
+    if [[ ${BENCH_NO_BUILD:-0} != 1 && -f $ROOT/Cargo.toml && -z ${BENCH_ASIFFS_PREBUILT:-} ]]; then
+        log "cargo build --release"
+        (cd "$ROOT" && cargo build --release 2>&1 | tail -3) >&2 || true
+    fi
+    if [[ -x $ASIFFS ]] && "$ASIFFS" --help >/dev/null 2>&1; then
+        ASIFFS_OK=1
+        # snapshot the binary: a concurrent `cargo build` must not change it mid-run
+        if [[ ${BENCH_NO_SNAPSHOT:-0} != 1 ]]; then
+            cp -f "$ASIFFS" "$WORK/bin/asiffs.tmp" && mv -f "$WORK/bin/asiffs.tmp" "$WORK/bin/asiffs"
+            ASIFFS_SRC=$ASIFFS
+            ASIFFS=$WORK/bin/asiffs
+        fi
+    else
+        warn "asiffs binary not usable at $ASIFFS: asiffs columns will be n/a"
+    fi
+}
+
+# cache_ok MARKER IMAGE: a cached image set is reused only if it was completed
+# and the asiffs under test can read it (`asiffs info`)
+cache_ok() {
+    [[ -e $1 ]] || return 1
+    has_subcmd info || return 0
+    timeout 60 "$ASIFFS" info "$2" >/dev/null 2>&1
+}
+has_subcmd() { [[ $ASIFFS_OK == 1 ]] && "$ASIFFS" "$1" --help >/dev/null 2>&1; }
+
+# asiffs create with a size spelled like 2G / 10T (falls back to bytes)
+asiffs_create() {
+    local f=$1 size=$2
+    rm -f "$f"
+    "$ASIFFS" create "$f" --size "$size" >/dev/null 2>>"$LOGS/asiffs-create.log" ||
+        "$ASIFFS" create "$f" --size "$(to_bytes "$size")" >/dev/null 2>>"$LOGS/asiffs-create.log"
+}
+
+# ---------------------------------------------------------------- mounts
+# asiffs: start `asiffs mount -f DIR MNT` in the background; sets ASIFFS_PID.
+ASIFFS_PID=
+asiffs_mount() {
+    local dir=$1 mnt=$2 expect=${3:-}
+    mkdir -p "$mnt"
+    not_mounted "$mnt" || die "$mnt is already a mount point"
+    # shellcheck disable=SC2086
+    "$ASIFFS" mount -f $ASIFFS_MOUNT_OPTS "$dir" "$mnt" >>"$LOGS/asiffs-mount.log" 2>&1 &
+    ASIFFS_PID=$!
+    CLEAN_PIDS+=("$ASIFFS_PID"); CLEAN_MOUNTS+=("$mnt")
+    if ! wait_for 30 is_mounted "$mnt"; then
+        warn "asiffs mount of $dir did not appear within 30 s (see $LOGS/asiffs-mount.log)"
+        asiffs_unmount "$mnt"
+        return 1
+    fi
+    if [[ -n $expect ]] && ! wait_for 10 timeout -s KILL 5 test -e "$mnt/$expect"; then
+        warn "asiffs mount: $mnt/$expect did not appear"
+        asiffs_unmount "$mnt"
+        return 1
+    fi
+}
+asiffs_unmount() {
+    local mnt=$1 pid=$ASIFFS_PID
+    if is_mounted "$mnt"; then
+        timeout 30 "$ASIFFS" umount "$mnt" >/dev/null 2>&1 || fusermount3 -u "$mnt" 2>/dev/null || umount "$mnt" 2>/dev/null || true
+    fi
+    if [[ -n $pid ]]; then
+        wait_for 15 not_running "$pid" || { warn "asiffs pid $pid still alive after unmount, killing"; kill -TERM "$pid" 2>/dev/null; wait_for 5 not_running "$pid" || kill -KILL "$pid" 2>/dev/null; }
+        wait "$pid" 2>/dev/null || true
+        forget_pid "$pid"
+    fi
+    is_mounted "$mnt" && umount -l "$mnt" 2>/dev/null
+    ASIFFS_PID=
+    return 0
+}
+
+# timed_mount DIR MNT N TIMEOUT: start `asiffs mount -f DIR MNT` and measure the
+# time until MNT is a mount point listing >= N entries.  Sets TM_RES="ms count"
+# and ASIFFS_PID (the caller unmounts with asiffs_unmount).
+TM_RES=
+timed_mount() {
+    local dir=$1 mnt=$2 n=$3 to=$4 t0
+    mkdir -p "$mnt"
+    not_mounted "$mnt" || die "$mnt is already a mount point"
+    t0=$(now_ns)
+    # shellcheck disable=SC2086
+    "$ASIFFS" mount -f $ASIFFS_MOUNT_OPTS "$dir" "$mnt" >>"$LOGS/asiffs-mount.log" 2>&1 &
+    ASIFFS_PID=$!
+    CLEAN_PIDS+=("$ASIFFS_PID"); CLEAN_MOUNTS+=("$mnt")
+    TM_RES=$("$TOOL" waitmount "$mnt" "$n" "$to" "$t0" "$ASIFFS_PID" 2>>"$LOGS/waitmount.log")
+}
+
+# qemu-storage-daemon FUSE export of a qcow2; MNT must be an existing regular file.
+QSD_PID=
+qsd_start() {
+    local img=$1 mnt=$2
+    touch "$mnt"
+    not_mounted "$mnt" || die "$mnt is already a mount point"
+    qemu-storage-daemon \
+        --blockdev "driver=file,filename=$img,node-name=file,cache.direct=on,discard=unmap" \
+        --blockdev "driver=qcow2,file=file,node-name=qcow2,discard=unmap" \
+        --export "type=fuse,id=exp,node-name=qcow2,mountpoint=$mnt,writable=on" \
+        >>"$LOGS/qsd.log" 2>&1 &
+    QSD_PID=$!
+    CLEAN_PIDS+=("$QSD_PID"); CLEAN_MOUNTS+=("$mnt")
+    wait_for 30 is_mounted "$mnt" || { warn "qsd export did not appear (see $LOGS/qsd.log)"; qsd_stop "$mnt"; return 1; }
+}
+qsd_stop() {
+    local mnt=$1 pid=$QSD_PID
+    if [[ -n $pid ]]; then
+        kill -TERM "$pid" 2>/dev/null
+        wait_for 30 not_running "$pid" || kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null || true
+        forget_pid "$pid"
+    fi
+    is_mounted "$mnt" && { fusermount3 -u "$mnt" 2>/dev/null || umount -l "$mnt"; }
+    QSD_PID=
+    return 0
+}
+
+# ---------------------------------------------------------------- targets
+# Each target has: target_file (what fio hits), container (whose allocation
+# we measure), setup (fresh container + mount), teardown.
+declare -A TFILE TCONT
+T_NATIVE=$WORK/native
+T_ASIFFS=$WORK/asiffs
+T_QSD=$WORK/qsd
+TFILE[native]=$T_NATIVE/bench.raw;        TCONT[native]=$T_NATIVE/bench.raw
+TFILE[asiffs]=$T_ASIFFS/mnt/bench.img;    TCONT[asiffs]=$T_ASIFFS/images/bench.asif
+TFILE[qsd]=$T_QSD/export;                 TCONT[qsd]=$T_QSD/bench.qcow2
+
+setup_target() {
+    case $1 in
+    native)
+        mkdir -p "$T_NATIVE"; rm -f "${TFILE[native]}"
+        truncate -s "$SIZE" "${TFILE[native]}" ;;
+    asiffs)
+        mkdir -p "$T_ASIFFS/images" "$T_ASIFFS/mnt"
+        rm -f "$T_ASIFFS"/images/*
+        asiffs_create "${TCONT[asiffs]}" "$SIZE" || { warn "asiffs create failed"; return 1; }
+        asiffs_mount "$T_ASIFFS/images" "$T_ASIFFS/mnt" bench.img ;;
+    qsd)
+        mkdir -p "$T_QSD"; rm -f "${TCONT[qsd]}"
+        qemu-img create -q -f qcow2 "${TCONT[qsd]}" "$SIZE"
+        qsd_start "${TCONT[qsd]}" "${TFILE[qsd]}" ;;
+    esac
+}
+teardown_target() {
+    case $1 in
+    native) rm -f "${TFILE[native]}" ;;
+    asiffs) asiffs_unmount "$T_ASIFFS/mnt" ;;
+    qsd)    qsd_stop "${TFILE[qsd]}" ;;
+    esac
+}
+
+# ---------------------------------------------------------------- fio jobs
+AIO="--ioengine=libaio --direct=1"
+TB="--time_based --runtime=$RUNTIME --ramp_time=$RAMP"
+job_args() {
+    case $1 in
+    fill)      echo "--rw=write --bs=1M --iodepth=16 $AIO" ;;             # one pass, allocating
+    seqwrite)  echo "--rw=write --bs=1M --iodepth=16 $AIO $TB" ;;
+    seqread)   echo "--rw=read --bs=1M --iodepth=16 $AIO $TB" ;;
+    randwrite) echo "--rw=randwrite --bs=4k --iodepth=32 $AIO $TB" ;;
+    randread)  echo "--rw=randread --bs=4k --iodepth=32 $AIO $TB" ;;
+    bufwrite)  echo "--rw=write --bs=1M --ioengine=psync --direct=0 --end_fsync=1 --runtime=300" ;;  # one pass
+    bufread)   echo "--rw=read --bs=1M --ioengine=psync --direct=0 --runtime=300" ;;                 # one pass, cold
+    mixed)     echo "--rw=randrw --rwmixread=70 --bs=16k --iodepth=16 --fsync=64 $AIO $TB" ;;
+    esac
+}
+
+run_fio() { # job target rep
+    local job=$1 t=$2 rep=$3 out=$RAW/rep$3/$1.$2.json
+    mkdir -p "$RAW/rep$rep"
+    drop_caches
+    # shellcheck disable=SC2046
+    if ! timeout -k 10 "$FIO_TIMEOUT" fio --name="$job" --filename="${TFILE[$t]}" --size="$SIZE" \
+            --group_reporting --output-format=json --output="$out" $(job_args "$job") \
+            >>"$LOGS/fio.log" 2>&1; then
+        warn "fio $job on $t failed (rep $rep), see $out / $LOGS/fio.log"
+        record kind='"fio_error"' job="\"$job\"" target="\"$t\"" rep="$rep"
+        return 0
+    fi
+    record kind='"fio"' job="\"$job\"" target="\"$t\"" rep="$rep" file="$(jstr "$out")"
+}
+
+discard_job() { # target rep
+    local t=$1 rep=$2 f=${TFILE[$1]} c=${TCONT[$1]} out before after res
+    out=$RAW/rep$rep/discard-write.$t.json
+    mkdir -p "$RAW/rep$rep"
+    timeout -k 10 "$FIO_TIMEOUT" fio --name=discard-write --filename="$f" --size="$REGION" \
+        --rw=write --bs=1M --iodepth=16 $AIO --end_fsync=1 --output-format=json --output="$out" \
+        >>"$LOGS/fio.log" 2>&1 || warn "discard pre-write failed on $t"
+    sync
+    before=$(alloc_bytes "$c")
+    if res=$(timeout -s KILL 600 "$TOOL" punch "$f" 0 "$REGION" 1M 2>>"$LOGS/punch.log"); then
+        sync
+        after=$(alloc_bytes "$c")
+        record kind='"discard"' target="\"$t\"" rep="$rep" time_s="${res% *}" punched="${res#* }" \
+            before="$before" after="$after"
+    else
+        warn "punch-hole failed on $t: $(tail -1 "$LOGS/punch.log")"
+        record kind='"discard"' target="\"$t\"" rep="$rep" error="$(jstr "$(tail -1 "$LOGS/punch.log")")" before="$before"
+    fi
+}
+
+rss_of() { local v; v=$(awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status" 2>/dev/null); echo "${v:-null}"; }
+
+# ---------------------------------------------------------------- main fio loop
+run_main() {
+    local -a targets=() order
+    local t rep job i n
+    for t in $TARGETS; do
+        if [[ $t == asiffs && $ASIFFS_OK != 1 ]]; then continue; fi
+        targets+=("$t")
+    done
+    n=${#targets[@]}
+    for ((rep = 1; rep <= RUNS; rep++)); do
+        # rotate the target order each repetition so no target is always first
+        order=()
+        for ((i = 0; i < n; i++)); do order+=("${targets[(i + rep - 1) % n]}"); done
+        log "repetition $rep/$RUNS, order: ${order[*]}"
+        local -a live=()
+        for t in "${order[@]}"; do
+            if setup_target "$t"; then live+=("$t"); else warn "target $t unavailable in rep $rep"; fi
+        done
+        for job in $JOBS; do
+            for t in "${live[@]}"; do
+                log "  $job on $t"
+                if [[ $job == discard ]]; then discard_job "$t" "$rep"; else run_fio "$job" "$t" "$rep"; fi
+            done
+        done
+        for t in "${live[@]}"; do
+            if [[ $t == asiffs && -n $ASIFFS_PID ]]; then
+                timeout 10 "$ASIFFS" stats --pretty "$T_ASIFFS/mnt" > "$RAW/rep$rep/asiffs-stats.json" 2>/dev/null || true
+                record kind='"rss"' rep="$rep" pid="$ASIFFS_PID" \
+                    vmhwm_kib="$(rss_of "$ASIFFS_PID" VmHWM)" vmrss_kib="$(rss_of "$ASIFFS_PID" VmRSS)"
+            fi
+            if [[ $t == qsd && -n $QSD_PID ]]; then
+                record kind='"rss_qsd"' rep="$rep" pid="$QSD_PID" vmhwm_kib="$(rss_of "$QSD_PID" VmHWM)"
+            fi
+            teardown_target "$t"
+            if [[ $t != native ]]; then
+                record kind='"container_final"' target="\"$t\"" rep="$rep" bytes="$(alloc_bytes "${TCONT[$t]}")"
+            fi
+        done
+    done
+}
+
+# ---------------------------------------------------------------- extras
+run_mount_many() {
+    [[ $ASIFFS_OK == 1 ]] || return 0
+    local dir=$WORK/many/images mnt=$WORK/many/mnt marker i res
+    marker=$WORK/many/.complete-$MANY
+    if ! cache_ok "$marker" "$dir/img0000.asif"; then
+        log "creating $MANY small images for the mount test"
+        if is_mounted "$mnt"; then umount -l "$mnt"; fi
+        rm -rf --one-file-system "$WORK/many"; mkdir -p "$dir"
+        for ((i = 0; i < MANY; i++)); do
+            asiffs_create "$(printf '%s/img%04d.asif' "$dir" "$i")" 64M || { warn "create #$i failed"; return 0; }
+        done
+        realpath "$ASIFFS" > "$marker"
+    fi
+    mkdir -p "$mnt"
+    for ((i = 1; i <= MOUNT_RUNS; i++)); do
+        drop_caches; warm_binary
+        if timed_mount "$dir" "$mnt" "$MANY" 30; then
+            record kind='"mount_many"' run="$i" ms="${TM_RES%% *}" count="${TM_RES##* }"
+        else
+            warn "mount of $MANY images failed/timed out: $(tail -1 "$LOGS/waitmount.log")"
+            record kind='"mount_many"' run="$i" ms=null error='"timeout"'
+        fi
+        asiffs_unmount "$mnt"
+    done
+}
+
+run_open_big() {
+    [[ $ASIFFS_OK == 1 ]] || return 0
+    local dir=$WORK/big/images mnt=$WORK/big/mnt img marker res i last_off stride t0 t1
+    img=$dir/big.asif
+    marker=$WORK/big/.complete-$BIG-$BIGCHUNKS
+    mkdir -p "$dir" "$mnt"
+    if ! cache_ok "$marker" "$img"; then
+        log "building $BIG image with $BIGCHUNKS mapped 1 MiB chunks (4 KiB written in each)"
+        rm -f "$WORK"/big/.complete-* "$dir"/*
+        asiffs_create "$img" "$BIG" || { warn "asiffs create $BIG failed"; return 0; }
+        asiffs_mount "$dir" "$mnt" big.img || return 0
+        if res=$(cd "$WORK" && timeout -s KILL 3600 "$TOOL" sparsefill "$mnt/big.img" "$BIGCHUNKS" 1M 4K "$MIN_FREE_GB" 2>>"$LOGS/sparsefill.log"); then
+            echo "$res" > "$WORK/big/fill.txt"
+            asiffs_unmount "$mnt"
+            realpath "$ASIFFS" > "$marker"
+        else
+            warn "sparse fill failed: $(tail -1 "$LOGS/sparsefill.log")"
+            asiffs_unmount "$mnt"; rm -f "$img"
+            return 0
+        fi
+    fi
+    read -r _ stride < "$WORK/big/fill.txt"
+    last_off=$(( (BIGCHUNKS - 1) * stride ))
+    record kind='"big_image"' bytes="$(alloc_bytes "$img")" apparent="$(stat -c %s "$img")" \
+        fill_s="$(awk '{print $1}' "$WORK/big/fill.txt")" chunks="$BIGCHUNKS"
+
+    # (a) asiffs info big.asif: warm via hyperfine (or a loop), cold via a loop
+    if has_subcmd info; then
+        if command -v hyperfine >/dev/null; then
+            hyperfine -N --warmup 3 --runs "$OPEN_RUNS" --export-json "$RAW/hyperfine-info.json" \
+                "$ASIFFS info $img" >>"$LOGS/hyperfine.log" 2>&1 &&
+                record kind='"info_hyperfine"' file="$(jstr "$RAW/hyperfine-info.json")"
+        fi
+        local ms
+        for ((i = 1; i <= OPEN_RUNS; i++)); do
+            "$ASIFFS" info "$img" >/dev/null 2>&1 || { warn "asiffs info failed"; break; }
+            ms=$("$TOOL" timeit "$ASIFFS" info "$img") && record kind='"info_warm"' run="$i" ms="$ms"
+            drop_caches; warm_binary   # cold image, warm executable
+            ms=$("$TOOL" timeit "$ASIFFS" info "$img") && record kind='"info_cold"' run="$i" ms="$ms"
+        done
+    else
+        warn "asiffs has no 'info' subcommand; skipping info timing"
+    fi
+
+    # (b) fresh mount (cold caches) -> open(2) + first 4 KiB pread of the last mapped chunk
+    for ((i = 1; i <= OPEN_RUNS; i++)); do
+        drop_caches; warm_binary
+        if timed_mount "$dir" "$mnt" 1 30; then
+            local mount_ms=${TM_RES%% *} ot
+            if ot=$(timeout -s KILL 60 "$TOOL" opentime "$mnt/big.img" "$last_off" 2>>"$LOGS/opentime.log"); then
+                record kind='"open_big"' run="$i" mount_ms="$mount_ms" open_us="${ot% *}" open_read_us="${ot#* }"
+            else
+                warn "open/read of big.img failed: $(tail -1 "$LOGS/opentime.log")"
+            fi
+            asiffs_unmount "$mnt"
+        else
+            asiffs_unmount "$mnt"
+            warn "mount of big image failed"; break
+        fi
+    done
+}
+
+run_convert() {
+    local dir=$WORK/convert in marker i t0 t1 tool
+    in=$dir/in.raw
+    marker=$dir/.complete-$CONV
+    mkdir -p "$dir"
+    if [[ ! -e $marker ]]; then
+        log "creating $CONV raw input with ~50% data (4 MiB extents)"
+        rm -f "$dir"/.complete-*
+        "$TOOL" mkdata "$in" "$CONV" 4M >/dev/null
+        touch "$marker"
+    fi
+    local can_asiffs=0
+    has_subcmd convert && can_asiffs=1
+    [[ $can_asiffs == 1 ]] || warn "asiffs convert not available; timing qemu-img only"
+    for ((i = 1; i <= RUNS; i++)); do
+        local -a order=(qemu asiffs)
+        (( i % 2 == 0 )) && order=(asiffs qemu)
+        for tool in "${order[@]}"; do
+            [[ $tool == asiffs && $can_asiffs != 1 ]] && continue
+            rm -f "$dir/out.asif" "$dir/out.qcow2"
+            drop_caches
+            t0=$(now_ns)
+            if [[ $tool == qemu ]]; then
+                qemu-img convert -O qcow2 "$in" "$dir/out.qcow2" && sync "$dir/out.qcow2"
+            else
+                "$ASIFFS" convert "$in" "$dir/out.asif" >>"$LOGS/convert.log" 2>&1 && sync "$dir/out.asif" ||
+                    { warn "asiffs convert failed (see $LOGS/convert.log)"; can_asiffs=0; continue; }
+            fi
+            t1=$(now_ns)
+            local out=$dir/out.qcow2; [[ $tool == asiffs ]] && out=$dir/out.asif
+            record kind='"convert"' tool="\"$tool\"" run="$i" s="$(( (t1 - t0) / 1000 ))e-6" \
+                in_bytes="$(stat -c %s "$in")" out_alloc="$(alloc_bytes "$out")"
+        done
+    done
+    rm -f "$dir/out.asif" "$dir/out.qcow2"
+}
+
+# ---------------------------------------------------------------- go
+# (all in a function, so bash has parsed the whole script before running it
+# and editing run.sh during a run cannot derail that run)
+main() {
+    [[ $EUID == 0 ]] || die "run as root (FUSE mounts, drop_caches)"
+    mkdir -p "$WORK" "$RESULTS" "$RAW" "$LOGS"
+    install_deps
+    build_tool
+    build_asiffs
+    : > "$MEAS"
+    record kind='"config"' stamp="\"$STAMP\"" quick="$QUICK" size="\"$SIZE\"" size_bytes="$(to_bytes "$SIZE")" \
+        runs="$RUNS" runtime="$RUNTIME" ramp="$RAMP" region="\"$REGION\"" many="$MANY" big="\"$BIG\"" \
+        bigchunks="$BIGCHUNKS" convert_size="\"$CONV\"" targets="$(jstr "$TARGETS")" \
+        asiffs_ok="$ASIFFS_OK" asiffs_bin="$(jstr "$ASIFFS_SRC")" asiffs_mount_opts="$(jstr "$ASIFFS_MOUNT_OPTS")" \
+        asiffs_rev="$(jstr "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo -dirty)")" \
+        fio="$(jstr "$(fio --version)")" qemu="$(jstr "$(qemu-img --version | head -1)")" \
+        kernel="$(jstr "$(uname -r)")" nproc="$(nproc)" fs="$(jstr "$(stat -f -c %T "$WORK")")"
+
+    avail_gb=$(( $(stat -f -c '%a * %S' "$WORK") / 1000000000 ))
+    log "work dir $WORK ($avail_gb GB free), results $RESULTS, raw $RAW"
+    (( avail_gb > MIN_FREE_GB + 3 * $(to_bytes "$SIZE") / 1000000000 )) || die "not enough free space in $WORK"
+
+    log "config: size=$SIZE runs=$RUNS runtime=${RUNTIME}s ramp=${RAMP}s targets='$TARGETS' asiffs_ok=$ASIFFS_OK"
+    t_start=$(date +%s)
+    run_main
+    for x in $EXTRAS; do
+        case $x in
+        mount)   log "extra: mount $MANY images"; run_mount_many ;;
+        open)    log "extra: open $BIG image";    run_open_big ;;
+        convert) log "extra: convert $CONV";      run_convert ;;
+        *) warn "unknown extra $x" ;;
+        esac
+    done
+    record kind='"elapsed"' s="$(( $(date +%s) - t_start ))"
+
+    python3 "$BENCH_DIR/report.py" "$MEAS" "$RESULTS/$STAMP.json" "$RESULTS/latest.md"
+    cp "$RESULTS/$STAMP.json" "$RESULTS/latest.json"
+    log "results: $RESULTS/$STAMP.json (also latest.json, latest.md); raw fio output in $RAW"
+}
+
+main "$@"
+exit $?

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Stand-in for the asiffs binary, used only to test the bench harness itself
+# while the real mount is not ready:
+#   ASIFFS=bench/selftest/fake-asiffs.sh BENCH_NO_BUILD=1 BENCH_QUICK=1 bench/run.sh
+# "images" are raw sparse files; `mount` bind-mounts the directory (NAME.img
+# are symlinks created next to NAME.asif).  Figures it produces mean nothing.
+set -euo pipefail
+cmd=${1:-}; shift || true
+case $cmd in
+--help|-h|help) echo "fake asiffs: create|mount|umount|info|convert"; exit 0 ;;
+create)
+    [[ ${1:-} == --help ]] && exit 0
+    f=$1; shift; [[ $1 == --size ]]; size=$2
+    rm -f "$f"; truncate -s "$size" "$f"
+    b=$(basename "$f" .asif); ln -sfn "$b.asif" "$(dirname "$f")/$b.img" ;;
+mount)
+    [[ ${1:-} == --help ]] && exit 0
+    [[ ${1:-} == -f ]] && shift
+    dir=$1 mnt=$2
+    mount --bind "$dir" "$mnt"
+    trap 'exit 0' TERM
+    while mountpoint -q "$mnt"; do sleep 0.05; done ;;
+umount)
+    [[ ${1:-} == --help ]] && exit 0
+    umount "$1" ;;
+info)
+    [[ ${1:-} == --help ]] && exit 0
+    stat "$1" >/dev/null ;;
+convert)
+    [[ ${1:-} == --help ]] && exit 0
+    cp --sparse=always "$1" "$2" ;;
+*) echo "unknown command $cmd" >&2; exit 2 ;;
+esac
