@@ -255,7 +255,14 @@ impl Image {
             let cs = self.geo.chunk_size;
             for p in self.pieces(offset, buf.len() as u64) {
                 let data = &buf[p.at..p.at + p.len];
-                let n = self.writable_chunk(&p.loc)?;
+                let (n, fresh) = self.writable_chunk(&p.loc)?;
+                if fresh && p.len as u64 == cs {
+                    // A whole new chunk: reserving it in one call spares the
+                    // host filesystem block-by-block allocation under its
+                    // inode lock (fresh 1 MiB writes ran 2-5x faster).
+                    // Best effort: a failure shows up in the write itself.
+                    let _ = self.storage.reserve(n * cs, cs);
+                }
                 self.storage
                     .write_at(data, n * cs + p.loc.within)
                     .map_err(|e| self.io_err("writing a data chunk", e))?;
@@ -267,13 +274,13 @@ impl Image {
         self.flush_if_too_dirty()
     }
 
-    /// The physical chunk to write `loc` into: allocated when absent,
-    /// promoted to fully valid when macOS left it partial.
-    fn writable_chunk(&self, loc: &Location) -> Result<u64> {
+    /// The physical chunk to write `loc` into: allocated when absent (then
+    /// the flag is set), promoted to fully valid when macOS left it partial.
+    fn writable_chunk(&self, loc: &Location) -> Result<(u64, bool)> {
         let g = self.group(loc, true)?.expect("group exists after creation");
         let k = loc.index as usize;
         match g.state(k) {
-            Some(ChunkState::Full(n)) => return Ok(n),
+            Some(ChunkState::Full(n)) => return Ok((n, false)),
             None => return Err(self.corrupt_entry(loc)),
             _ => {}
         }
@@ -284,14 +291,14 @@ impl Image {
     }
 
     /// Under the group's allocation lock: allocate or promote `loc`'s chunk.
-    fn map_chunk(&self, g: &Arc<Group>, loc: &Location, grow: &mut bool) -> Result<u64> {
+    fn map_chunk(&self, g: &Arc<Group>, loc: &Location, grow: &mut bool) -> Result<(u64, bool)> {
         let k = loc.index as usize;
         let _alloc = g.alloc_lock.lock();
         match g.state(k) {
-            Some(ChunkState::Full(n)) => Ok(n),
+            Some(ChunkState::Full(n)) => Ok((n, false)),
             Some(ChunkState::Partial(n)) => {
                 self.promote(g, loc, n)?;
-                Ok(n)
+                Ok((n, false))
             }
             Some(ChunkState::Unwritten | ChunkState::Unmapped) => {
                 let a = self.alloc.allocate(&*self.storage)?;
@@ -300,7 +307,7 @@ impl Image {
                 self.cache.mark_dirty(self.geo.group_number(loc), g);
                 bump(&self.counters.chunks_allocated, 1);
                 self.write_through(g, k)?;
-                Ok(a.chunk)
+                Ok((a.chunk, true))
             }
             None => Err(self.corrupt_entry(loc)),
         }
@@ -415,7 +422,7 @@ impl Image {
             let _io = self.gate.enter();
             let cs = self.geo.chunk_size;
             for p in self.pieces(offset, len) {
-                let n = self.writable_chunk(&p.loc)?;
+                let (n, _) = self.writable_chunk(&p.loc)?;
                 self.storage
                     .reserve(n * cs + p.loc.within, p.len as u64)
                     .map_err(|e| self.io_err("reserving space", e))?;
