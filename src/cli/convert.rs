@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 
 use super::progress;
-use super::size::parse_size;
 use crate::engine::{CreateOptions, Image, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::MAGIC;
@@ -33,12 +32,9 @@ pub struct ConvertArgs {
     /// Replace DST if it exists.
     #[arg(long)]
     force: bool,
-    /// Chunk size of an ASIF output (macOS has only been seen to use 1M).
-    #[arg(long, value_parser = parse_size, default_value = "1M")]
-    chunk_size: u64,
-    /// Block size of an ASIF output (macOS has only been seen to use 512).
-    #[arg(long, value_parser = parse_size, default_value = "512")]
-    block_size: u64,
+    /// Chunk and block size of an ASIF output.
+    #[command(flatten)]
+    geometry: super::GeometryArgs,
 }
 
 /// Bytes moved per step at least; one chunk of a default image.
@@ -214,7 +210,7 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
 fn write_output(a: &ConvertArgs, out: Format, src: &Source) -> Result<()> {
     match out {
         Format::Asif => {
-            let (chunk_size, block_size) = super::geometry_options(a.chunk_size, a.block_size)?;
+            let (chunk_size, block_size) = a.geometry.sizes()?;
             let opts = CreateOptions {
                 size: src.size(),
                 force: a.force,

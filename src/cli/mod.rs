@@ -58,6 +58,13 @@ struct CreateArgs {
     /// Replace an existing file.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    geometry: GeometryArgs,
+}
+
+/// Chunk and block size of a new image.
+#[derive(clap::Args, Debug)]
+pub(crate) struct GeometryArgs {
     /// Chunk size (macOS has only been seen to use 1M).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     chunk_size: u64,
@@ -120,7 +127,15 @@ fn run(cli: Cli) -> Result<i32> {
 }
 
 /// Chunk and block sizes other than macOS's own work here but may not there.
-pub(crate) fn geometry_options(chunk_size: u64, block_size: u64) -> Result<(u32, u32)> {
+impl GeometryArgs {
+    /// Chunk and block size as the engine takes them, warning when they are
+    /// not what macOS uses.
+    pub(crate) fn sizes(&self) -> Result<(u32, u32)> {
+        geometry_options(self.chunk_size, self.block_size)
+    }
+}
+
+fn geometry_options(chunk_size: u64, block_size: u64) -> Result<(u32, u32)> {
     let cs = u32::try_from(chunk_size)
         .map_err(|_| Error::Invalid(format!("chunk size {chunk_size} is too large")))?;
     let bs = u32::try_from(block_size)
@@ -139,7 +154,7 @@ pub(crate) fn geometry_options(chunk_size: u64, block_size: u64) -> Result<(u32,
 }
 
 fn create(a: CreateArgs) -> Result<i32> {
-    let (chunk_size, block_size) = geometry_options(a.chunk_size, a.block_size)?;
+    let (chunk_size, block_size) = a.geometry.sizes()?;
     let opts = CreateOptions {
         size: a.size,
         force: a.force,

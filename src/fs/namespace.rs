@@ -197,17 +197,17 @@ impl Namespace {
     /// added, removed or replaced since the last look are noticed.
     pub fn lookup(&self, name: &OsStr) -> Option<Arc<Node>> {
         if let Source::File { .. } = self.source {
-            let inner = self.inner.read();
-            return inner
-                .by_name
-                .get(name)
-                .and_then(|i| inner.by_ino.get(i))
-                .cloned();
+            return self.node_named(name);
         }
         let stem = stem_of_shown(name)?;
         let path = self.container_path(stem)?;
         let _scan = self.scan_lock.lock();
         self.refresh(name, &path, std::fs::metadata(&path).ok());
+        self.node_named(name)
+    }
+
+    /// The node shown as `name`, if any.
+    fn node_named(&self, name: &OsStr) -> Option<Arc<Node>> {
         let inner = self.inner.read();
         inner
             .by_name
@@ -265,14 +265,7 @@ impl Namespace {
                 return;
             }
         };
-        let existing = {
-            let inner = self.inner.read();
-            inner
-                .by_name
-                .get(name)
-                .and_then(|i| inner.by_ino.get(i))
-                .cloned()
-        };
+        let existing = self.node_named(name);
         if let Some(node) = existing {
             if node.dev_ino == (md.dev(), md.ino()) {
                 return;
