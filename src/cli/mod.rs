@@ -259,7 +259,22 @@ fn map(a: ImageArgs) -> Result<i32> {
 }
 
 fn check(a: ImageArgs) -> Result<i32> {
-    let img = open_for_reading(&a)?;
+    let img = match open_for_reading(&a) {
+        Ok(img) => img,
+        // A script asking for JSON gets it for an image too broken to open.
+        Err(e @ (Error::Format(_) | Error::Corrupt(_))) if a.json => {
+            eprintln!("asiffs: {e}");
+            let r = crate::engine::CheckReport {
+                corruptions: vec![e.to_string()],
+                ..Default::default()
+            };
+            let mut v = serde_json::to_value(&r).expect("serialising plain data");
+            v["exit_code"] = r.exit_code().into();
+            print_json(&v);
+            return Ok(r.exit_code());
+        }
+        Err(e) => return Err(e),
+    };
     let r = img.check()?;
     if a.json {
         let mut v = serde_json::to_value(&r).expect("serialising plain data");
