@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 use crate::engine::{CreateOptions, Image, LockMode, OpenOptions};
 use crate::error::{Error, Result};
+use crate::format::{DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE};
 use size::{human, parse_size};
 
 #[derive(Parser, Debug)]
@@ -131,26 +132,18 @@ impl GeometryArgs {
     /// Chunk and block size as the engine takes them, warning when they are
     /// not what macOS uses.
     pub(crate) fn sizes(&self) -> Result<(u32, u32)> {
-        geometry_options(self.chunk_size, self.block_size)
+        let (chunk_size, block_size) = (self.chunk_size, self.block_size);
+        let cs = u32::try_from(chunk_size)
+            .map_err(|_| Error::Invalid(format!("chunk size {chunk_size} is too large")))?;
+        let bs = u32::try_from(block_size)
+            .map_err(|_| Error::Invalid(format!("block size {block_size} is too large")))?;
+        if (cs, bs) != (DEFAULT_CHUNK_SIZE, DEFAULT_BLOCK_SIZE.into()) {
+            eprintln!(
+                "asiffs: warning: macOS has only been seen to use 1 MiB chunks and 512-byte blocks"
+            );
+        }
+        Ok((cs, bs))
     }
-}
-
-fn geometry_options(chunk_size: u64, block_size: u64) -> Result<(u32, u32)> {
-    let cs = u32::try_from(chunk_size)
-        .map_err(|_| Error::Invalid(format!("chunk size {chunk_size} is too large")))?;
-    let bs = u32::try_from(block_size)
-        .map_err(|_| Error::Invalid(format!("block size {block_size} is too large")))?;
-    if (cs, bs)
-        != (
-            crate::format::DEFAULT_CHUNK_SIZE,
-            crate::format::DEFAULT_BLOCK_SIZE.into(),
-        )
-    {
-        eprintln!(
-            "asiffs: warning: macOS has only been seen to use 1 MiB chunks and 512-byte blocks"
-        );
-    }
-    Ok((cs, bs))
 }
 
 fn create(a: CreateArgs) -> Result<i32> {

@@ -82,7 +82,7 @@ impl Allocator {
     }
 
     /// Hands out one zero-reading chunk. When the answer says so, the
-    /// caller should call [`Allocator::grow_ahead`] once it holds no lock.
+    /// caller should call [`Allocator::grow`] once it holds no lock.
     pub fn allocate(&self, storage: &dyn Storage) -> Result<Allocation> {
         let mut s = self.state.lock();
         if let Some(n) = s.free.pop_first() {
@@ -122,14 +122,11 @@ impl Allocator {
         }
     }
 
-    /// Grows the file by one batch and syncs it; called after
-    /// [`Allocator::allocate`] asked for it, holding no lock.
-    pub fn grow_ahead(&self, storage: &dyn Storage) -> Result<()> {
-        self.grow(storage)
-    }
-
-    /// Grows and syncs the file; the caller has set `growing`.
-    fn grow(&self, storage: &dyn Storage) -> Result<()> {
+    /// Grows the file by one batch and makes the length durable. Called
+    /// by [`Allocator::allocate`] itself when the durable part ran out, or
+    /// by its caller, holding no lock, when the answer asked to grow ahead;
+    /// either way `growing` is set.
+    pub fn grow(&self, storage: &dyn Storage) -> Result<()> {
         let target = {
             let s = self.state.lock();
             (s.len + batch(s.len)).min(MAX_CHUNK_NUMBER)
@@ -172,13 +169,15 @@ impl Allocator {
     }
 
     /// Gives back the chunks grown but never handed out (on close).
-    pub fn trim_tail(&self, storage: &dyn Storage) -> std::io::Result<()> {
+    /// Returns whether the file changed.
+    pub fn trim_tail(&self, storage: &dyn Storage) -> std::io::Result<bool> {
         let mut s = self.state.lock();
-        if s.len > s.end {
-            storage.set_len(s.end * self.chunk_size)?;
-            s.len = s.end;
+        if s.len <= s.end {
+            return Ok(false);
         }
-        Ok(())
+        storage.set_len(s.end * self.chunk_size)?;
+        s.len = s.end;
+        Ok(true)
     }
 
     /// Sets the chunk count after the file was rewritten (compaction).

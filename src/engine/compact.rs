@@ -31,7 +31,7 @@ const BATCH: usize = 256;
 impl Image {
     /// Packs the container. `progress` gets (chunks moved, chunks to move).
     pub fn compact(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CompactReport> {
-        self.require_writable_pub()?;
+        self.require_writable()?;
         self.flush()?;
         let cs = self.geo.chunk_size;
         let old_len = self.storage.len().map_err(|e| self.io_err("stat", e))?;

@@ -125,7 +125,7 @@ impl Image {
     /// which then reports it.
     fn grow_ahead_if(&self, asked: bool) {
         if asked {
-            if let Err(e) = self.alloc.grow_ahead(&*self.storage) {
+            if let Err(e) = self.alloc.grow(&*self.storage) {
                 tracing::warn!(path = %self.path.display(), "growing the container ahead failed: {e}");
             }
         }
@@ -234,11 +234,7 @@ impl Image {
         Ok(())
     }
 
-    pub(super) fn require_writable_pub(&self) -> Result<()> {
-        self.require_writable()
-    }
-
-    fn require_writable(&self) -> Result<()> {
+    pub(super) fn require_writable(&self) -> Result<()> {
         if self.writable {
             Ok(())
         } else {

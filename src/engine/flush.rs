@@ -90,7 +90,7 @@ impl Image {
     /// Changes the virtual size. Shrinking discards the tail; growing makes
     /// sure the new range reads as zeros. Durable on return.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        self.require_writable_pub()?;
+        self.require_writable()?;
         let bs = self.geo.block_size;
         if new_size % bs != 0 {
             return Err(Error::Invalid(format!(

@@ -376,13 +376,17 @@ impl Image {
     }
 
     /// Flushes, then gives back the chunks the file grew by but never used.
+    /// A second call (`close` then `Drop`) finds nothing to do and no sync.
     fn shutdown(&self) -> Result<()> {
         self.flush()?;
         if self.writable {
-            self.alloc
-                .trim_tail(&*self.storage)
-                .and_then(|()| self.storage.sync())
-                .map_err(|e| self.io_err("trimming the container", e))?;
+            let trimmed = self.alloc.trim_tail(&*self.storage);
+            match trimmed {
+                Ok(true) => self.storage.sync(),
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| self.io_err("trimming the container", e))?;
         }
         Ok(())
     }
