@@ -27,6 +27,9 @@ pub enum Error {
     ReadOnly,
     #[error("{}: image is in use by another process (locked)", path.display())]
     Locked { path: PathBuf },
+    /// The image is served, but not for writing (found at open).
+    #[error("{}: not writable: {reason}", path.display())]
+    WritesRefused { path: PathBuf, reason: String },
     /// A bad argument or option.
     #[error("{0}")]
     Invalid(String),
@@ -46,7 +49,7 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Format(_) | Error::Corrupt(_) => libc::EIO,
             Error::OutOfRange { .. } => libc::EINVAL,
-            Error::ReadOnly => libc::EROFS,
+            Error::ReadOnly | Error::WritesRefused { .. } => libc::EROFS,
             Error::Locked { .. } => libc::EBUSY,
             Error::Invalid(_) => libc::EINVAL,
         }

@@ -178,6 +178,7 @@ fn open(store: Arc<Recorder>, writable: bool) -> asiffs::Result<Image> {
         writable,
         cache_groups: 8,
         lock: LockMode::None,
+        ..OpenOptions::default()
     };
     Image::from_storage(Path::new("crash.asif"), store, &opts)
 }

@@ -3,7 +3,7 @@
 //! Invariants:
 //! - A chunk handed out reads as zeros: it is either past the old end of
 //!   the file (grown with `set_len`, a host hole) or a freed chunk whose
-//!   range was punched when it was freed.
+//!   range was punched after every I/O that could still reach it ended.
 //! - A chunk is handed out only below the file's *durable* length: the file
 //!   grows a batch of chunks at a time and is synced before any of them is
 //!   used, so an entry that reaches the disk early (entries are written
@@ -11,22 +11,31 @@
 //!   power cut. The next batch is grown ahead, by a caller that holds no
 //!   lock, once half of the current one is used, so writers rarely wait for
 //!   that sync.
-//! - A freed chunk waits in `pending` until a flush has made the entry
-//!   change that released it durable *and* every I/O that might still hold
-//!   the old translation has finished ([`IoGate`]); only then is it reused.
+//! - A chunk leaves an entry as a [`Released`] token. Only a flush turns
+//!   tokens into free chunks: after the entry change that released them is
+//!   durable, after every I/O that might still hold the old translation has
+//!   finished ([`IoGate`]), and after a fresh, durable punch (a write that
+//!   translated before the release may have landed after the first punch).
+//! - The free set is kept as ranges and capped ([`MAX_FREE_RANGES`]), so
+//!   its memory is bounded whatever the file's size; what does not fit
+//!   stays unused until `compact` or the next open.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
 use super::storage::Storage;
+use super::types::PhysChunk;
 use crate::error::{Error, Result};
 use crate::format::MAX_CHUNK_NUMBER;
 
 /// Chunks the file grows by at a time: half what it holds, within these
 /// bounds, so a large sequential write pays for few syncs.
 const GROWTH: (u64, u64) = (64, 4096);
+
+/// Most free ranges remembered (about 40 bytes each).
+pub const MAX_FREE_RANGES: usize = 1 << 18;
 
 fn batch(len: u64) -> u64 {
     (len / 2).clamp(GROWTH.0, GROWTH.1)
@@ -35,8 +44,80 @@ fn batch(len: u64) -> u64 {
 /// A chunk handed out, and whether the caller should grow the file ahead.
 #[must_use]
 pub struct Allocation {
-    pub chunk: u64,
+    pub chunk: PhysChunk,
     pub grow_ahead: bool,
+}
+
+/// A chunk that an entry no longer names, already punched once. It must
+/// reach [`Allocator::release`]; only a flush makes it reusable.
+#[must_use = "a released chunk must be handed to Allocator::release"]
+#[derive(Debug)]
+pub struct Released(PhysChunk);
+
+impl Released {
+    /// Made only where an entry that named `n` has just been unmapped.
+    pub(super) fn new(n: PhysChunk) -> Released {
+        Released(n)
+    }
+
+    pub fn chunk(&self) -> PhysChunk {
+        self.0
+    }
+}
+
+/// Free chunks as `start -> end` ranges, lowest handed out first so that
+/// images stay compact.
+#[derive(Default, Debug)]
+pub struct FreeRanges {
+    ranges: BTreeMap<u64, u64>,
+    count: u64,
+    /// Chunks not remembered because the cap was reached.
+    pub dropped: u64,
+}
+
+impl FreeRanges {
+    /// Adds `start..end`, which must not overlap a range already held.
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let mut s = start;
+        let mut e = end;
+        if let Some((&ps, &pe)) = self.ranges.range(..start).next_back() {
+            debug_assert!(pe <= start, "free ranges overlap");
+            if pe == start {
+                s = ps;
+                self.ranges.remove(&ps);
+            }
+        }
+        if let Some(ne) = self.ranges.remove(&end) {
+            e = ne;
+        }
+        if self.ranges.len() >= MAX_FREE_RANGES && (s, e) == (start, end) {
+            self.dropped += end - start;
+            return;
+        }
+        self.ranges.insert(s, e);
+        self.count += end - start;
+    }
+
+    pub fn pop_first(&mut self) -> Option<u64> {
+        let (s, e) = self.ranges.pop_first()?;
+        if s + 1 < e {
+            self.ranges.insert(s + 1, e);
+        }
+        self.count -= 1;
+        Some(s)
+    }
+
+    /// Chunks held.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&s, &e)| (s, e))
+    }
 }
 
 struct State {
@@ -46,10 +127,9 @@ struct State {
     len: u64,
     /// A caller is growing the file (outside the lock).
     growing: bool,
-    /// Chunks free for reuse, lowest first so that images stay compact.
-    free: BTreeSet<u64>,
+    free: FreeRanges,
     /// Chunks released since the last flush's snapshot.
-    pending: Vec<u64>,
+    pending: Vec<Released>,
 }
 
 pub struct Allocator {
@@ -69,7 +149,7 @@ impl Allocator {
                 end,
                 len: end,
                 growing: false,
-                free: BTreeSet::new(),
+                free: FreeRanges::default(),
                 pending: Vec::new(),
             }),
             end: AtomicU64::new(end),
@@ -87,7 +167,7 @@ impl Allocator {
         let mut s = self.state.lock();
         if let Some(n) = s.free.pop_first() {
             return Ok(Allocation {
-                chunk: n,
+                chunk: PhysChunk(n),
                 grow_ahead: false,
             });
         }
@@ -105,7 +185,7 @@ impl Allocator {
                 let grow_ahead = !s.growing && s.len - s.end <= batch(s.len) / 2;
                 s.growing |= grow_ahead;
                 return Ok(Allocation {
-                    chunk: n,
+                    chunk: PhysChunk(n),
                     grow_ahead,
                 });
             }
@@ -143,29 +223,44 @@ impl Allocator {
         r
     }
 
-    /// Records a chunk whose entry no longer points at it (already punched).
-    pub fn release(&self, n: u64) {
-        self.state.lock().pending.push(n);
+    /// Takes a chunk whose entry no longer names it; a flush frees it.
+    pub fn release(&self, r: Released) {
+        self.state.lock().pending.push(r);
     }
 
     /// Takes the chunks released so far; a flush calls it before it
     /// snapshots the index, so their entry changes are in that snapshot.
-    pub fn take_pending(&self) -> Vec<u64> {
+    pub fn take_pending(&self) -> Vec<Released> {
         std::mem::take(&mut self.state.lock().pending)
     }
 
-    /// Makes chunks reusable (after the flush and a grace period).
-    pub fn make_free(&self, chunks: Vec<u64>) {
-        self.state.lock().free.extend(chunks);
-    }
-
-    /// Puts back chunks that a failed flush could not make durable.
-    pub fn restore_pending(&self, chunks: Vec<u64>) {
+    /// Puts back chunks that a failed flush could not recycle.
+    pub fn restore_pending(&self, chunks: Vec<Released>) {
         self.state.lock().pending.extend(chunks);
     }
 
-    pub fn free_count(&self) -> usize {
-        self.state.lock().free.len()
+    /// Makes released chunks reusable. The caller (a flush) has made their
+    /// release durable, waited out the grace period and punched them again
+    /// durably; taking the tokens is its proof of that order.
+    pub fn recycle(&self, chunks: Vec<Released>) {
+        let mut s = self.state.lock();
+        for Released(n) in chunks {
+            s.free.insert(n.0, n.0 + 1);
+        }
+    }
+
+    /// Adds the chunks an index scan found unused (each punched durably).
+    /// Only chunks below the end seen by the scan, which the session has
+    /// not touched since: the scan ran before any write was allowed.
+    pub fn add_scanned(&self, free: &FreeRanges) {
+        let mut s = self.state.lock();
+        for (a, b) in free.iter() {
+            s.free.insert(a, b);
+        }
+    }
+
+    pub fn free_count(&self) -> u64 {
+        self.state.lock().free.count()
     }
 
     /// Gives back the chunks grown but never handed out (on close).
@@ -183,8 +278,8 @@ impl Allocator {
     /// Sets the chunk count after the file was rewritten (compaction).
     pub fn reset(&self, end: u64) {
         let mut s = self.state.lock();
-        s.free.clear();
-        s.pending.clear();
+        s.free = FreeRanges::default();
+        debug_assert!(s.pending.is_empty());
         s.end = end;
         s.len = end;
         self.end.store(end, Ordering::Release);
@@ -254,6 +349,23 @@ impl Drop for GateGuard<'_> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn free_ranges_merge_and_hand_out_lowest_first() {
+        let mut f = FreeRanges::default();
+        f.insert(10, 12);
+        f.insert(5, 6);
+        f.insert(6, 10);
+        assert_eq!(f.iter().collect::<Vec<_>>(), vec![(5, 12)]);
+        assert_eq!(f.count(), 7);
+        assert_eq!(f.pop_first(), Some(5));
+        f.insert(20, 21);
+        f.insert(12, 20);
+        assert_eq!(f.iter().collect::<Vec<_>>(), vec![(6, 21)]);
+        let got: Vec<_> = std::iter::from_fn(|| f.pop_first()).collect();
+        assert_eq!(got, (6..21).collect::<Vec<_>>());
+        assert_eq!(f.count(), 0);
+    }
 
     #[test]
     fn gate_waits_for_io_started_before() {

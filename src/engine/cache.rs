@@ -1,26 +1,35 @@
 //! The bounded cache of chunk-groups, the index blocks of the translator.
 //!
 //! Invariants:
-//! - A group is loaded from disk at most once while any copy of it is
-//!   reachable: a loader only inserts when neither the LRU nor the dirty set
-//!   holds the key, and only if no write-back happened during its read
-//!   ([`GroupCache::writebacks`]), so a stale copy never shadows a newer one.
-//! - A modified group stays in the dirty set until a flush has written the
-//!   exact generation it last saw; eviction from the LRU never loses a change.
-//! - Entries are atomics: readers never take a lock to translate an offset.
+//! - **One copy.** Every group in memory is reachable from `resident`, and a
+//!   group is read from disk only while its key is in `loading`, which at
+//!   most one thread holds per key; others wait for it. So two copies of one
+//!   group can never exist, and a change is never made to a copy that a
+//!   later load would shadow.
+//! - **Pinned while held.** A [`Group`] handle is an `Arc`; the cache evicts
+//!   a group only when it holds the sole reference, so a group somebody is
+//!   translating through, changing or flushing stays resident. The cache may
+//!   run over its capacity by the number of groups pinned at that moment.
+//! - **Dirty until written.** A group is changed only through a
+//!   [`GroupWrite`], which puts it in the dirty set *before* the change, and
+//!   the dirty set holds a reference, so a dirty group is never evicted. A
+//!   flush removes it only if nothing changed since the bytes it wrote.
+//! - Entries are atomics: translating an offset takes no lock once the group
+//!   is cached.
 
-use std::collections::HashMap;
-use std::num::NonZeroUsize;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
+use super::types::{GroupKey, PhysChunk};
 use crate::format::{be_u64, put_u64, ChunkEntry, ChunkState};
 
 /// One chunk-group in memory: `N` data entries then the bitmap entry.
 pub struct Group {
+    pub key: GroupKey,
     /// Byte offset of the group in the container.
     pub disk_offset: u64,
     entries: Box<[AtomicU64]>,
@@ -30,26 +39,20 @@ pub struct Group {
     /// Bumped after every change; a flush records it to know whether the
     /// group changed again while it was being written.
     generation: AtomicU64,
-    /// Serialises allocation and promotion of this group's chunks. Never
-    /// taken on the path that reads or overwrites an allocated chunk.
+    /// Serialises allocation, promotion and discard of this group's chunks.
+    /// Never taken on the path that reads or overwrites an allocated chunk.
     pub alloc_lock: Mutex<()>,
 }
 
 impl Group {
-    #[cfg(test)]
-    pub fn zeroed(disk_offset: u64, entries: u64) -> Group {
-        Group {
-            disk_offset,
-            entries: (0..=entries).map(|_| AtomicU64::new(0)).collect(),
-            invalid: Box::new([]),
-            generation: AtomicU64::new(0),
-            alloc_lock: Mutex::new(()),
-        }
-    }
-
     /// Builds a group from its on-disk bytes; `valid` says whether a data
     /// entry's raw value is acceptable in this image.
-    pub fn decode(disk_offset: u64, bytes: &[u8], valid: impl Fn(usize, u64) -> bool) -> Group {
+    pub fn decode(
+        key: GroupKey,
+        disk_offset: u64,
+        bytes: &[u8],
+        valid: impl Fn(usize, u64) -> bool,
+    ) -> Group {
         let n = bytes.len() / 8;
         let entries: Box<[AtomicU64]> = (0..n)
             .map(|i| AtomicU64::new(be_u64(bytes, 8 * i)))
@@ -59,6 +62,7 @@ impl Group {
             .map(|i| i as u32)
             .collect();
         Group {
+            key,
             disk_offset,
             entries,
             invalid,
@@ -92,18 +96,6 @@ impl Group {
         self.raw(self.len())
     }
 
-    /// Sets a data entry, keeping any reserved bits it carried.
-    pub fn set_state(&self, index: usize, state: ChunkState) {
-        self.entries[index].store(ChunkEntry::encode(state).0, Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Points the group's bitmap entry at chunk `n`.
-    pub fn set_bitmap(&self, n: u64) {
-        self.entries[self.len()].store(n, Ordering::Release);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-    }
-
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -116,11 +108,33 @@ impl Group {
         }
         b
     }
+
+    fn store(&self, index: usize, raw: u64) {
+        self.entries[index].store(raw, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The only way to change a group: obtained from [`GroupCache::write`],
+/// which has already put the group in the dirty set.
+pub struct GroupWrite<'a> {
+    group: &'a Group,
+}
+
+impl GroupWrite<'_> {
+    /// Sets a data entry.
+    pub fn set_state(&self, index: usize, state: ChunkState) {
+        self.group.store(index, ChunkEntry::encode(state).0);
+    }
+
+    /// Points the group's bitmap entry at chunk `n`.
+    pub fn set_bitmap(&self, n: PhysChunk) {
+        self.group.store(self.group.len(), n.0);
+    }
 }
 
 /// A dirty group as captured by [`GroupCache::dirty_snapshot`].
 pub struct DirtyGroup {
-    pub key: u64,
     pub group: Arc<Group>,
     pub generation: u64,
     pub bytes: Vec<u8>,
@@ -133,100 +147,115 @@ pub struct CacheCounters {
 }
 
 struct Inner {
-    lru: LruCache<u64, Arc<Group>>,
-    dirty: HashMap<u64, Arc<Group>>,
+    /// Every group in memory, most recently used first. Unbounded as a
+    /// container; [`GroupCache::evict`] keeps it near `capacity`.
+    resident: LruCache<GroupKey, Arc<Group>>,
+    /// Keys being read from disk by one thread.
+    loading: HashSet<GroupKey>,
+    dirty: HashMap<GroupKey, Arc<Group>>,
     counters: CacheCounters,
 }
 
-/// LRU of clean groups plus the set of dirty ones.
+/// The resident groups, the dirty set and the loads in progress.
 pub struct GroupCache {
+    capacity: usize,
     inner: Mutex<Inner>,
-    writebacks: AtomicU64,
-}
-
-/// The answer to a lookup that missed: load, then call [`GroupCache::insert`].
-pub struct Miss {
-    pub writebacks: u64,
+    loaded: Condvar,
 }
 
 impl GroupCache {
     pub fn new(capacity: usize) -> GroupCache {
-        let cap = NonZeroUsize::new(capacity.max(1)).unwrap();
         GroupCache {
+            capacity: capacity.max(1),
             inner: Mutex::new(Inner {
-                lru: LruCache::new(cap),
+                resident: LruCache::unbounded(),
+                loading: HashSet::new(),
                 dirty: HashMap::new(),
                 counters: CacheCounters::default(),
             }),
-            writebacks: AtomicU64::new(0),
+            loaded: Condvar::new(),
         }
     }
 
-    pub fn get(&self, key: u64) -> Result<Arc<Group>, Miss> {
+    /// The group `key`, loaded by `load` if no copy is in memory. `load`
+    /// runs without the cache lock, and only in one thread per key at a
+    /// time; `Ok(None)` from it (no table there) is passed on, not cached.
+    pub fn get_or_load<E>(
+        &self,
+        key: GroupKey,
+        load: impl FnOnce() -> Result<Option<Group>, E>,
+    ) -> Result<Option<Arc<Group>>, E> {
         let mut g = self.inner.lock();
-        if let Some(grp) = g.lru.get(&key).cloned() {
-            g.counters.hits += 1;
-            return Ok(grp);
-        }
-        if let Some(grp) = g.dirty.get(&key).cloned() {
-            g.counters.hits += 1;
-            g.lru.put(key, grp.clone());
-            return Ok(grp);
+        loop {
+            if let Some(grp) = g.resident.get(&key).cloned() {
+                g.counters.hits += 1;
+                return Ok(Some(grp));
+            }
+            if !g.loading.contains(&key) {
+                break;
+            }
+            self.loaded.wait(&mut g);
         }
         g.counters.misses += 1;
-        Err(Miss {
-            writebacks: self.writebacks.load(Ordering::SeqCst),
-        })
+        g.loading.insert(key);
+        drop(g);
+        // If `load` panics the key must not stay "loading" forever.
+        let guard = LoadingGuard { cache: self, key };
+        let r = load();
+        let mut g = guard.finish();
+        let out = match r {
+            Ok(Some(grp)) => {
+                debug_assert_eq!(grp.key, key);
+                let grp = Arc::new(grp);
+                g.resident.put(key, grp.clone());
+                self.evict(&mut g);
+                Ok(Some(grp))
+            }
+            other => other.map(|_| None),
+        };
+        drop(g);
+        self.loaded.notify_all();
+        out
     }
 
-    /// Inserts a freshly loaded group. Returns the group to use: an existing
-    /// copy if another thread got there first, or `None` if a write-back ran
-    /// during the load (the caller must load again).
-    pub fn insert(&self, key: u64, grp: Group, miss: &Miss) -> Option<Arc<Group>> {
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
-        if let Some(existing) = inner
-            .lru
-            .get(&key)
-            .or_else(|| inner.dirty.get(&key))
-            .cloned()
-        {
-            inner.lru.put(key, existing.clone());
-            return Some(existing);
+    /// Drops the least recently used groups that nobody holds, until the
+    /// cache is back at its capacity or only pinned groups are left.
+    fn evict(&self, g: &mut Inner) {
+        let excess = g.resident.len().saturating_sub(self.capacity);
+        if excess == 0 {
+            return;
         }
-        if self.writebacks.load(Ordering::SeqCst) != miss.writebacks {
-            return None;
+        let victims: Vec<GroupKey> = g
+            .resident
+            .iter()
+            .rev()
+            .filter(|(_, grp)| Arc::strong_count(grp) == 1)
+            .map(|(k, _)| *k)
+            .take(excess)
+            .collect();
+        for k in victims {
+            g.resident.pop(&k);
         }
-        let grp = Arc::new(grp);
-        g.lru.put(key, grp.clone());
-        Some(grp)
     }
 
-    /// Records that `grp` changed; returns the number of dirty groups.
-    pub fn mark_dirty(&self, key: u64, grp: &Arc<Group>) -> usize {
+    /// Marks `grp` dirty and returns the handle to change it with.
+    pub fn write<'a>(&self, grp: &'a Arc<Group>) -> GroupWrite<'a> {
         let mut g = self.inner.lock();
-        g.dirty.entry(key).or_insert_with(|| grp.clone());
-        g.dirty.len()
+        g.dirty.entry(grp.key).or_insert_with(|| grp.clone());
+        GroupWrite { group: grp }
     }
 
     /// The dirty groups, each with its bytes and the generation they are
     /// at least as new as. The bytes are taken now, so that nothing changed
     /// after this call (a chunk allocated later) can reach the disk with it.
     pub fn dirty_snapshot(&self) -> Vec<DirtyGroup> {
-        let groups: Vec<_> = self
-            .inner
-            .lock()
-            .dirty
-            .iter()
-            .map(|(k, g)| (*k, g.clone()))
-            .collect();
+        let groups: Vec<Arc<Group>> = self.inner.lock().dirty.values().cloned().collect();
         let mut v: Vec<_> = groups
             .into_iter()
-            .map(|(key, group)| {
+            .map(|group| {
                 let generation = group.generation();
                 let bytes = group.encode();
                 DirtyGroup {
-                    key,
                     group,
                     generation,
                     bytes,
@@ -237,18 +266,12 @@ impl GroupCache {
         v
     }
 
-    /// Called after a snapshot's groups are written, before they are marked
-    /// clean: loads racing with the write-back must start over.
-    pub fn note_writeback(&self) {
-        self.writebacks.fetch_add(1, Ordering::SeqCst);
-    }
-
     /// Marks clean the groups whose generation did not move since written.
     pub fn mark_clean(&self, written: &[DirtyGroup]) {
         let mut g = self.inner.lock();
         for d in written {
             if d.group.generation() == d.generation {
-                g.dirty.remove(&d.key);
+                g.dirty.remove(&d.group.key);
             }
         }
     }
@@ -257,56 +280,148 @@ impl GroupCache {
         self.inner.lock().dirty.len()
     }
 
+    pub fn resident_len(&self) -> usize {
+        self.inner.lock().resident.len()
+    }
+
     pub fn counters(&self) -> CacheCounters {
         self.inner.lock().counters
     }
 
-    /// Drops every group after tables moved (compaction, after a flush:
-    /// nothing is dirty).
+    /// Drops every group after tables moved (compaction holds the image
+    /// exclusively and has flushed: nothing is dirty or held).
     pub fn clear(&self) {
         let mut g = self.inner.lock();
-        debug_assert!(g.dirty.is_empty());
-        g.lru.clear();
-        self.writebacks.fetch_add(1, Ordering::SeqCst);
+        debug_assert!(g.dirty.is_empty() && g.loading.is_empty());
+        g.resident.clear();
+    }
+}
+
+/// Clears a key's "loading" mark even if the load unwinds.
+struct LoadingGuard<'a> {
+    cache: &'a GroupCache,
+    key: GroupKey,
+}
+
+impl<'a> LoadingGuard<'a> {
+    fn finish(self) -> parking_lot::MutexGuard<'a, Inner> {
+        let mut g = self.cache.inner.lock();
+        g.loading.remove(&self.key);
+        std::mem::forget(self);
+        g
+    }
+}
+
+impl Drop for LoadingGuard<'_> {
+    fn drop(&mut self) {
+        self.cache.inner.lock().loading.remove(&self.key);
+        self.cache.loaded.notify_all();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn zeroed(key: u64, entries: usize) -> Group {
+        Group::decode(
+            GroupKey(key),
+            key * 1000,
+            &vec![0u8; 8 * (entries + 1)],
+            |_, _| true,
+        )
+    }
+
+    fn load(c: &GroupCache, key: u64) -> Arc<Group> {
+        c.get_or_load(GroupKey(key), || Ok::<_, ()>(Some(zeroed(key, 4))))
+            .unwrap()
+            .unwrap()
+    }
 
     #[test]
     fn dirty_groups_survive_eviction() {
         let c = GroupCache::new(1);
-        let m = c.get(1).err().expect("miss");
-        let g1 = c.insert(1, Group::zeroed(0, 4), &m).expect("inserted");
-        g1.set_state(0, ChunkState::Full(9));
-        c.mark_dirty(1, &g1);
-        let m = c.get(2).err().expect("miss");
-        c.insert(2, Group::zeroed(100, 4), &m).expect("inserted"); // evicts 1 from the LRU
-        let again = c.get(1).ok().expect("dirty group must still be found");
+        let g1 = load(&c, 1);
+        c.write(&g1).set_state(0, ChunkState::Full(9));
+        drop(g1);
+        load(&c, 2); // over capacity: 1 is dirty, so it stays
+        let again = c
+            .get_or_load(GroupKey(1), || -> Result<_, ()> { panic!("reloaded") })
+            .unwrap()
+            .unwrap();
         assert_eq!(again.state(0), Some(ChunkState::Full(9)));
     }
 
     #[test]
-    fn load_racing_a_writeback_is_refused() {
-        let c = GroupCache::new(4);
-        let m = c.get(1).err().expect("miss");
-        c.note_writeback();
-        assert!(c.insert(1, Group::zeroed(0, 4), &m).is_none());
-        let m = c.get(1).err().expect("miss");
-        assert!(c.insert(1, Group::zeroed(0, 4), &m).is_some());
+    fn held_groups_are_not_evicted_and_never_loaded_twice() {
+        let c = GroupCache::new(1);
+        let held = load(&c, 1);
+        for k in 2..10 {
+            load(&c, k);
+        }
+        // Still resident: a second load would make a second copy.
+        let again = c
+            .get_or_load(GroupKey(1), || -> Result<_, ()> { panic!("second copy") })
+            .unwrap()
+            .unwrap();
+        assert!(Arc::ptr_eq(&held, &again));
+        drop((held, again));
+        load(&c, 11);
+        assert_eq!(c.resident_len(), 1, "unpinned groups go once over capacity");
+    }
+
+    #[test]
+    fn concurrent_loads_of_one_key_read_once() {
+        let c = Arc::new(GroupCache::new(1));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(Mutex::new(rx));
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let (c, reads, rx) = (c.clone(), reads.clone(), rx.clone());
+                std::thread::spawn(move || {
+                    c.get_or_load(GroupKey(7), || {
+                        reads.fetch_add(1, Ordering::SeqCst);
+                        // Hold the load until the test lets it finish.
+                        rx.lock().recv().unwrap();
+                        Ok::<_, ()>(Some(zeroed(7, 4)))
+                    })
+                    .unwrap()
+                    .unwrap()
+                })
+            })
+            .collect();
+        tx.send(()).unwrap();
+        let groups: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert!(groups.iter().all(|g| Arc::ptr_eq(g, &groups[0])));
+    }
+
+    #[test]
+    fn a_failed_load_lets_the_next_one_try() {
+        let c = GroupCache::new(2);
+        assert_eq!(
+            c.get_or_load(GroupKey(1), || Err::<Option<Group>, _>("eio"))
+                .err(),
+            Some("eio")
+        );
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.get_or_load(GroupKey(1), || -> Result<Option<Group>, ()> {
+                panic!("boom")
+            })
+        }));
+        assert!(r.is_err());
+        load(&c, 1);
     }
 
     #[test]
     fn mark_clean_keeps_groups_changed_since_snapshot() {
         let c = GroupCache::new(4);
-        let m = c.get(3).err().expect("miss");
-        let g = c.insert(3, Group::zeroed(0, 4), &m).expect("inserted");
-        g.set_state(0, ChunkState::Full(5));
-        c.mark_dirty(3, &g);
+        let g = load(&c, 3);
+        c.write(&g).set_state(0, ChunkState::Full(5));
         let snap = c.dirty_snapshot();
-        g.set_state(1, ChunkState::Unmapped);
+        c.write(&g).set_state(1, ChunkState::Unmapped);
         c.mark_clean(&snap);
         assert_eq!(c.dirty_len(), 1);
         let snap = c.dirty_snapshot();
@@ -318,7 +433,7 @@ mod tests {
     fn invalid_entries_are_flagged() {
         let mut bytes = vec![0u8; 8 * 3];
         put_u64(&mut bytes, 8, 0x4000_0000_0000_0063);
-        let g = Group::decode(0, &bytes, |_, raw| raw == 0);
+        let g = Group::decode(GroupKey(0), 0, &bytes, |_, raw| raw == 0);
         assert!(g.is_invalid(1));
         assert_eq!(g.state(1), None);
         assert_eq!(g.state(0), Some(ChunkState::Unwritten));

@@ -7,11 +7,15 @@
 //!   durable; the source is never written. A crash at any point leaves
 //!   each entry naming either the old or the new copy, both complete.
 //! - The file is cut only after every switch is durable.
-//! - It needs the image to itself (an exclusive lock, no I/O in flight).
+//! - It holds the image exclusively (no I/O in flight), enforced by the
+//!   engine's own lock, and takes the file lock's word for other processes.
 
 use serde::Serialize;
 
-use super::scan::Owner;
+use std::collections::BTreeMap;
+
+use super::types::PhysChunk;
+use super::usage::{self, Owner};
 use super::Image;
 use crate::error::{Error, Result};
 use crate::format::{BitmapEntry, ChunkState, Location};
@@ -31,12 +35,16 @@ const BATCH: usize = 256;
 impl Image {
     /// Packs the container. `progress` gets (chunks moved, chunks to move).
     pub fn compact(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CompactReport> {
-        self.require_writable()?;
-        self.flush()?;
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let _only = self.exclusive.write();
+        self.open_scan.wait(&self.alloc)?;
+        self.flush_inner()?;
         let cs = self.geo.chunk_size;
         let old_len = self.storage.len().map_err(|e| self.io_err("stat", e))?;
         let old_alloc = self.allocated_bytes()?;
-        let (report, mut owners) = self.census()?;
+        let report = self.census()?;
         if report.is_corrupt() {
             return Err(Error::Corrupt(format!(
                 "{}: refusing to compact a corrupt image ({}); run asiffs check",
@@ -44,25 +52,37 @@ impl Image {
                 report.corruptions[0]
             )));
         }
+        // Memory grows with the chunks in use, not with the file's length.
+        let mut owners = BTreeMap::new();
+        let tables = self.dir.read().tables.clone();
+        usage::for_each_use(
+            &*self.storage,
+            &self.geo,
+            &tables,
+            old_len / cs,
+            |c, who, _| {
+                owners.insert(c, who);
+            },
+        )
+        .map_err(|e| self.io_err("reading the index", e))?;
         self.unmap_empty_chunks(&mut owners)?;
 
         // Highest used chunk goes into the lowest unused one, while that is lower.
         let mut moves = Vec::new();
-        let (mut lo, mut hi) = (1usize, owners.len());
+        let mut lo = 1u64;
         loop {
-            while lo < owners.len() && owners[lo] != Owner::Free {
+            while owners.contains_key(&lo) {
                 lo += 1;
             }
-            while hi > 1 && owners[hi - 1] == Owner::Free {
-                hi -= 1;
-            }
+            let Some((&hi, _)) = owners.last_key_value() else {
+                break;
+            };
             if lo >= hi {
                 break;
             }
-            let src = hi - 1;
-            moves.push((src as u64, lo as u64, owners[src]));
-            owners[lo] = owners[src];
-            owners[src] = Owner::Free;
+            let owner = owners.remove(&hi).expect("just seen");
+            owners.insert(lo, owner);
+            moves.push((hi, lo, owner));
         }
         let total = moves.len() as u64;
         progress(0, total);
@@ -70,7 +90,7 @@ impl Image {
             self.move_batch(batch)?;
             progress((i * BATCH + batch.len()) as u64, total);
         }
-        let new_end = hi as u64;
+        let new_end = owners.last_key_value().map_or(1, |(&c, _)| c + 1);
         self.storage
             .set_len(new_end * cs)
             .and_then(|()| self.storage.sync())
@@ -92,10 +112,15 @@ impl Image {
 
     /// Fully valid chunks whose host range is all hole read as zeros: they
     /// become unmapped instead of being moved.
-    fn unmap_empty_chunks(&self, owners: &mut [Owner]) -> Result<()> {
+    fn unmap_empty_chunks(&self, owners: &mut BTreeMap<u64, Owner>) -> Result<()> {
         let cs = self.geo.chunk_size;
-        for n in 1..owners.len() as u64 {
-            let Owner::Data(t, g, k) = owners[n as usize] else {
+        let data: Vec<(u64, Owner)> = owners
+            .iter()
+            .filter(|(_, o)| matches!(o, Owner::Data(..)))
+            .map(|(&n, &o)| (n, o))
+            .collect();
+        for (n, owner) in data {
+            let Owner::Data(t, g, k) = owner else {
                 continue;
             };
             let empty = match self
@@ -114,12 +139,13 @@ impl Image {
                 .group(&loc, false)?
                 .expect("the census found this table");
             if grp.state(k as usize) == Some(ChunkState::Full(n)) {
-                grp.set_state(k as usize, ChunkState::Unmapped);
-                self.cache.mark_dirty(self.geo.group_number(&loc), &grp);
-                owners[n as usize] = Owner::Free;
+                self.cache
+                    .write(&grp)
+                    .set_state(k as usize, ChunkState::Unmapped);
+                owners.remove(&n);
             }
         }
-        self.flush()
+        self.flush_inner()
     }
 
     /// Copies chunk `src` over `dst` (which nothing references). The
@@ -169,8 +195,7 @@ impl Image {
                             )))
                         }
                     };
-                    grp.set_state(k as usize, state);
-                    self.cache.mark_dirty(self.geo.group_number(&loc), &grp);
+                    self.cache.write(&grp).set_state(k as usize, state);
                 }
                 Owner::Bitmap(t, g) => {
                     let loc = self.data_location(t, g, 0);
@@ -178,15 +203,14 @@ impl Image {
                         .group(&loc, false)?
                         .expect("the census found this table");
                     debug_assert_eq!(BitmapEntry(grp.bitmap_raw()).chunk(), Ok(Some(src)));
-                    grp.set_bitmap(dst);
-                    self.cache.mark_dirty(self.geo.group_number(&loc), &grp);
+                    self.cache.write(&grp).set_bitmap(PhysChunk(dst));
                 }
                 Owner::Table(t) => table_moves.push((t, src, dst)),
-                Owner::Free | Owner::Header => unreachable!("only used chunks move"),
+                Owner::Header => unreachable!("chunk 0 never moves"),
             }
         }
         // Copies durable, then the entries naming them.
-        self.flush()?;
+        self.flush_inner()?;
         if !table_moves.is_empty() {
             for &(_, src, dst) in &table_moves {
                 self.copy_chunk(src, dst, &mut buf)?;

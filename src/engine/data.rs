@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use super::alloc::Released;
 use super::cache::Group;
+use super::types::{GroupKey, PhysChunk};
 use super::{bump, Image};
 use crate::error::{Error, Result};
 use crate::format::{bitmap_span, BitmapEntry, ChunkState, Location, SectorState};
@@ -37,29 +39,26 @@ impl Image {
 
     /// The chunk-group for `loc`, loading it if needed. With `create`, an
     /// absent table is allocated; without, `None` means "reads as zeros".
+    /// The handle pins the group in the cache for as long as it is held.
     pub(super) fn group(&self, loc: &Location, create: bool) -> Result<Option<Arc<Group>>> {
-        let key = self.geo.group_number(loc);
+        let key = GroupKey(self.geo.group_number(loc));
         loop {
-            let miss = match self.cache.get(key) {
-                Ok(g) => return Ok(Some(g)),
-                Err(miss) => miss,
-            };
-            let table = self.dir.read().tables[loc.table as usize];
-            if table == 0 {
-                if !create {
+            let g = self.cache.get_or_load(key, || {
+                let table = self.dir.read().tables[loc.table as usize];
+                if table == 0 {
                     return Ok(None);
                 }
-                self.add_table(loc.table)?;
-                continue;
-            }
-            let g = self.load_group(table, loc.group)?;
-            if let Some(g) = self.cache.insert(key, g, &miss) {
-                return Ok(Some(g));
+                self.load_group(key, table, loc.group).map(Some)
+            })?;
+            match g {
+                Some(g) => return Ok(Some(g)),
+                None if !create => return Ok(None),
+                None => self.add_table(loc.table)?,
             }
         }
     }
 
-    pub(super) fn load_group(&self, table: u64, group: u64) -> Result<Group> {
+    pub(super) fn load_group(&self, key: GroupKey, table: u64, group: u64) -> Result<Group> {
         let cs = self.geo.chunk_size;
         let off = table * cs + self.geo.group_offset_in_table(group);
         let mut b = vec![0u8; self.geo.group_bytes as usize];
@@ -72,7 +71,7 @@ impl Image {
         let end = self.alloc.end();
         let n = self.geo.entries_per_group as usize;
         let dir = self.dir.read();
-        Ok(Group::decode(off, &b, |i, raw| {
+        Ok(Group::decode(key, off, &b, |i, raw| {
             if i == n {
                 self.bitmap_entry_is_valid(raw, end, &dir.table_chunks)
             } else {
@@ -104,10 +103,13 @@ impl Image {
             return Ok(());
         }
         let a = self.alloc.allocate(&*self.storage)?;
-        let n = a.chunk;
+        let n = a.chunk.0;
         let mut tables = d.tables.clone();
         tables[t as usize] = n;
         let written = self.write_directory(d.active, d.versions[d.active] + 1, tables);
+        // On failure the new directory may still have reached the disk, so
+        // the chunk is not handed out again this session (the next open's
+        // scan finds it if it is unused).
         if let Ok(slot) = written {
             d.tables[t as usize] = n;
             d.table_chunks.insert(n);
@@ -234,17 +236,9 @@ impl Image {
         Ok(())
     }
 
-    pub(super) fn require_writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(Error::ReadOnly)
-        }
-    }
-
     /// Writes `buf` at `offset` of the virtual disk.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.require_writable()?;
+        let _shared = self.begin_change()?;
         self.check_range(offset, buf.len() as u64)?;
         {
             let _io = self.gate.enter();
@@ -257,10 +251,10 @@ impl Image {
                     // host filesystem block-by-block allocation under its
                     // inode lock (fresh 1 MiB writes ran 2-5x faster).
                     // Best effort: a failure shows up in the write itself.
-                    let _ = self.storage.reserve(n * cs, cs);
+                    let _ = self.storage.reserve(n.offset(cs), cs);
                 }
                 self.storage
-                    .write_at(data, n * cs + p.loc.within)
+                    .write_at(data, n.offset(cs) + p.loc.within)
                     .map_err(|e| self.io_err("writing a data chunk", e))?;
             }
             self.note_data_change();
@@ -272,11 +266,11 @@ impl Image {
 
     /// The physical chunk to write `loc` into: allocated when absent (then
     /// the flag is set), promoted to fully valid when macOS left it partial.
-    fn writable_chunk(&self, loc: &Location) -> Result<(u64, bool)> {
+    fn writable_chunk(&self, loc: &Location) -> Result<(PhysChunk, bool)> {
         let g = self.group(loc, true)?.expect("group exists after creation");
         let k = loc.index as usize;
         match g.state(k) {
-            Some(ChunkState::Full(n)) => return Ok((n, false)),
+            Some(ChunkState::Full(n)) => return Ok((PhysChunk(n), false)),
             None => return Err(self.corrupt_entry(loc)),
             _ => {}
         }
@@ -287,20 +281,26 @@ impl Image {
     }
 
     /// Under the group's allocation lock: allocate or promote `loc`'s chunk.
-    fn map_chunk(&self, g: &Arc<Group>, loc: &Location, grow: &mut bool) -> Result<(u64, bool)> {
+    fn map_chunk(
+        &self,
+        g: &Arc<Group>,
+        loc: &Location,
+        grow: &mut bool,
+    ) -> Result<(PhysChunk, bool)> {
         let k = loc.index as usize;
         let _alloc = g.alloc_lock.lock();
         match g.state(k) {
-            Some(ChunkState::Full(n)) => Ok((n, false)),
+            Some(ChunkState::Full(n)) => Ok((PhysChunk(n), false)),
             Some(ChunkState::Partial(n)) => {
                 self.promote(g, loc, n)?;
-                Ok((n, false))
+                Ok((PhysChunk(n), false))
             }
             Some(ChunkState::Unwritten | ChunkState::Unmapped) => {
                 let a = self.alloc.allocate(&*self.storage)?;
                 *grow = a.grow_ahead;
-                g.set_state(k, ChunkState::Full(a.chunk));
-                self.cache.mark_dirty(self.geo.group_number(loc), g);
+                self.cache
+                    .write(g)
+                    .set_state(k, ChunkState::Full(a.chunk.0));
                 bump(&self.counters.chunks_allocated, 1);
                 self.write_through(g, k)?;
                 Ok((a.chunk, true))
@@ -332,15 +332,16 @@ impl Image {
                 .punch(n * cs + start * bs, (s - start) * bs)
                 .map_err(|e| self.io_err("zeroing stale sectors", e))?;
         }
-        g.set_state(loc.index as usize, ChunkState::Full(n));
-        self.cache.mark_dirty(self.geo.group_number(loc), g);
+        self.cache
+            .write(g)
+            .set_state(loc.index as usize, ChunkState::Full(n));
         Ok(())
     }
 
     /// Makes `offset..offset+len` read as zeros and gives whole chunks back
     /// (state 10, host space punched). Any alignment; clamped to the disk.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.require_writable()?;
+        let _shared = self.begin_change()?;
         let end = offset.saturating_add(len).min(self.size());
         if offset >= end {
             return Ok(());
@@ -386,15 +387,20 @@ impl Image {
             None => Err(self.corrupt_entry(loc)),
             Some(ChunkState::Unwritten | ChunkState::Unmapped) => Ok(()),
             Some(ChunkState::Full(n) | ChunkState::Partial(n)) if whole => {
-                g.set_state(k, ChunkState::Unmapped);
-                self.cache.mark_dirty(self.geo.group_number(loc), g);
+                // Punch before the entry lets go: a process killed between
+                // the two leaves a mapped chunk of zeros, never an
+                // unreferenced chunk that still holds data.
                 self.storage
                     .punch(n * cs, cs)
                     .map_err(|e| self.io_err("punching a chunk", e))?;
-                // Only a punched chunk may be handed out again.
-                self.alloc.release(n);
+                self.cache.write(g).set_state(k, ChunkState::Unmapped);
+                let released = Released::new(PhysChunk(n));
+                let through = self.write_through(g, k);
+                // Even if the entry did not reach the file, memory says
+                // unmapped: the flush writes it or the chunk stays pending.
+                self.alloc.release(released);
                 bump(&self.counters.chunks_freed, 1);
-                Ok(())
+                through
             }
             Some(ChunkState::Partial(n)) => {
                 self.promote(g, loc, n)?;
@@ -412,7 +418,7 @@ impl Image {
     /// Maps every chunk of the range and reserves host space for it, so that
     /// later writes there cannot fail for lack of space (fallocate mode 0).
     pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
-        self.require_writable()?;
+        let _shared = self.begin_change()?;
         self.check_range(offset, len)?;
         {
             let _io = self.gate.enter();
@@ -420,7 +426,7 @@ impl Image {
             for p in self.pieces(offset, len) {
                 let (n, _) = self.writable_chunk(&p.loc)?;
                 self.storage
-                    .reserve(n * cs + p.loc.within, p.len as u64)
+                    .reserve(n.offset(cs) + p.loc.within, p.len as u64)
                     .map_err(|e| self.io_err("reserving space", e))?;
             }
             self.note_data_change();
@@ -430,7 +436,7 @@ impl Image {
 
     fn flush_if_too_dirty(&self) -> Result<()> {
         if self.cache.dirty_len() > self.max_dirty {
-            self.flush()?;
+            self.flush_inner()?;
         }
         Ok(())
     }

@@ -20,6 +20,15 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
+        let _shared = self.exclusive.read();
+        self.flush_inner()
+    }
+
+    /// The flush, for callers that already hold the image (shared or not).
+    pub(super) fn flush_inner(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
         let _one = self.flush_lock.lock();
         // Order matters: released chunks first, so that the entry change
         // that released each of them is inside the index snapshot below.
@@ -39,17 +48,28 @@ impl Image {
                         .map_err(|e| self.io_err("writing a table", e))?;
                 }
                 sync("syncing tables")?;
-                self.cache.note_writeback();
                 self.cache.mark_clean(&groups);
+            }
+            if !released.is_empty() {
+                // The releases are durable. A write that translated one of
+                // these chunks before its release may still be in flight and
+                // land after the first punch: wait for every such I/O, then
+                // punch again, durably, before anyone may reuse the chunk.
+                self.gate.wait_for_readers();
+                let cs = self.geo.chunk_size;
+                for r in &released {
+                    self.storage
+                        .punch(r.chunk().offset(cs), cs)
+                        .map_err(|e| self.io_err("punching a freed chunk", e))?;
+                }
+                sync("syncing freed chunks")?;
             }
             Ok(())
         })();
+        drop(groups);
         match result {
             Ok(()) => {
-                if !released.is_empty() {
-                    self.gate.wait_for_readers();
-                    self.alloc.make_free(released);
-                }
+                self.alloc.recycle(released);
                 bump(&self.counters.flushes, 1);
                 Ok(())
             }
@@ -90,7 +110,11 @@ impl Image {
     /// Changes the virtual size. Shrinking discards the tail; growing makes
     /// sure the new range reads as zeros. Durable on return.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        self.require_writable()?;
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let _only = self.exclusive.write();
+        self.open_scan.wait(&self.alloc)?;
         let bs = self.geo.block_size;
         if new_size % bs != 0 {
             return Err(Error::Invalid(format!(
@@ -110,7 +134,7 @@ impl Image {
         } else if new_size > old {
             self.discard_range(old, new_size)?;
         }
-        self.flush()?;
+        self.flush_inner()?;
         let mut h = self.header.lock();
         h.sector_count = new_size / bs;
         self.storage

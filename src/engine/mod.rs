@@ -33,8 +33,11 @@ mod compact;
 mod create;
 mod data;
 mod flush;
+mod open_scan;
 mod scan;
 pub mod storage;
+pub mod types;
+mod usage;
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -43,7 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -52,6 +55,8 @@ use alloc::{Allocator, IoGate};
 use cache::GroupCache;
 pub use compact::CompactReport;
 pub use create::CreateOptions;
+use open_scan::OpenScan;
+pub use open_scan::RepairReport;
 pub use scan::{CheckReport, Extent, ImageInfo};
 use storage::{FileStorage, Storage};
 
@@ -72,6 +77,10 @@ pub struct OpenOptions {
     /// Chunk-groups kept in the index cache (16 KiB each for 1 MiB chunks).
     pub cache_groups: usize,
     pub lock: LockMode,
+    /// A writable open scans the index for free and shared chunks before
+    /// the first change; with more tables than this it does so on a
+    /// background thread (reads go on, changes wait for it).
+    pub scan_inline_tables: usize,
 }
 
 impl Default for OpenOptions {
@@ -80,6 +89,7 @@ impl Default for OpenOptions {
             writable: false,
             cache_groups: 512,
             lock: LockMode::Shared,
+            scan_inline_tables: 8,
         }
     }
 }
@@ -109,6 +119,7 @@ pub struct Stats {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub dirty_groups: u64,
+    pub resident_groups: u64,
     pub free_chunks: u64,
 }
 
@@ -147,6 +158,13 @@ pub struct Image {
     header: Mutex<Header>,
     size: AtomicU64,
     writable: bool,
+    /// Shared by every read, write, discard and flush; exclusive for the
+    /// operations that move chunks or tables (compact, resize, repair), so
+    /// the engine itself keeps them apart from I/O.
+    exclusive: RwLock<()>,
+    /// The index scan of a writable open: free chunks, and whether the
+    /// image may be written at all.
+    open_scan: OpenScan,
     dir: RwLock<DirState>,
     cache: GroupCache,
     alloc: Allocator,
@@ -273,12 +291,19 @@ impl Image {
             table_chunks,
         };
         let cache_groups = opts.cache_groups.max(1);
+        let open_scan = if opts.writable {
+            OpenScan::start(path, &storage, &geo, &dir.tables, end, opts)
+        } else {
+            OpenScan::none()
+        };
         Ok(Image {
             path: path.to_path_buf(),
             size: AtomicU64::new(geo.size),
             storage,
             header: Mutex::new(header),
             writable: opts.writable,
+            exclusive: RwLock::new(()),
+            open_scan,
             dir: RwLock::new(dir),
             cache: GroupCache::new(cache_groups),
             alloc: Allocator::new(cs, end),
@@ -320,8 +345,33 @@ impl Image {
         self.header.lock().clone()
     }
 
+    /// Whether changes are accepted: opened for writing, and the scan at
+    /// open (if finished) found nothing that makes writing unsafe.
     pub fn is_writable(&self) -> bool {
-        self.writable
+        self.writable && self.open_scan.refusal().is_none()
+    }
+
+    /// Waits for the scan at open and says why writes are refused, if
+    /// they are (entries sharing a chunk, entries out of rule).
+    pub fn write_refusal(&self) -> Option<String> {
+        if !self.writable {
+            return None;
+        }
+        self.open_scan
+            .wait(&self.alloc)
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    /// Entry point of every change: shared access to the image, once the
+    /// scan at open has finished and allowed writes.
+    pub(super) fn begin_change(&self) -> Result<RwLockReadGuard<'_, ()>> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let shared = self.exclusive.read();
+        self.open_scan.wait(&self.alloc)?;
+        Ok(shared)
     }
 
     /// Which directory is active (0 = A, 1 = B) and its version.
@@ -366,7 +416,8 @@ impl Image {
             cache_hits: cc.hits,
             cache_misses: cc.misses,
             dirty_groups: self.cache.dirty_len() as u64,
-            free_chunks: self.alloc.free_count() as u64,
+            resident_groups: self.cache.resident_len() as u64,
+            free_chunks: self.alloc.free_count(),
         }
     }
 
@@ -378,8 +429,10 @@ impl Image {
     /// Flushes, then gives back the chunks the file grew by but never used.
     /// A second call (`close` then `Drop`) finds nothing to do and no sync.
     fn shutdown(&self) -> Result<()> {
+        // A scan still running holds the file; let it finish first.
+        let _ = self.open_scan.wait(&self.alloc);
         self.flush()?;
-        if self.writable {
+        if self.is_writable() {
             let trimmed = self.alloc.trim_tail(&*self.storage);
             match trimmed {
                 Ok(true) => self.storage.sync(),

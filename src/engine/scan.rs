@@ -4,6 +4,8 @@ use std::ops::ControlFlow;
 
 use serde::Serialize;
 
+use super::types::PhysChunk;
+use super::usage::{self, Owner};
 use super::Image;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -248,62 +250,35 @@ impl CheckReport {
     }
 }
 
-/// What uses a chunk of the container.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Owner {
-    Free,
-    Header,
-    Table(u64),
-    Data(u64, u64, u64),
-    Bitmap(u64, u64),
-}
-
-impl std::fmt::Display for Owner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Owner::Free => write!(f, "nothing"),
-            Owner::Header => write!(f, "the header"),
-            Owner::Table(t) => write!(f, "table {t}"),
-            Owner::Data(t, g, k) => write!(f, "table {t} group {g} entry {k}"),
-            Owner::Bitmap(t, g) => write!(f, "the bitmap of table {t} group {g}"),
-        }
-    }
-}
-
 impl Image {
     /// Counts for `asiffs info`, read through the index cache.
     pub fn info(&self) -> Result<ImageInfo> {
         let (active, version) = self.active_directory();
+        let _shared = self.exclusive.read();
         let tables: Vec<u64> = self.dir.read().tables.clone();
-        let (mut data, mut partial) = (0, 0);
-        let mut seen = std::collections::HashSet::new();
-        for (t, &n) in tables.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            for g in 0..self.geo.groups_per_table {
-                let grp = self.load_group(n, g)?;
-                for k in 0..grp.len() {
-                    match grp.state(k) {
-                        Some(ChunkState::Full(c) | ChunkState::Partial(c)) if !seen.insert(c) => {
-                            let logical = t as u64 * self.geo.table_span / self.geo.chunk_size
-                                + g * self.geo.entries_per_group
-                                + k as u64;
-                            return Err(self.shared_chunk(logical, c));
-                        }
-                        Some(ChunkState::Full(_)) => data += 1,
-                        Some(ChunkState::Partial(_)) => partial += 1,
-                        Some(_) => {}
-                        None => {
-                            return Err(Error::Corrupt(format!(
-                            "{}: table {t} group {g} entry {k} is out of rule (run asiffs check)",
-                            self.path.display()
-                        )))
-                        }
-                    }
-                }
-            }
+        let usage = usage::scan(&*self.storage, &self.geo, &tables, self.alloc.end())
+            .map_err(|e| self.io_err("reading the index", e))?;
+        if let Some(who) = usage.out_of_rule {
+            return Err(Error::Corrupt(format!(
+                "{}: {who} is out of rule (run asiffs check)",
+                self.path.display()
+            )));
         }
+        if let Some((c, who)) = usage.past_end.first() {
+            return Err(Error::Corrupt(format!(
+                "{}: {who} points at chunk {}, past the end of the file",
+                self.path.display(),
+                c.0
+            )));
+        }
+        if let Some((c, who)) = usage.shared.first() {
+            return Err(Error::Corrupt(format!(
+                "{}: {who} uses chunk {}, which another entry uses too",
+                self.path.display(),
+                c.0
+            )));
+        }
+        let (data, partial) = (usage.data_chunks, usage.partial_chunks);
         let h = self.header();
         Ok(ImageInfo {
             path: self.path.display().to_string(),
@@ -318,19 +293,19 @@ impl Image {
             active_directory: if active == 0 { 'A' } else { 'B' },
             directory_version: version,
             tables: tables.iter().filter(|&&n| n != 0).count() as u64,
-            data_chunks: data + partial,
+            data_chunks: data,
             partial_chunks: partial,
         })
     }
 
     /// Reads every structure from disk and checks every rule of the format.
-    /// Never changes the file.
+    /// Never changes the file. Memory stays bounded whatever the file size.
     pub fn check(&self) -> Result<CheckReport> {
-        Ok(self.census()?.0)
+        let _shared = self.exclusive.read();
+        self.census()
     }
 
-    /// The check, plus the owner of every chunk of the file.
-    pub(super) fn census(&self) -> Result<(CheckReport, Vec<Owner>)> {
+    pub(super) fn census(&self) -> Result<CheckReport> {
         let mut r = CheckReport::default();
         let cs = self.geo.chunk_size;
         let len = self.storage.len().map_err(|e| self.io_err("stat", e))?;
@@ -341,8 +316,6 @@ impl Image {
         }
         let end = len / cs;
         r.file_chunks = end;
-        let mut owner = vec![Owner::Free; end as usize];
-        owner[0] = Owner::Header;
 
         // Both directories: the active one must be right, the other only
         // has to be harmless.
@@ -367,116 +340,97 @@ impl Image {
             }
         }
         let tables = &dirs[active].tables;
-        for (t, &n) in tables.iter().enumerate() {
-            if n == 0 {
-                continue;
-            }
-            r.tables += 1;
-            self.claim(&mut r, &mut owner, n, Owner::Table(t as u64), end);
+        r.tables = tables.iter().filter(|&&n| n != 0).count() as u64;
+
+        // Who uses what: a windowed bitmap, then one more walk to name the
+        // first user of each chunk found shared.
+        let usage = usage::scan(&*self.storage, &self.geo, tables, end)
+            .map_err(|e| self.io_err("reading the index", e))?;
+        for (c, who) in &usage.past_end {
+            r.corrupt(format!(
+                "{who} points at chunk {}, past the end of the file ({end} chunks)",
+                c.0
+            ));
         }
-        let n_entries = self.geo.entries_per_group as usize;
-        let mut gbuf = vec![0u8; self.geo.group_bytes as usize];
-        for (t, &tc) in tables.iter().enumerate() {
-            if tc == 0 || tc >= end {
-                continue;
+        let shared: Vec<PhysChunk> = usage.shared.iter().map(|(c, _)| *c).collect();
+        let first = usage::first_users(&*self.storage, &self.geo, tables, end, &shared)
+            .map_err(|e| self.io_err("reading the index", e))?;
+        for (c, who) in &usage.shared {
+            match first.get(&c.0) {
+                Some(other) => r.corrupt(format!(
+                    "{who} points at chunk {}, already used by {other}",
+                    c.0
+                )),
+                None => r.corrupt(format!("{who} points at chunk {}, used twice", c.0)),
             }
-            let t = t as u64;
-            for g in 0..self.geo.groups_per_table {
-                let at = tc * cs + self.geo.group_offset_in_table(g);
-                self.storage
-                    .read_at(&mut gbuf, at)
-                    .map_err(|e| self.io_err("reading a table", e))?;
-                let raw_bitmap = be_u64(&gbuf, 8 * n_entries);
-                let bitmap = match BitmapEntry(raw_bitmap).chunk() {
-                    Ok(b) => b,
-                    Err(FlagBits) => {
-                        r.corrupt(format!("table {t} group {g}: bitmap entry {raw_bitmap:#018x} has flag bits set"));
-                        None
-                    }
-                };
-                let bitmap_ok = match bitmap {
-                    Some(b) => {
-                        r.bitmap_chunks += 1;
-                        self.claim(&mut r, &mut owner, b, Owner::Bitmap(t, g), end)
-                    }
-                    None => false,
-                };
-                for k in 0..n_entries {
-                    let raw = be_u64(&gbuf, 8 * k);
-                    let who = Owner::Data(t, g, k as u64);
-                    match ChunkEntry(raw).state() {
-                        None => r.corrupt(format!("{who}: entry {raw:#018x} is out of rule")),
-                        Some(ChunkState::Full(n)) => {
-                            r.data_chunks += 1;
-                            self.claim(&mut r, &mut owner, n, who, end);
+        }
+        r.corruptions_not_listed += usage.shared_count - usage.shared.len() as u64;
+
+        // The rules of each entry.
+        let n_entries = self.geo.entries_per_group as usize;
+        let mut bitmaps_to_check = Vec::new();
+        usage::for_each_group(&*self.storage, &self.geo, tables, end, |t, g, gbuf| {
+            let raw_bitmap = be_u64(gbuf, 8 * n_entries);
+            let bitmap = match BitmapEntry(raw_bitmap).chunk() {
+                Ok(b) => b,
+                Err(FlagBits) => {
+                    r.corrupt(format!(
+                        "table {t} group {g}: bitmap entry {raw_bitmap:#018x} has flag bits set"
+                    ));
+                    None
+                }
+            };
+            if bitmap.is_some() {
+                r.bitmap_chunks += 1;
+            }
+            let bitmap_ok = bitmap.is_some_and(|b| b < end && !shared.contains(&PhysChunk(b)));
+            for k in 0..n_entries {
+                let raw = be_u64(gbuf, 8 * k);
+                let who = Owner::Data(t, g, k as u64);
+                match ChunkEntry(raw).state() {
+                    None => r.corrupt(format!("{who}: entry {raw:#018x} is out of rule")),
+                    Some(ChunkState::Full(_)) => r.data_chunks += 1,
+                    Some(ChunkState::Partial(_)) => {
+                        r.data_chunks += 1;
+                        r.partial_chunks += 1;
+                        match bitmap {
+                            None => r.corrupt(format!(
+                                "{who}: partially valid chunk but the group has no bitmap"
+                            )),
+                            Some(b) if bitmap_ok => bitmaps_to_check.push((b, k as u64, who)),
+                            Some(_) => {}
                         }
-                        Some(ChunkState::Partial(n)) => {
-                            r.data_chunks += 1;
-                            r.partial_chunks += 1;
-                            self.claim(&mut r, &mut owner, n, who, end);
-                            match bitmap {
-                                None => r.corrupt(format!(
-                                    "{who}: partially valid chunk but the group has no bitmap"
-                                )),
-                                Some(b) if bitmap_ok => {
-                                    self.check_bitmap(&mut r, b, k as u64, who)?
-                                }
-                                Some(_) => {}
-                            }
-                        }
-                        Some(_) => {}
                     }
+                    Some(_) => {}
                 }
             }
+            Ok(())
+        })
+        .map_err(|e| self.io_err("reading a table", e))?;
+        for (b, k, who) in bitmaps_to_check {
+            self.check_bitmap(&mut r, b, k, who)?;
         }
         if let Err(e) = self.metadata() {
             r.corrupt(format!("metadata chunk: {e}"));
         }
-        for n in 1..end {
-            if owner[n as usize] != Owner::Free {
-                continue;
-            }
-            let holds_data = self
-                .storage
-                .next_data(n * cs)
-                .map_err(|e| self.io_err("looking for data", e))?
-                .is_some_and(|d| d < (n + 1) * cs);
-            if holds_data {
-                r.leaked_chunks += 1;
-            } else {
-                r.free_chunks += 1;
-            }
-        }
-        Ok((r, owner))
-    }
 
-    /// Records that `who` uses chunk `n`; false when that is not allowed.
-    fn claim(
-        &self,
-        r: &mut CheckReport,
-        owner: &mut [Owner],
-        n: u64,
-        who: Owner,
-        end: u64,
-    ) -> bool {
-        if n >= end {
-            r.corrupt(format!(
-                "{who} points at chunk {n}, past the end of the file ({end} chunks)"
-            ));
-            return false;
+        // Unused chunks: free if all hole or zeros on the host, leaked if
+        // they hold data nothing can read.
+        let mut buf = vec![0u8; cs as usize];
+        let mut leaked = 0u64;
+        for (a, b) in usage.free.iter() {
+            usage::chunks_holding_data(&*self.storage, cs, a, b, |c| {
+                self.storage.read_at(&mut buf, c * cs)?;
+                if buf.iter().any(|&x| x != 0) {
+                    leaked += 1;
+                }
+                Ok(())
+            })
+            .map_err(|e| self.io_err("looking for data", e))?;
         }
-        match owner[n as usize] {
-            Owner::Free => {
-                owner[n as usize] = who;
-                true
-            }
-            other => {
-                r.corrupt(format!(
-                    "{who} points at chunk {n}, already used by {other}"
-                ));
-                false
-            }
-        }
+        r.leaked_chunks = leaked;
+        r.free_chunks = usage.free.count() + usage.free.dropped - leaked;
+        Ok(r)
     }
 
     fn check_bitmap(&self, r: &mut CheckReport, bitmap: u64, k: u64, who: Owner) -> Result<()> {

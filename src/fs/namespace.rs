@@ -138,6 +138,7 @@ impl Namespace {
             } else {
                 LockMode::Shared
             },
+            ..OpenOptions::default()
         }
     }
 
