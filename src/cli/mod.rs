@@ -35,7 +35,7 @@ enum Command {
     /// Show which ranges of the virtual disk hold data.
     Map(ImageArgs),
     /// Check every structure of an image; exit 0 clean, 2 corrupt, 3 leaks only.
-    Check(ImageArgs),
+    Check(CheckArgs),
     /// Convert between ASIF and raw (and other formats through qemu-img).
     Convert(convert::ConvertArgs),
     /// Change an image's virtual size (SIZE, +SIZE or -SIZE; shrinking needs --shrink).
@@ -83,6 +83,23 @@ struct ImageArgs {
     /// Read even if another process has the image open for writing.
     #[arg(short = 'U', long)]
     force_share: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Repair in place: `leaks` frees unreferenced chunks and cuts unused
+    /// ones off the end; `all` also repairs entries (out of rule, past the
+    /// end, shared chunks). Needs the image to itself.
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
+    repair: Option<Repair>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Repair {
+    Leaks,
+    All,
 }
 
 /// Runs the command line and returns the exit status.
@@ -251,7 +268,60 @@ fn map(a: ImageArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn check(a: ImageArgs) -> Result<i32> {
+/// `check -r`: repairs, then checks again and reports both.
+fn repair(a: &ImageArgs, mode: Repair) -> Result<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|m| m.blocks() * 512)
+            .map_err(|e| Error::io(p.display().to_string(), e))
+    };
+    let before = allocated(&a.file)?;
+    let mut img = Image::open(&a.file, &OpenOptions::writable())?;
+    let mut entries = Vec::new();
+    if img.write_refusal().is_some() || img.check()?.is_corrupt() {
+        if mode == Repair::Leaks {
+            return Err(Error::Invalid(format!(
+                "{}: the image is corrupt, and -r leaks repairs only leaks (-r all repairs entries too)",
+                a.file.display()
+            )));
+        }
+        entries = img.repair_entries()?;
+        img.close()?;
+        img = Image::open(&a.file, &OpenOptions::writable())?;
+    }
+    let mut rep = img.repair_leaks(before)?;
+    rep.entries_repaired = entries;
+    let r = img.check()?;
+    if a.json {
+        let v = serde_json::json!({
+            "repair": rep,
+            "check": r,
+            "exit_code": r.exit_code(),
+        });
+        print_json(&v);
+        return Ok(r.exit_code());
+    }
+    for e in &rep.entries_repaired {
+        println!("Repaired: {e}");
+    }
+    println!(
+        "Repaired {} leaked chunks and {} entries; file {} -> {} bytes, {} given back to the host.",
+        rep.leaked_chunks_freed,
+        rep.entries_repaired.len(),
+        rep.old_file_size,
+        rep.new_file_size,
+        human(rep.bytes_reclaimed)
+    );
+    print_check(&img, &r);
+    Ok(r.exit_code())
+}
+
+fn check(c: CheckArgs) -> Result<i32> {
+    let a = c.image;
+    if let Some(mode) = c.repair {
+        return repair(&a, mode);
+    }
     let img = match open_for_reading(&a) {
         Ok(img) => img,
         // A script asking for JSON gets it for an image too broken to open.
@@ -275,6 +345,11 @@ fn check(a: ImageArgs) -> Result<i32> {
         print_json(&v);
         return Ok(r.exit_code());
     }
+    print_check(&img, &r);
+    Ok(r.exit_code())
+}
+
+fn print_check(img: &Image, r: &crate::engine::CheckReport) {
     for c in &r.corruptions {
         println!("ERROR {c}");
     }
@@ -287,7 +362,7 @@ fn check(a: ImageArgs) -> Result<i32> {
     let cs = img.geometry().chunk_size;
     if r.leaked_chunks > 0 {
         println!(
-            "{} leaked chunks ({}): unreferenced but holding space; `asiffs compact` reclaims them",
+            "{} leaked chunks ({}): unreferenced but holding space; `asiffs check -r leaks` or `asiffs compact` reclaims them",
             r.leaked_chunks,
             human(r.leaked_chunks * cs)
         );
@@ -307,5 +382,4 @@ fn check(a: ImageArgs) -> Result<i32> {
         "{} tables, {} data chunks ({} partial), {} bitmap chunks, {} free chunks, {} chunks in the file",
         r.tables, r.data_chunks, r.partial_chunks, r.bitmap_chunks, r.free_chunks, r.file_chunks
     );
-    Ok(r.exit_code())
 }

@@ -34,6 +34,7 @@ mod create;
 mod data;
 mod flush;
 mod open_scan;
+mod repair;
 mod scan;
 pub mod storage;
 pub mod types;
@@ -56,7 +57,7 @@ use cache::GroupCache;
 pub use compact::CompactReport;
 pub use create::CreateOptions;
 use open_scan::OpenScan;
-pub use open_scan::RepairReport;
+pub use repair::RepairReport;
 pub use scan::{CheckReport, Extent, ImageInfo};
 use storage::{FileStorage, Storage};
 
@@ -349,6 +350,12 @@ impl Image {
     /// open (if finished) found nothing that makes writing unsafe.
     pub fn is_writable(&self) -> bool {
         self.writable && self.open_scan.refusal().is_none()
+    }
+
+    /// Why writes are refused, if the scan at open has finished and
+    /// refused them; does not wait for a scan still running.
+    pub fn refusal_now(&self) -> Option<String> {
+        self.open_scan.refusal()
     }
 
     /// Waits for the scan at open and says why writes are refused, if

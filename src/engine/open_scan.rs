@@ -1,4 +1,4 @@
-//! The index scan of a writable open, and `check -r`.
+//! The index scan of a writable open.
 //!
 //! Before the first change, a writable image walks its index once
 //! ([`usage::scan`]): chunks nothing names become free for reuse (chunks
@@ -14,12 +14,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
-use serde::Serialize;
 
 use super::alloc::{Allocator, FreeRanges};
 use super::storage::Storage;
 use super::usage::{self, Usage};
-use super::{Image, OpenOptions};
+use super::OpenOptions;
 use crate::error::{Error, Result};
 use crate::format::Geometry;
 
@@ -78,6 +77,7 @@ impl OpenScan {
             slot: slot.clone(),
             path: path.to_path_buf(),
         };
+        let background = tables.iter().filter(|&&t| t != 0).count() > opts.scan_inline_tables;
         let job = {
             let (path, storage, geo, tables) = (
                 path.to_path_buf(),
@@ -89,7 +89,11 @@ impl OpenScan {
                 let state = match run(&*storage, &geo, &tables, end) {
                     Ok(found) => State::Ready(found),
                     Err(reason) => {
-                        tracing::warn!(path = %path.display(), "serving read-only: {reason}");
+                        // Inline, the caller sees the refusal and says it
+                        // its own way; from a thread, nobody else can.
+                        if background {
+                            tracing::warn!("{}: serving read-only: {reason}", path.display());
+                        }
                         State::Refused(reason)
                     }
                 };
@@ -97,8 +101,7 @@ impl OpenScan {
                 slot.done.notify_all();
             }
         };
-        let tables_used = tables.iter().filter(|&&t| t != 0).count();
-        if tables_used <= opts.scan_inline_tables {
+        if !background {
             job();
         } else {
             let failed = s.slot.clone();
@@ -148,7 +151,7 @@ impl OpenScan {
     }
 
     /// Leaked chunks the scan punched (after [`OpenScan::wait`]).
-    fn punched(&self) -> u64 {
+    pub fn punched(&self) -> u64 {
         match &*self.slot.state.lock() {
             State::Applied { punched } => *punched,
             _ => 0,
@@ -199,58 +202,4 @@ fn run(storage: &dyn Storage, geo: &Geometry, tables: &[u64], end: u64) -> Resul
         free: u.free,
         punched,
     })
-}
-
-/// What `check -r leaks` changed.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct RepairReport {
-    /// Unused chunks that held data, now punched.
-    pub leaked_chunks_freed: u64,
-    pub old_file_size: u64,
-    pub new_file_size: u64,
-    /// Host space given back.
-    pub bytes_reclaimed: u64,
-}
-
-impl Image {
-    /// Repairs leaks in place: the scan at open has already punched unused
-    /// chunks that held data; this also cuts unused chunks off the end of
-    /// the file. Crash-safe: nothing any entry names is touched.
-    pub fn repair_leaks(&self, allocated_before: u64) -> Result<RepairReport> {
-        let _only = self.exclusive.write();
-        if !self.writable {
-            return Err(Error::ReadOnly);
-        }
-        self.open_scan.wait(&self.alloc)?;
-        self.flush_inner()?;
-        let cs = self.geo.chunk_size;
-        let old_len = self.storage.len().map_err(|e| self.io_err("stat", e))?;
-        let tables = self.dir.read().tables.clone();
-        let u = usage::scan(&*self.storage, &self.geo, &tables, old_len / cs)
-            .map_err(|e| self.io_err("reading the index", e))?;
-        let mut new_end = old_len / cs;
-        if let Some((a, b)) = u.free.iter().last() {
-            if b == new_end {
-                new_end = a;
-            }
-        }
-        if new_end < old_len / cs {
-            self.storage
-                .set_len(new_end * cs)
-                .and_then(|()| self.storage.sync())
-                .map_err(|e| self.io_err("shortening the container", e))?;
-            self.alloc.reset(new_end);
-            let mut below = FreeRanges::default();
-            for (a, b) in u.free.iter().filter(|&(a, _)| a < new_end) {
-                below.insert(a, b.min(new_end));
-            }
-            self.alloc.add_scanned(&below);
-        }
-        Ok(RepairReport {
-            leaked_chunks_freed: self.open_scan.punched(),
-            old_file_size: old_len,
-            new_file_size: new_end * cs,
-            bytes_reclaimed: allocated_before.saturating_sub(self.allocated_bytes()?),
-        })
-    }
 }

@@ -98,6 +98,14 @@ fn stem_of_container(name: &OsStr) -> Option<&OsStr> {
     }
 }
 
+/// Logs why an image is served read-only in a writable mount (a large
+/// image's scan, still running, logs it itself when it finishes).
+fn note_refusal(path: &Path, image: &Image) {
+    if let Some(why) = image.refusal_now() {
+        warn!("{}: serving read-only: {why}", path.display());
+    }
+}
+
 fn with_ext(stem: &OsStr, ext: &str) -> OsString {
     let mut s = stem.to_os_string();
     s.push(".");
@@ -148,6 +156,7 @@ impl Namespace {
             return Ok(());
         };
         let image = Image::open(path, &self.open_options())?;
+        note_refusal(path, &image);
         let md = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
         let stem = path.file_stem().unwrap_or(OsStr::new("image"));
         let mut inner = self.inner.write();
@@ -283,6 +292,7 @@ impl Namespace {
         }
         match Image::open(path, &self.open_options()) {
             Ok(image) => {
+                note_refusal(path, &image);
                 let mut inner = self.inner.write();
                 inner.failed.remove(path);
                 let ino = inner.alloc_ino();
