@@ -169,3 +169,27 @@ require_python_dissect() {
     "$PYTHON" -c 'import dissect.hypervisor.disk.asif' 2>/dev/null \
         || fail "$PYTHON cannot import dissect.hypervisor (run make deps)"
 }
+
+# image_check FILE: run `asiffs check FILE`, keeping its output in
+# $TESTDIR/check.out; return its exit code (0 clean, 2 corrupt, 3 only
+# leaked space). Afterwards check_why prints the one line of that output
+# that names the problem (the first line when none does).
+image_check() {
+    local rc=0
+    "$ASIFFS" check "$1" >"$TESTDIR/check.out" 2>&1 || rc=$?
+    return $rc
+}
+check_why() {
+    grep -m1 -iE 'leak|corrupt|error|invalid|bad|refus' "$TESTDIR/check.out" || head -n1 "$TESTDIR/check.out"
+}
+
+# assert_check_clean FILE WHAT: `asiffs check FILE` must exit 0; otherwise
+# print its output and fail with one line: WHAT, the exit code and why.
+assert_check_clean() {
+    local rc=0
+    image_check "$1" || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        cat "$TESTDIR/check.out" >&2
+        fail "$2: asiffs check exit $rc (2 = corrupt, 3 = leaked chunks): $(check_why)"
+    fi
+}
