@@ -47,20 +47,31 @@ mounts_below() {
 }
 
 # unmount_quietly DIR: unmount DIR if it is mounted (FUSE first, then a plain
-# and finally a lazy umount), and wait (bounded) until it no longer is.
-# Never fails.
+# and finally a lazy umount), and wait (bounded) until it no longer is. If an
+# asiffs server served it, wait (30 s at most) for that server to flush and
+# exit too, then SIGKILL it: no server outlives the test, holding files on a
+# filesystem being unmounted next. Never fails.
 unmount_quietly() {
-    local dir="$1" i
+    local dir="$1" i pid
     mountpoint -q "$dir" 2>/dev/null || return 0
+    pid="$(python3 -c 'import os, sys; print(os.getxattr(sys.argv[1], "user.asiffs.pid").decode())' "$dir" 2>/dev/null)" || pid=""
     fusermount3 -u "$dir" >/dev/null 2>&1 \
         || umount "$dir" >/dev/null 2>&1 \
         || umount -l "$dir" >/dev/null 2>&1 \
         || true
     for ((i = 0; i < 100; i++)); do
-        mountpoint -q "$dir" 2>/dev/null || return 0
+        mountpoint -q "$dir" 2>/dev/null || break
         sleep 0.1
     done
-    log "warning: $dir still mounted after unmount attempts"
+    mountpoint -q "$dir" 2>/dev/null && log "warning: $dir still mounted after unmount attempts"
+    if [[ "$pid" =~ ^[0-9]+$ ]]; then
+        for ((i = 0; i < 300; i++)); do
+            [[ -e /proc/$pid && "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || return 0
+            sleep 0.1
+        done
+        log "warning: asiffs server $pid still running 30 s after unmounting $dir; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
     return 0
 }
 
@@ -168,4 +179,28 @@ require_asiffs() {
 require_python_dissect() {
     "$PYTHON" -c 'import dissect.hypervisor.disk.asif' 2>/dev/null \
         || fail "$PYTHON cannot import dissect.hypervisor (run make deps)"
+}
+
+# image_check FILE: run `asiffs check FILE`, keeping its output in
+# $TESTDIR/check.out; return its exit code (0 clean, 2 corrupt, 3 only
+# leaked space). Afterwards check_why prints the one line of that output
+# that names the problem (the first line when none does).
+image_check() {
+    local rc=0
+    "$ASIFFS" check "$1" >"$TESTDIR/check.out" 2>&1 || rc=$?
+    return $rc
+}
+check_why() {
+    grep -m1 -iE 'leak|corrupt|error|invalid|bad|refus' "$TESTDIR/check.out" || head -n1 "$TESTDIR/check.out"
+}
+
+# assert_check_clean FILE WHAT: `asiffs check FILE` must exit 0; otherwise
+# print its output and fail with one line: WHAT, the exit code and why.
+assert_check_clean() {
+    local rc=0
+    image_check "$1" || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        cat "$TESTDIR/check.out" >&2
+        fail "$2: asiffs check exit $rc (2 = corrupt, 3 = leaked chunks): $(check_why)"
+    fi
 }
