@@ -42,7 +42,6 @@ mod usage;
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -179,22 +178,19 @@ pub struct Image {
 }
 
 fn lock_file(file: &File, mode: LockMode, path: &Path) -> Result<()> {
+    use rustix::fs::FlockOperation as Op;
     let op = match mode {
-        LockMode::Exclusive => libc::LOCK_EX,
-        LockMode::Shared => libc::LOCK_SH,
+        LockMode::Exclusive => Op::NonBlockingLockExclusive,
+        LockMode::Shared => Op::NonBlockingLockShared,
         LockMode::None => return Ok(()),
     };
-    // SAFETY: plain syscall on an owned descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::Locked {
-                path: path.to_path_buf(),
-            });
-        }
-        return Err(Error::io(format!("{}: locking", path.display()), e));
+    match rustix::fs::flock(file, op) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Locked {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(Error::io(format!("{}: locking", path.display()), e.into())),
     }
-    Ok(())
 }
 
 impl Image {

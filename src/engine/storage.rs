@@ -4,7 +4,9 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+
+use rustix::fs::FallocateFlags;
+use rustix::io::Errno;
 
 /// What the engine needs from the container. Every method may be called
 /// from many threads at once.
@@ -49,14 +51,6 @@ impl FileStorage {
     }
 }
 
-fn cvt(r: libc::c_int) -> io::Result<()> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
@@ -93,24 +87,16 @@ impl Storage for FileStorage {
     fn extend(&self, len: u64) -> io::Result<()> {
         const SECTOR: usize = 512;
         let zeros = [0u8; SECTOR];
-        let iov = libc::iovec {
-            iov_base: zeros.as_ptr() as *mut libc::c_void,
-            iov_len: SECTOR,
-        };
         let at = len
             .checked_sub(SECTOR as u64)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: one iovec over a live stack buffer, on an owned descriptor.
-        let r = unsafe {
-            libc::pwritev2(
-                self.file.as_raw_fd(),
-                &iov,
-                1,
-                at as libc::off_t,
-                libc::RWF_DSYNC,
-            )
-        };
-        if r != SECTOR as isize {
+        let written = rustix::io::pwritev2(
+            &self.file,
+            &[io::IoSlice::new(&zeros)],
+            at,
+            rustix::io::ReadWriteFlags::DSYNC,
+        );
+        if written != Ok(SECTOR) {
             // Kernels or filesystems without per-write sync: the long way.
             self.set_len(len)?;
             return self.sync();
@@ -123,21 +109,12 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(());
         }
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: plain syscall on an owned descriptor.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        match cvt(r) {
+        let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.file, mode, offset, len) {
             // A host filesystem without hole punching still has to read
             // zeros there.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write_zeros(self, offset, len),
-            other => other,
+            Err(Errno::OPNOTSUPP) => write_zeros(self, offset, len),
+            other => Ok(other?),
         }
     }
 
@@ -145,19 +122,10 @@ impl Storage for FileStorage {
         if len == 0 {
             return Ok(());
         }
-        // SAFETY: plain syscall on an owned descriptor.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        match cvt(r) {
+        match rustix::fs::fallocate(&self.file, FallocateFlags::KEEP_SIZE, offset, len) {
             // Nothing to reserve on a host that cannot: writes may still work.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-            other => other,
+            Err(Errno::OPNOTSUPP) => Ok(()),
+            other => Ok(other?),
         }
     }
 
@@ -166,22 +134,11 @@ impl Storage for FileStorage {
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        // SAFETY: plain syscall on an owned descriptor.
-        let r = unsafe {
-            libc::lseek(
-                self.file.as_raw_fd(),
-                offset as libc::off_t,
-                libc::SEEK_DATA,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::ENXIO) => Ok(None),
-                _ => Err(e),
-            };
+        match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(at) => Ok(Some(at)),
+            Err(Errno::NXIO) => Ok(None),
+            Err(e) => Err(e.into()),
         }
-        Ok(Some(r as u64))
     }
 
     fn allocated_bytes(&self) -> io::Result<u64> {
