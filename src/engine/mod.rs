@@ -33,6 +33,7 @@ mod compact;
 mod create;
 mod data;
 mod flush;
+pub mod memory;
 mod scan;
 pub mod storage;
 
