@@ -2,11 +2,11 @@
 #
 #   make deps        install system packages and the Python venv (idempotent, stamped)
 #   make build       cargo build --release --locked
-#   make test        fmt-check + cargo tests + Python oracle tests
+#   make test        fmt-check + clippy + cargo tests + Python oracle tests
 #                    + a short fuzz run of each target + integration/*.sh
 #   make bench       bench/run.sh
 #   make demo        create, fill and mount a demo image at demo/mnt
-#   make clippy      cargo clippy -D warnings (not part of test)
+#   make clippy      cargo clippy -D warnings, unsafe blocks must say why
 #   make fuzz        each fuzz target for FUZZ_SECONDS (default 300)
 #   make fuzz-seeds  rewrite the seed corpus from the Apple vectors
 
@@ -63,7 +63,7 @@ fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings -D clippy::undocumented_unsafe_blocks
 
 unit-test: build
 	$(CARGO) test --release --locked
@@ -124,7 +124,7 @@ fuzz-seeds:
 	$(PYTHON3) fuzz/seeds.py
 
 # Order matters: integration runs last so its "N passed, N failed" line closes the output.
-test: deps fmt-check unit-test interop-test fuzz-test integration
+test: deps fmt-check clippy unit-test interop-test fuzz-test integration
 
 bench: deps build
 	bench/run.sh
