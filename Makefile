@@ -2,10 +2,13 @@
 #
 #   make deps        install system packages and the Python venv (idempotent, stamped)
 #   make build       cargo build --release --locked
-#   make test        fmt-check + cargo tests + Python oracle tests + integration/*.sh
+#   make test        fmt-check + clippy + cargo tests + Python oracle tests
+#                    + a short fuzz run of each target + integration/*.sh
 #   make bench       bench/run.sh
 #   make demo        create, fill and mount a demo image at demo/mnt
-#   make clippy      cargo clippy -D warnings (not part of test)
+#   make clippy      cargo clippy -D warnings, unsafe blocks must say why
+#   make fuzz        each fuzz target for FUZZ_SECONDS (default 300)
+#   make fuzz-seeds  rewrite the seed corpus from the Apple vectors
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -24,6 +27,7 @@ DEPS_STAMP   := $(VENV)/.deps-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps apt-deps build test fmt-check clippy unit-test interop-test integration bench demo clean-demo
+.PHONY: fuzz-deps fuzz-build fuzz fuzz-test fuzz-seeds
 
 deps: apt-deps $(DEPS_STAMP)
 
@@ -59,7 +63,7 @@ fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings -D clippy::undocumented_unsafe_blocks
 
 unit-test: build
 	$(CARGO) test --release --locked
@@ -71,8 +75,56 @@ interop-test: deps
 integration: deps build
 	integration/run-all.sh
 
+# Fuzzing with cargo-fuzz (libFuzzer, AddressSanitizer, overflow checks).
+# There is no nightly toolchain: RUSTC_BOOTSTRAP=1 lets stable rustc take
+# the flags cargo-fuzz passes. The fuzz crate has its own target dir.
+FUZZ_TARGETS      := header directory entries metadata image
+FUZZ_SECONDS      ?= 300
+FUZZ_TEST_SECONDS ?= 20
+.PHONY: $(addprefix fuzz-run-,$(FUZZ_TARGETS)) $(addprefix fuzz-test-,$(FUZZ_TARGETS))
+CARGO_FUZZ        := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+# Largest input per target: a header sector; a directory slice; a group
+# and its bitmap bytes; a 64 KiB plist; an image of a few small chunks.
+FUZZ_MAX_LEN_header    := 1024
+FUZZ_MAX_LEN_directory := 4096
+FUZZ_MAX_LEN_entries   := 20000
+FUZZ_MAX_LEN_metadata  := 70000
+FUZZ_MAX_LEN_image     := 262144
+# A run fails on a panic, an input slower than 10 s, or more than 2 GiB.
+FUZZ_LIMITS := -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10
+
+fuzz-deps:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+
+fuzz-build: fuzz-deps
+	cd fuzz && $(CARGO_FUZZ) build
+
+# New inputs go to a scratch corpus under fuzz/target, so runs leave the
+# committed corpus (fuzz/corpus) alone; fuzz/regressions holds inputs
+# that once failed, replayed first by every run. One make target per fuzz
+# target, so that `make -k` runs them all even when one fails.
+# $(1): target, $(2): seconds.
+define fuzz_run
+	mkdir -p fuzz/target/corpus/$(1)
+	cd fuzz && $(CARGO_FUZZ) run $(1) target/corpus/$(1) corpus/$(1) \
+		$(patsubst fuzz/%,%,$(wildcard fuzz/regressions/$(1))) -- \
+		-max_total_time=$(2) -max_len=$(FUZZ_MAX_LEN_$(1)) $(FUZZ_LIMITS)
+endef
+
+fuzz: $(addprefix fuzz-run-,$(FUZZ_TARGETS))
+fuzz-test: $(addprefix fuzz-test-,$(FUZZ_TARGETS))
+
+$(addprefix fuzz-run-,$(FUZZ_TARGETS)): fuzz-run-%: fuzz-build
+	$(call fuzz_run,$*,$(FUZZ_SECONDS))
+
+$(addprefix fuzz-test-,$(FUZZ_TARGETS)): fuzz-test-%: fuzz-build
+	$(call fuzz_run,$*,$(FUZZ_TEST_SECONDS))
+
+fuzz-seeds:
+	$(PYTHON3) fuzz/seeds.py
+
 # Order matters: integration runs last so its "N passed, N failed" line closes the output.
-test: deps fmt-check unit-test interop-test integration
+test: deps fmt-check clippy unit-test interop-test fuzz-test integration
 
 bench: deps build
 	bench/run.sh

@@ -6,6 +6,8 @@
 //! - [`fs`]: a thin FUSE adapter over the engine;
 //! - [`cli`]: the `asiffs` command line.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod cli;
 pub mod engine;
 pub mod error;

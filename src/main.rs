@@ -1,3 +1,5 @@
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 fn main() {
     std::process::exit(asiffs::cli::main());
 }

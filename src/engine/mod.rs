@@ -33,6 +33,7 @@ mod compact;
 mod create;
 mod data;
 mod flush;
+pub mod memory;
 mod open_scan;
 mod repair;
 mod scan;

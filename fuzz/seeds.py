@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus: small pieces of Apple's images and a few tiny
+hand-made images. Run from the repository root; `make fuzz-seeds` does.
+
+Seeds are named `seed-*` so that a rerun replaces them and leaves the
+entries libFuzzer found (named by their hash) alone."""
+
+import gzip
+import struct
+from pathlib import Path
+
+VECTORS = Path("/work/shared/vectors")
+CORPUS = Path("fuzz/corpus")
+
+
+def vector(name, length):
+    with gzip.open(VECTORS / name) as f:
+        return f.read(length)
+
+
+def seed(target, name, data):
+    d = CORPUS / target
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"seed-{name}").write_bytes(data)
+
+
+def u64(v):
+    return struct.pack(">Q", v)
+
+
+def header(cs, max_sectors, sectors, dir_a, dir_b, meta_chunk):
+    h = bytearray(0x200)
+    struct.pack_into(">4sII", h, 0, b"shdw", 1, 0x200)
+    struct.pack_into(">QQ", h, 0x10, dir_a, dir_b)
+    h[0x20:0x30] = bytes(range(1, 17))
+    struct.pack_into(">QQIHHQ", h, 0x30, sectors, max_sectors, cs, 512, 0, meta_chunk)
+    return h
+
+
+def meta_chunk(uuid):
+    plist = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0"><dict>'
+        "<key>internal metadata</key><dict><key>stable uuid</key>"
+        f"<string>{uuid}</string></dict><key>user metadata</key><dict/>"
+        "</dict></plist>\n"
+    ).encode()
+    m = bytearray(0x200)
+    struct.pack_into(">4sIIQ", m, 0, b"meta", 1, 0x200, 0x200)
+    return bytes(m) + plist + b"\0"
+
+
+def small_image(cs, with_meta):
+    """A disk of 16 chunks on one table: chunk 1 the table, 2 a full data
+    chunk, 3 a partial one whose bitmap is chunk 4; with `with_meta`, the
+    metadata chunk (the table's last) is chunk 5, partial too. These chunk
+    sizes make one group per table, so one bitmap serves both.
+    Trailing zeros are left out: the target pads to whole chunks."""
+    n = 2048
+    group = 8 * (n + 1)
+    spc = cs // 512
+    span = (cs // group) * n  # chunks one table covers
+    img = bytearray(7 * cs)
+    img[: 0x200] = header(cs, span * spc, 16 * spc, 0x200, 0x400, span - 1)
+    img[0x200:0x210] = u64(2) + u64(1)  # directory A: version 2, table 0
+    img[0x400:0x410] = u64(1) + u64(1)  # directory B: older, same table
+    table = cs
+    img[table : table + 8] = u64(0x4000_0000_0000_0002)  # full, chunk 2
+    img[table + 8 : table + 16] = u64(0xC000_0000_0000_0003)  # partial, chunk 3
+    img[table + 16 : table + 24] = u64(0x8000_0000_0000_0000)  # discarded
+    img[table + 8 * n : table + 8 * n + 8] = u64(4)  # bitmap of group 0
+    img[2 * cs : 3 * cs] = bytes(i % 251 for i in range(cs))
+    img[3 * cs : 4 * cs] = b"\x77" * cs
+    bits = 4 * cs + spc // 4  # entry 1's sectors: every other one written
+    img[bits : bits + spc // 4] = b"\x11" * (spc // 4)
+    if with_meta:
+        assert span == n
+        k = n - 1
+        img[table + 8 * k : table + 8 * k + 8] = u64(0xC000_0000_0000_0005)
+        m = meta_chunk("13db9632-b79f-4e95-aada-835d5ef97bba")
+        img[5 * cs : 5 * cs + len(m)] = m
+        for sector in (k * spc, k * spc + 1):  # header and plist written
+            img[4 * cs + sector // 4] |= 1 << (2 * (sector % 4))
+    return bytes(img).rstrip(b"\0")
+
+
+def main():
+    basic = vector("apple-basic.asif.gz", 5 << 20)
+    blank = vector("apple-blank-10GB.asif.gz", 4 << 20)
+
+    seed("header", "basic", basic[:0x200])
+    seed("header", "blank", blank[:0x200])
+    seed("header", "small", small_image(32768, False)[:0x200])
+
+    dir_b = struct.unpack(">Q", basic[0x18:0x20])[0]
+    seed("directory", "basic-a", b"\x00\x10" + basic[0x200 : 0x200 + 8 * 17])
+    seed("directory", "basic-b", b"\x00\x10" + basic[dir_b : dir_b + 8 * 17])
+    # The metadata table's entry is the directory's last.
+    tail = 0x200 + 8 * 33289
+    seed("directory", "blank-end", b"\x00\x04" + blank[0x200:0x208] + blank[tail - 24 : tail])
+
+    table = basic[4 << 20 : (4 << 20) + 16392]
+    seed("entries", "basic-group0", b"\x3f" + table[: 8 * 256])
+    mgroup = blank[(1 << 20) + 7 * 16392 : (1 << 20) + 8 * 16392]
+    seed("entries", "blank-meta-group", b"\x00" + mgroup)
+    own = small_image(32768, False)
+    seed("entries", "small-group0", b"\x3f" + own[32768 : 32768 + 16392] + b"\x11" * 64)
+
+    seed("metadata", "basic", basic[2 << 20 : (2 << 20) + 0x400].rstrip(b"\0"))
+
+    seed("image", "blank-header", blank[:0x200])
+    seed("image", "small-32k", small_image(32768, True))
+    seed("image", "small-16k", small_image(16896, True))
+
+
+if __name__ == "__main__":
+    main()
