@@ -223,7 +223,7 @@ impl Image {
             for &(t, _, dst) in &table_moves {
                 tables[t as usize] = dst;
             }
-            let version = d.versions[d.active] + 1;
+            let version = self.next_version(&d)?;
             let slot = self.write_directory(d.active, version, tables.clone())?;
             d.active = slot;
             d.versions[slot] = version;

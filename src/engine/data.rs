@@ -102,18 +102,19 @@ impl Image {
         if d.tables[t as usize] != 0 {
             return Ok(());
         }
+        let version = self.next_version(&d)?;
         let a = self.alloc.allocate(&*self.storage)?;
         let n = a.chunk.0;
         let mut tables = d.tables.clone();
         tables[t as usize] = n;
-        let written = self.write_directory(d.active, d.versions[d.active] + 1, tables);
+        let written = self.write_directory(d.active, version, tables);
         // On failure the new directory may still have reached the disk, so
         // the chunk is not handed out again this session (the next open's
         // scan finds it if it is unused).
         if let Ok(slot) = written {
             d.tables[t as usize] = n;
             d.table_chunks.insert(n);
-            d.versions[slot] = d.versions[d.active] + 1;
+            d.versions[slot] = version;
             d.active = slot;
             bump(&self.counters.chunks_allocated, 1);
         }

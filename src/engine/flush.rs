@@ -81,6 +81,17 @@ impl Image {
         }
     }
 
+    /// The version a new directory gets. A hostile image may already be at
+    /// the largest: wrapping to 0 would lose to the old directory.
+    pub(super) fn next_version(&self, d: &super::DirState) -> Result<u64> {
+        d.versions[d.active].checked_add(1).ok_or_else(|| {
+            Error::Corrupt(format!(
+                "{}: the directory version is at its largest and cannot grow",
+                self.path.display()
+            ))
+        })
+    }
+
     /// Writes a directory with `version` into the slot that is not
     /// `active` and returns that slot. Every table it names must already be
     /// durable. The body goes first, then the sector holding the version:

@@ -773,23 +773,18 @@ impl Filesystem for AsifFs {
                 .map(|p| p.to_path_buf())
                 .unwrap_or_else(|| "/".into()),
         };
-        let c = match std::ffi::CString::new(dir.as_os_str().as_bytes()) {
-            Ok(c) => c,
-            Err(_) => return reply.error(Errno::EINVAL),
+        let st = match rustix::fs::statvfs(&dir) {
+            Ok(st) => st,
+            Err(e) => return reply.error(io_errno(e.into())),
         };
-        // SAFETY: statvfs fills the zeroed struct; c is NUL-terminated.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return reply.error(io_errno(io::Error::last_os_error()));
-        }
         // Reported in 4 KiB units: loop devices take their discard granularity from f_bsize.
-        let scale = |n: u64| n.saturating_mul(st.f_frsize as u64) / 4096;
+        let scale = |n: u64| n.saturating_mul(st.f_frsize) / 4096;
         reply.statfs(
-            scale(st.f_blocks as u64),
-            scale(st.f_bfree as u64),
-            scale(st.f_bavail as u64),
-            st.f_files as u64,
-            st.f_ffree as u64,
+            scale(st.f_blocks),
+            scale(st.f_bfree),
+            scale(st.f_bavail),
+            st.f_files,
+            st.f_ffree,
             4096,
             255,
             4096,
