@@ -340,3 +340,49 @@ fn stress_with_a_one_group_cache_and_delays_matches_the_model() {
     assert!(!r.is_corrupt(), "{:?}", r.corruptions);
     assert_eq!(r.leaked_chunks, 0);
 }
+
+/// Compaction and resize move chunks and tables; the engine keeps them
+/// apart from I/O itself. Writers and readers run while another thread
+/// compacts and grows the disk again and again: every read matches the
+/// model, and the image checks clean afterwards.
+#[test]
+fn compact_and_resize_wait_for_io_and_io_waits_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = create(dir.path(), 3 * TABLE);
+    let delays = Delays {
+        jitter_us: 100,
+        ..Default::default()
+    };
+    let img = open_slow(&path, delays, 1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mover = {
+        let (img, stop) = (img.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                img.compact(&mut |_, _| {}).unwrap();
+                let size = img.size();
+                img.resize(size + MIB).unwrap();
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let threads = 4;
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || worker(&img, t, threads, 150))
+        })
+        .collect();
+    let models: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    stop.store(true, Ordering::Relaxed);
+    assert!(mover.join().unwrap() > 0);
+    verify(&img, &models);
+    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+    let img = Image::open(&path, &OpenOptions::default()).unwrap();
+    verify(&img, &models);
+    let r = img.check().unwrap();
+    assert!(!r.is_corrupt(), "{:?}", r.corruptions);
+    assert_eq!(r.leaked_chunks, 0);
+}
