@@ -329,6 +329,27 @@ fn bad_headers_are_refused() {
     refused_by_every_command(&p, 2, "not an ASIF image", false);
 }
 
+/// A bad magic reads as text when printable, else as hex.
+#[test]
+fn bad_magic_is_shown_as_text_or_hex() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = fresh(tmp.path(), "x.bin");
+    write_bytes(&p, 0x03, b"x");
+    let r = run(["info", s(&p)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic \"shdx\", expected \"shdw\")\n"
+    );
+    write_bytes(&p, 0, &[0, 0, 0, 0]);
+    let r = run(["map", s(&p)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic 0x00000000, expected \"shdw\")\n"
+    );
+}
+
 #[test]
 fn bad_directories_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
