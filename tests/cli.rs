@@ -329,6 +329,64 @@ fn bad_headers_are_refused() {
     refused_by_every_command(&p, 2, "not an ASIF image", false);
 }
 
+/// Header values that wrapped the unchecked geometry sums and products:
+/// each is refused by every command with its exact one-line reason, exit 2,
+/// no panic, the file unchanged.
+#[test]
+fn hostile_header_values_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let outside = "must be sector-aligned, after the header and inside chunk 0";
+    // (name, [(offset, bytes)], exact message); offsets from spec §1.
+    type Patches = Vec<(u64, Vec<u8>)>;
+    let cases: Vec<(&str, Patches, String)> = vec![
+        (
+            "dirA-wraps",
+            vec![(0x10, (!511u64).to_be_bytes().to_vec())],
+            format!("invalid header field directory A offset: 0xfffffffffffffe00 ({outside})"),
+        ),
+        (
+            "dirB-wraps",
+            vec![(0x18, (!511u64).to_be_bytes().to_vec())],
+            format!("invalid header field directory B offset: 0xfffffffffffffe00 ({outside})"),
+        ),
+        (
+            "chunk-u32max",
+            vec![(0x40, u32::MAX.to_be_bytes().to_vec())],
+            "invalid header field chunk size: 0xffffffff (must be a non-zero multiple of the block size)".into(),
+        ),
+        (
+            // 256 MiB chunks make the directories fit, but T * D passes 2^64.
+            "span-wraps",
+            vec![
+                (0x40, (256u32 << 20).to_be_bytes().to_vec()),
+                (0x38, (u64::MAX / 512).to_be_bytes().to_vec()),
+            ],
+            "invalid header field max sector count: 0x7fffffffffffff (geometry overflows 64 bits)".into(),
+        ),
+        (
+            // metadata_chunk * cs fits in 64 bits, + cs does not.
+            "metachunk-wraps",
+            vec![(0x48, (u64::MAX >> 20).to_be_bytes().to_vec())],
+            "invalid header field metadata chunk: 0xfffffffffff (outside the directory's span)".into(),
+        ),
+    ];
+    for (name, patches, msg) in cases {
+        let p = fresh(d, &format!("{name}.asif"));
+        for (off, bytes) in &patches {
+            write_bytes(&p, *off, bytes);
+        }
+        let r = run(["info", s(&p)]);
+        assert_eq!(
+            (r.code, r.stderr.as_str()),
+            (2, format!("asiffs: {msg}\n").as_str()),
+            "{name}"
+        );
+        refused_by_every_command(&p, 2, &msg, true);
+        fs::remove_file(&p).unwrap();
+    }
+}
+
 /// A bad magic reads as text when printable, else as hex.
 #[test]
 fn bad_magic_is_shown_as_text_or_hex() {
