@@ -850,6 +850,96 @@ fn raw_size_not_a_whole_sector() {
 }
 
 // ---------------------------------------------------------------------------
+// convert never harms an existing destination.
+
+/// Names in `dir`, sorted: shows that no temporary file was left behind.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A destination another process holds (a writable open takes an exclusive
+/// lock, a reader a shared one) is refused with --force, in both output
+/// formats, and left byte for byte as it was; once free it is replaced.
+#[test]
+fn convert_refuses_a_destination_in_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let raw = d.join("in.raw");
+    let data = pattern(21, 2 * MIB as usize);
+    fs::write(&raw, &data).unwrap();
+    let dst = fresh(d, "held.asif");
+    let held = asiffs::Image::open(&dst, &asiffs::OpenOptions::writable()).unwrap();
+    let before = fs::read(&dst).unwrap();
+    let locked = format!(
+        "asiffs: {}: image is in use by another process (locked)\n",
+        dst.display()
+    );
+    for out in ["asif", "raw"] {
+        let r = run(["convert", "--force", "-O", out, s(&raw), s(&dst)]);
+        assert_eq!(
+            (r.code, r.stderr.as_str()),
+            (1, locked.as_str()),
+            "-O {out}"
+        );
+        assert!(fs::read(&dst).unwrap() == before, "-O {out} changed DST");
+        assert_eq!(names(d), ["held.asif", "in.raw"]);
+    }
+    drop(held);
+
+    // A raw destination under a reader's shared lock.
+    let out = d.join("held.raw");
+    fs::write(&out, b"precious").unwrap();
+    let f = fs::File::open(&out).unwrap();
+    // SAFETY: plain syscall on a descriptor we own.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_SH) };
+    assert_eq!(rc, 0);
+    let r = run(["convert", "--force", s(&raw), s(&out)]);
+    let locked = format!(
+        "asiffs: {}: image is in use by another process (locked)\n",
+        out.display()
+    );
+    assert_eq!((r.code, r.stderr.as_str()), (1, locked.as_str()));
+    assert_eq!(fs::read(&out).unwrap(), b"precious");
+    drop(f);
+    let r = run(["convert", "--force", s(&raw), s(&out)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same_bytes("replaced raw", &fs::read(&out).unwrap(), &data);
+    assert_eq!(names(d), ["held.asif", "held.raw", "in.raw"]);
+}
+
+/// A convert that fails midway (a corrupt table entry in the source, found
+/// only while copying) leaves an existing DST as it was and no temporary
+/// file, whatever the output format.
+#[test]
+fn failed_convert_leaves_the_destination_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (src, tc) = image_with_data(d, "bad.asif");
+    let chunks = fs::metadata(&src).unwrap().len() / MIB;
+    write_u64(&src, data_entry(tc, 0, 2), FULL | chunks);
+    let old_raw = d.join("old.raw");
+    fs::write(&old_raw, b"old raw disk").unwrap();
+    let old_asif = fresh(d, "old.asif");
+    for dst in [&old_raw, &old_asif] {
+        let before = fs::read(dst).unwrap();
+        let r = run(["convert", "--force", s(&src), s(dst)]);
+        assert_eq!(r.code, 2, "{r:?}");
+        assert_one_error_line(&r, "convert a corrupt source", "table 0 group 0 entry 2");
+        assert!(
+            fs::read(dst).unwrap() == before,
+            "{} changed",
+            dst.display()
+        );
+        assert_eq!(names(d), ["bad.asif", "old.asif", "old.raw"]);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Leaks and free space.
 
 #[test]

@@ -176,6 +176,66 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Refuses DST unless it may be replaced, and if it exists takes its
+/// exclusive lock (as a writable open does), held until it is replaced: an
+/// image in use is never touched.
+fn hold_destination(dst: &Path, force: bool) -> Result<Option<File>> {
+    let ctx = |e| Error::io(dst.display().to_string(), e);
+    match std::fs::symlink_metadata(dst) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ctx(e)),
+        Ok(_) if !force => Err(Error::Invalid(format!(
+            "{}: file exists (use --force to replace it)",
+            dst.display()
+        ))),
+        Ok(m) if !m.is_file() => Err(Error::Invalid(format!(
+            "{}: not a regular file",
+            dst.display()
+        ))),
+        Ok(_) => {
+            let f = File::open(dst).map_err(ctx)?;
+            // SAFETY: plain syscall on an owned descriptor.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    return Err(Error::Locked {
+                        path: dst.to_path_buf(),
+                    });
+                }
+                return Err(Error::io(format!("{}: locking", dst.display()), e));
+            }
+            Ok(Some(f))
+        }
+    }
+}
+
+/// Where the output is written before it replaces DST: beside it, so the
+/// final rename stays on one file system.
+fn temp_path(dst: &Path) -> PathBuf {
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dst.with_file_name(format!(".{name}.asiffs-tmp-{}", std::process::id()))
+}
+
+/// Moves the finished output into place and makes the new name durable.
+fn install(tmp: &Path, dst: &Path, force: bool) -> Result<()> {
+    let ctx = |e| Error::io(dst.display().to_string(), e);
+    if force {
+        std::fs::rename(tmp, dst).map_err(ctx)?;
+    } else {
+        // Fails if DST appeared meanwhile: without --force, never clobber.
+        std::fs::hard_link(tmp, dst).map_err(ctx)?;
+        std::fs::remove_file(tmp).map_err(ctx)?;
+    }
+    let dir = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(ctx)
+}
+
 pub fn run(a: ConvertArgs) -> Result<i32> {
     if same_file(&a.src, &a.dst) {
         return Err(Error::Invalid(
@@ -192,44 +252,43 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
             Format::Raw
         }
     });
-    if !a.force && std::fs::symlink_metadata(&a.dst).is_ok() {
-        return Err(Error::Invalid(format!(
-            "{}: file exists (use --force to replace it)",
-            a.dst.display()
-        )));
-    }
+    let held = hold_destination(&a.dst, a.force)?;
     let src = open_source(&a.src)?;
-    let written = write_output(&a, out, &src);
-    if written.is_err() {
-        // Half a disk is worse than none: never leave one behind.
-        let _ = std::fs::remove_file(&a.dst);
+    let tmp = temp_path(&a.dst);
+    // Only a run of ours with this pid, killed, can have left one.
+    let _ = std::fs::remove_file(&tmp);
+    let done = write_output(&a, out, &src, &tmp).and_then(|()| install(&tmp, &a.dst, a.force));
+    if done.is_err() {
+        // Half a disk is worse than none; DST itself was never touched.
+        let _ = std::fs::remove_file(&tmp);
     }
-    written.map(|()| 0)
+    drop(held);
+    done.map(|()| 0)
 }
 
-fn write_output(a: &ConvertArgs, out: Format, src: &Source) -> Result<()> {
+/// Writes the whole output, synced, to `to` (a new file).
+fn write_output(a: &ConvertArgs, out: Format, src: &Source, to: &Path) -> Result<()> {
     match out {
         Format::Asif => {
             let (chunk_size, block_size) = a.geometry.sizes()?;
             let opts = CreateOptions {
                 size: src.size(),
-                force: a.force,
+                force: false,
                 chunk_size,
                 block_size,
             };
-            let dst = Image::create(&a.dst, &opts)?;
+            let dst = Image::create(to, &opts)?;
             let step = u64::from(chunk_size).clamp(STEP, 8 * STEP);
             copy(src, step, |buf, off| dst.write_at(buf, off))?;
             dst.close()?;
         }
         Format::Raw => {
+            let ctx = |e| Error::io(to.display().to_string(), e);
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&a.dst)
-                .map_err(|e| Error::io(a.dst.display().to_string(), e))?;
-            let ctx = |e| Error::io(a.dst.display().to_string(), e);
+                .create_new(true)
+                .open(to)
+                .map_err(ctx)?;
             f.set_len(src.size()).map_err(ctx)?;
             copy(src, STEP, |buf, off| f.write_all_at(buf, off).map_err(ctx))?;
             f.sync_all().map_err(ctx)?;
