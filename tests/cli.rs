@@ -137,8 +137,8 @@ fn create_rejects_bad_sizes() {
 // ---------------------------------------------------------------------------
 // Damaged and foreign inputs.
 
-/// Runs info, map, check and (for files that carry the ASIF magic, which
-/// convert otherwise treats as raw) convert on `path`; each must fail with
+/// Runs info, map, check and (for files named `.asif` or carrying the ASIF
+/// magic, which convert otherwise reads as raw) convert on `path`; each must fail with
 /// `code`, one `asiffs: ` stderr line mentioning `needle`, no panic, and
 /// leave the file as it was.
 fn refused_by_every_command(path: &Path, code: i32, needle: &str, convert: bool) {
@@ -326,7 +326,7 @@ fn bad_headers_are_refused() {
     }
     let p = fresh(d, "magic.asif");
     write_bytes(&p, 0x03, b"x");
-    refused_by_every_command(&p, 2, "not an ASIF image", false);
+    refused_by_every_command(&p, 2, "not an ASIF image", true);
 }
 
 /// Header values that wrapped the unchecked geometry sums and products:
@@ -910,6 +910,83 @@ fn convert_refuses_a_destination_in_use() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_same_bytes("replaced raw", &fs::read(&out).unwrap(), &data);
     assert_eq!(names(d), ["held.asif", "held.raw", "in.raw"]);
+}
+
+/// A `.asif` file without the magic is a damaged image, not a raw disk:
+/// convert refuses it unless told `-f raw`; `-f asif` insists on ASIF; a
+/// source probed as raw is read as raw with a warning.
+#[test]
+fn convert_source_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let out = d.join("out.raw");
+    let p = fresh(d, "damaged.asif");
+    write_bytes(&p, 0x03, b"x");
+    let r = run(["convert", s(&p), s(&out)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic \"shdx\", expected \"shdw\")\n"
+    );
+    assert_eq!(names(d), ["damaged.asif"]);
+    let zeros = d.join("zeros.asif");
+    fs::write(&zeros, vec![0u8; MIB as usize]).unwrap();
+    let r = run(["convert", s(&zeros), s(&out)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic 0x00000000, expected \"shdw\")\n"
+    );
+    assert_eq!(names(d), ["damaged.asif", "zeros.asif"]);
+
+    // -f raw: the bytes as they are, without a word.
+    let r = run(["convert", "-f", "raw", s(&p), s(&out)]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
+    assert!(fs::read(&out).unwrap() == fs::read(&p).unwrap());
+    fs::remove_file(&out).unwrap();
+
+    // -f asif on something else fails, naming the magic.
+    let bin = d.join("zeros.bin");
+    fs::write(&bin, vec![0u8; MIB as usize]).unwrap();
+    let r = run(["convert", "--source-format=asif", s(&bin), s(&out)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic 0x00000000, expected \"shdw\")\n"
+    );
+    assert!(!out.exists());
+
+    // Probed as raw: converted, with a one-line warning.
+    let r = run(["convert", s(&bin), s(&out)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        format!(
+            "asiffs: warning: {}: no source format given and none recognised; \
+             reading it as raw (-f raw says so, -f FMT picks another)\n",
+            bin.display()
+        )
+    );
+    assert!(fs::read(&out).unwrap() == fs::read(&bin).unwrap());
+
+    // A format name is all -f takes.
+    let r = run([
+        "convert",
+        "--force",
+        "-f",
+        "qcow2,file.x=y",
+        s(&bin),
+        s(&out),
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: unknown source format \"qcow2,file.x=y\": expected raw, asif or a qemu-img format name\n"
+    );
+    assert_eq!(
+        names(d),
+        ["damaged.asif", "out.raw", "zeros.asif", "zeros.bin"]
+    );
 }
 
 /// A convert that fails midway (a corrupt table entry in the source, found

@@ -26,6 +26,9 @@ pub enum Format {
 pub struct ConvertArgs {
     src: PathBuf,
     dst: PathBuf,
+    /// Source format: asif, raw or any format qemu-img reads (default: probed).
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
+    source_format: Option<String>,
     /// Output format (default: from DST's extension, .asif or raw).
     #[arg(short = 'O', value_enum)]
     output_format: Option<Format>,
@@ -242,18 +245,13 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
             "source and destination are the same file".into(),
         ));
     }
-    let out = a.output_format.unwrap_or_else(|| {
-        if a.dst
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("asif"))
-        {
-            Format::Asif
-        } else {
-            Format::Raw
-        }
+    let out = a.output_format.unwrap_or(if has_asif_name(&a.dst) {
+        Format::Asif
+    } else {
+        Format::Raw
     });
     let held = hold_destination(&a.dst, a.force)?;
-    let src = open_source(&a.src)?;
+    let src = open_source(&a.src, a.source_format.as_deref())?;
     let tmp = temp_path(&a.dst);
     // Only a run of ours with this pid, killed, can have left one.
     let _ = std::fs::remove_file(&tmp);
@@ -297,9 +295,32 @@ fn write_output(a: &ConvertArgs, out: Format, src: &Source, to: &Path) -> Result
     Ok(())
 }
 
-fn open_source(path: &Path) -> Result<Source> {
-    if is_asif(path)? {
-        return Ok(Source::Asif(Image::open(path, &OpenOptions::default())?));
+fn has_asif_name(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("asif"))
+}
+
+/// Opens the source as `format` says, else as what it looks like. A file
+/// named `.asif` is opened as ASIF whatever its magic, so a damaged image
+/// is refused rather than copied as if it were a raw disk.
+fn open_source(path: &Path, format: Option<&str>) -> Result<Source> {
+    let asif = || Ok(Source::Asif(Image::open(path, &OpenOptions::default())?));
+    match format {
+        Some("asif") => return asif(),
+        // Passed to qemu as one argument; a name is all it may hold.
+        Some(f)
+            if f.is_empty()
+                || !f
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+        {
+            return Err(Error::Invalid(format!(
+                "unknown source format {f:?}: expected raw, asif or a qemu-img format name"
+            )))
+        }
+        Some(_) => {}
+        None if has_asif_name(path) || is_asif(path)? => return asif(),
+        None => {}
     }
     let f = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
     let m = f
@@ -311,7 +332,21 @@ fn open_source(path: &Path) -> Result<Source> {
             path.display()
         )));
     }
-    match qemu::probe(path)? {
+    let qemu_format = match format {
+        Some("raw") => None,
+        Some(f) => Some(f.to_string()),
+        None => {
+            let probed = qemu::probe(path)?;
+            if probed.is_none() {
+                eprintln!(
+                    "asiffs: warning: {}: no source format given and none recognised; reading it as raw (-f raw says so, -f FMT picks another)",
+                    path.display()
+                );
+            }
+            probed
+        }
+    };
+    match qemu_format {
         None => Ok(Source::Raw(f, m.len())),
         Some(format) => Ok(Source::Qemu(qemu::Export::start(path, &format, WORKERS)?)),
     }
