@@ -135,6 +135,45 @@ fn create_rejects_bad_sizes() {
 }
 
 // ---------------------------------------------------------------------------
+// info, map, check
+
+/// `--output=json` / `--output json` print exactly what `--json` prints,
+/// and `--output=human` exactly what no option prints, as qemu-img users
+/// type them; a third format, or both spellings at odds, is a usage error.
+#[test]
+fn output_option_is_an_alias_of_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = fresh(tmp.path(), "o.asif");
+    for cmd in ["info", "map", "check"] {
+        let json = run([cmd, "--json", s(&p)]);
+        let human = run([cmd, s(&p)]);
+        assert_eq!(
+            (json.code, human.code),
+            (0, 0),
+            "{cmd}: {json:?}\n{human:?}"
+        );
+        assert_ne!(json.stdout, human.stdout, "{cmd}");
+        assert!(!json.json().is_null(), "{cmd}: --json prints JSON");
+        for (args, want) in [
+            (vec!["--output=json"], &json),
+            (vec!["--output", "json"], &json),
+            (vec!["--output=human"], &human),
+        ] {
+            let r = run([cmd].into_iter().chain(args.clone()).chain([s(&p)]));
+            assert_eq!(r.code, 0, "{cmd} {args:?}: {r:?}");
+            assert_eq!(r.stdout, want.stdout, "{cmd} {args:?}");
+            assert_eq!(r.stderr, "", "{cmd} {args:?}");
+        }
+        for bad in [vec!["--output=xml"], vec!["--json", "--output=human"]] {
+            let r = run([cmd].into_iter().chain(bad.clone()).chain([s(&p)]));
+            assert_eq!(r.code, 2, "{cmd} {bad:?}: {r:?}");
+            assert!(r.stderr.starts_with("error: "), "{cmd} {bad:?}: {r:?}");
+            assert_eq!(r.stdout, "", "{cmd} {bad:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Damaged and foreign inputs.
 
 /// Runs info, map, check and (for files named `.asif` or carrying the ASIF
