@@ -1053,6 +1053,20 @@ fn failed_convert_leaves_the_destination_alone() {
         );
         assert_eq!(names(d), ["bad.asif", "old.asif", "old.raw"]);
     }
+    // A missing output directory is reported against DST, not the
+    // temporary name beside it.
+    for name in ["x.raw", "x.asif"] {
+        let dst = d.join("missing").join(name);
+        let r = run(["convert", "-f", "raw", s(&old_raw), s(&dst)]);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert_eq!(
+            r.stderr,
+            format!(
+                "asiffs: {}: No such file or directory (os error 2)\n",
+                dst.display()
+            )
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -255,6 +255,13 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
     let tmp = temp_path(&a.dst);
     // Only a run of ours with this pid, killed, can have left one.
     let _ = std::fs::remove_file(&tmp);
+    // Made here so that a missing or read-only directory is reported
+    // against DST, the name the user gave, not the temporary one.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(a.dst.display().to_string(), e))?;
     let done = write_output(&a, out, &src, &tmp).and_then(|()| install(&tmp, &a.dst, a.force));
     if done.is_err() {
         // Half a disk is worse than none; DST itself was never touched.
@@ -264,14 +271,14 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
     done.map(|()| 0)
 }
 
-/// Writes the whole output, synced, to `to` (a new file).
+/// Writes the whole output, synced, over `to` (an empty file of ours).
 fn write_output(a: &ConvertArgs, out: Format, src: &Source, to: &Path) -> Result<()> {
     match out {
         Format::Asif => {
             let (chunk_size, block_size) = a.geometry.sizes()?;
             let opts = CreateOptions {
                 size: src.size(),
-                force: false,
+                force: true,
                 chunk_size,
                 block_size,
             };
@@ -284,7 +291,6 @@ fn write_output(a: &ConvertArgs, out: Format, src: &Source, to: &Path) -> Result
             let ctx = |e| Error::io(to.display().to_string(), e);
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .create_new(true)
                 .open(to)
                 .map_err(ctx)?;
             f.set_len(src.size()).map_err(ctx)?;
