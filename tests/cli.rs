@@ -1069,6 +1069,98 @@ fn failed_convert_leaves_the_destination_alone() {
     }
 }
 
+fn mkfifo(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: plain syscall with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Killed by SIGINT or SIGTERM in the middle of a copy, convert removes its
+/// temporary output and leaves DST as it was. The copy is held up, with no
+/// timing guesses, by a stand-in `qemu-img` whose `map` tells the test it
+/// has started and then waits until released.
+#[test]
+fn interrupted_convert_leaves_nothing_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let have = |t: &str| Command::new(t).arg("--version").output().is_ok();
+    if !have("qemu-img") || !have("qemu-nbd") {
+        eprintln!("NOTICE: qemu-utils are not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let qcow = d.join("in.qcow2");
+    let q = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", s(&qcow), "16M"])
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{q:?}");
+    let dst = fresh(d, "old.asif");
+    let before = fs::read(&dst).unwrap();
+    let bin = d.join("bin");
+    let nbd_tmp = d.join("nbd");
+    fs::create_dir(&bin).unwrap();
+    fs::create_dir(&nbd_tmp).unwrap();
+    let (ready, release) = (d.join("ready"), d.join("release"));
+    mkfifo(&ready);
+    mkfifo(&release);
+    let fake = bin.join("qemu-img");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho > '{}'\nread x < '{}'\nexit 1\n",
+            ready.display(),
+            release.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let want: Vec<String> = ["bin", "in.qcow2", "nbd", "old.asif", "ready", "release"]
+        .map(String::from)
+        .to_vec();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let child = asiffs()
+            .args(["convert", "--force", "-f", "qcow2", s(&qcow), s(&dst)])
+            .env("PATH", &path)
+            .env("TMPDIR", &nbd_tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Wait for the stand-in; the timeout only keeps a broken run from
+        // hanging the suite.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = ready.clone();
+        std::thread::spawn(move || tx.send(fs::read(&r).is_ok()));
+        let started = rx.recv_timeout(std::time::Duration::from_secs(120));
+        let mut during = names(d);
+        // SAFETY: plain syscall on our child.
+        unsafe { libc::kill(pid as libc::pid_t, sig) };
+        let out = child.wait_with_output().unwrap();
+        match started {
+            // Lets the stand-in exit.
+            Ok(_) => fs::write(&release, b"\n").unwrap(),
+            // Frees the waiting thread.
+            Err(_) => fs::write(&ready, b"").unwrap(),
+        }
+        assert_eq!(started, Ok(true), "convert never reached the copy: {out:?}");
+        assert_eq!(out.status.signal(), Some(sig), "{out:?}");
+        // The copy had begun: its output existed under the temporary name.
+        during.retain(|n| !want.contains(n));
+        assert_eq!(during, [format!(".old.asif.asiffs-tmp-{pid}")]);
+        assert_eq!(names(d), want, "signal {sig}");
+        assert!(
+            fs::read(&dst).unwrap() == before,
+            "signal {sig} changed DST"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Leaks and free space.
 

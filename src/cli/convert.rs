@@ -255,6 +255,7 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
     let tmp = temp_path(&a.dst);
     // Only a run of ours with this pid, killed, can have left one.
     let _ = std::fs::remove_file(&tmp);
+    interrupt::remove_on_signal(&tmp);
     // Made here so that a missing or read-only directory is reported
     // against DST, the name the user gave, not the temporary one.
     std::fs::OpenOptions::new()
@@ -267,8 +268,59 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
         // Half a disk is worse than none; DST itself was never touched.
         let _ = std::fs::remove_file(&tmp);
     }
+    interrupt::forget();
     drop(held);
     done.map(|()| 0)
+}
+
+/// Ctrl-C, SIGTERM or a hang-up in the middle of a long copy must not leave
+/// the temporary output behind: the handler removes it, then dies of the
+/// signal as it would have.
+mod interrupt {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::ptr::null_mut;
+    use std::sync::atomic::{AtomicPtr, Ordering};
+
+    /// The path to remove: a leaked `CString`, or null.
+    static TEMP: AtomicPtr<libc::c_char> = AtomicPtr::new(null_mut());
+    const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+    extern "C" fn on_signal(sig: libc::c_int) {
+        let p = TEMP.swap(null_mut(), Ordering::SeqCst);
+        // SAFETY: unlink, signal and raise are async-signal-safe; `p` is
+        // null or a string nothing else frees once swapped out.
+        unsafe {
+            if !p.is_null() {
+                libc::unlink(p);
+            }
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+
+    pub fn remove_on_signal(tmp: &Path) {
+        let Ok(c) = CString::new(tmp.as_os_str().as_bytes()) else {
+            return;
+        };
+        forget();
+        TEMP.store(c.into_raw(), Ordering::SeqCst);
+        let handler = on_signal as extern "C" fn(libc::c_int);
+        for sig in SIGNALS {
+            // SAFETY: installs a handler that only makes async-signal-safe calls.
+            unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+        }
+    }
+
+    /// The output is installed or removed: nothing is left to clean up.
+    pub fn forget() {
+        let p = TEMP.swap(null_mut(), Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: made by CString::into_raw and swapped out, so ours alone.
+            drop(unsafe { CString::from_raw(p) });
+        }
+    }
 }
 
 /// Writes the whole output, synced, over `to` (an empty file of ours).
