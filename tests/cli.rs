@@ -945,9 +945,21 @@ fn convert_refuses_a_destination_in_use() {
     assert_eq!((r.code, r.stderr.as_str()), (1, locked.as_str()));
     assert_eq!(fs::read(&out).unwrap(), b"precious");
     drop(f);
+    // Once free it is replaced, keeping its permissions, in both formats.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&out, fs::Permissions::from_mode(0o640)).unwrap();
     let r = run(["convert", "--force", s(&raw), s(&out)]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_same_bytes("replaced raw", &fs::read(&out).unwrap(), &data);
+    assert_eq!(fs::metadata(&out).unwrap().mode() & 0o777, 0o640);
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o600)).unwrap();
+    let r = run(["convert", "--force", s(&raw), s(&dst)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(fs::metadata(&dst).unwrap().mode() & 0o777, 0o600);
+    let r = run(["convert", s(&dst), s(&d.join("back.raw"))]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same_bytes("via asif", &fs::read(d.join("back.raw")).unwrap(), &data);
+    fs::remove_file(d.join("back.raw")).unwrap();
     assert_eq!(names(d), ["held.asif", "held.raw", "in.raw"]);
 }
 

@@ -222,6 +222,14 @@ fn temp_path(dst: &Path) -> PathBuf {
     dst.with_file_name(format!(".{name}.asiffs-tmp-{}", std::process::id()))
 }
 
+/// Gives the output the replaced DST's permissions, as rewriting it in
+/// place used to keep them.
+fn keep_mode(held: Option<&File>, tmp: &Path) -> Result<()> {
+    let Some(f) = held else { return Ok(()) };
+    let ctx = |e| Error::io(tmp.display().to_string(), e);
+    std::fs::set_permissions(tmp, f.metadata().map_err(ctx)?.permissions()).map_err(ctx)
+}
+
 /// Moves the finished output into place and makes the new name durable.
 fn install(tmp: &Path, dst: &Path, force: bool) -> Result<()> {
     let ctx = |e| Error::io(dst.display().to_string(), e);
@@ -263,7 +271,9 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
         .create_new(true)
         .open(&tmp)
         .map_err(|e| Error::io(a.dst.display().to_string(), e))?;
-    let done = write_output(&a, out, &src, &tmp).and_then(|()| install(&tmp, &a.dst, a.force));
+    let done = write_output(&a, out, &src, &tmp)
+        .and_then(|()| keep_mode(held.as_ref(), &tmp))
+        .and_then(|()| install(&tmp, &a.dst, a.force));
     if done.is_err() {
         // Half a disk is worse than none; DST itself was never touched.
         let _ = std::fs::remove_file(&tmp);
