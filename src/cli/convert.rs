@@ -264,14 +264,14 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
     // Only a run of ours with this pid, killed, can have left one.
     let _ = std::fs::remove_file(&tmp);
     interrupt::remove_on_signal(&tmp);
-    // Made here so that a missing or read-only directory is reported
+    // Made first so that a missing or read-only directory is reported
     // against DST, the name the user gave, not the temporary one.
-    std::fs::OpenOptions::new()
+    let done = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|e| Error::io(a.dst.display().to_string(), e))?;
-    let done = write_output(&a, out, &src, &tmp)
+        .map_err(|e| Error::io(a.dst.display().to_string(), e))
+        .and_then(|_| write_output(&a, out, &src, &tmp))
         .and_then(|()| keep_mode(held.as_ref(), &tmp))
         .and_then(|()| install(&tmp, &a.dst, a.force));
     if done.is_err() {
@@ -368,6 +368,14 @@ fn has_asif_name(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("asif"))
 }
 
+/// A qemu driver name such as `qcow2` or `host_device`: it reaches
+/// qemu-nbd as `--format=NAME`, so it may hold nothing else (no options).
+fn is_format_name(f: &str) -> bool {
+    !f.is_empty()
+        && f.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Opens the source as `format` says, else as what it looks like. A file
 /// named `.asif` is opened as ASIF whatever its magic, so a damaged image
 /// is refused rather than copied as if it were a raw disk.
@@ -375,13 +383,7 @@ fn open_source(path: &Path, format: Option<&str>) -> Result<Source> {
     let asif = || Ok(Source::Asif(Image::open(path, &OpenOptions::default())?));
     match format {
         Some("asif") => return asif(),
-        // Passed to qemu as one argument; a name is all it may hold.
-        Some(f)
-            if f.is_empty()
-                || !f
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
-        {
+        Some(f) if !is_format_name(f) => {
             return Err(Error::Invalid(format!(
                 "unknown source format {f:?}: expected raw, asif or a qemu-img format name"
             )))
