@@ -135,10 +135,49 @@ fn create_rejects_bad_sizes() {
 }
 
 // ---------------------------------------------------------------------------
+// info, map, check
+
+/// `--output=json` / `--output json` print exactly what `--json` prints,
+/// and `--output=human` exactly what no option prints, as qemu-img users
+/// type them; a third format, or both spellings at odds, is a usage error.
+#[test]
+fn output_option_is_an_alias_of_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = fresh(tmp.path(), "o.asif");
+    for cmd in ["info", "map", "check"] {
+        let json = run([cmd, "--json", s(&p)]);
+        let human = run([cmd, s(&p)]);
+        assert_eq!(
+            (json.code, human.code),
+            (0, 0),
+            "{cmd}: {json:?}\n{human:?}"
+        );
+        assert_ne!(json.stdout, human.stdout, "{cmd}");
+        assert!(!json.json().is_null(), "{cmd}: --json prints JSON");
+        for (args, want) in [
+            (vec!["--output=json"], &json),
+            (vec!["--output", "json"], &json),
+            (vec!["--output=human"], &human),
+        ] {
+            let r = run([cmd].into_iter().chain(args.clone()).chain([s(&p)]));
+            assert_eq!(r.code, 0, "{cmd} {args:?}: {r:?}");
+            assert_eq!(r.stdout, want.stdout, "{cmd} {args:?}");
+            assert_eq!(r.stderr, "", "{cmd} {args:?}");
+        }
+        for bad in [vec!["--output=xml"], vec!["--json", "--output=human"]] {
+            let r = run([cmd].into_iter().chain(bad.clone()).chain([s(&p)]));
+            assert_eq!(r.code, 2, "{cmd} {bad:?}: {r:?}");
+            assert!(r.stderr.starts_with("error: "), "{cmd} {bad:?}: {r:?}");
+            assert_eq!(r.stdout, "", "{cmd} {bad:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Damaged and foreign inputs.
 
-/// Runs info, map, check and (for files that carry the ASIF magic, which
-/// convert otherwise treats as raw) convert on `path`; each must fail with
+/// Runs info, map, check and (for files named `.asif` or carrying the ASIF
+/// magic, which convert otherwise reads as raw) convert on `path`; each must fail with
 /// `code`, one `asiffs: ` stderr line mentioning `needle`, no panic, and
 /// leave the file as it was.
 fn refused_by_every_command(path: &Path, code: i32, needle: &str, convert: bool) {
@@ -326,7 +365,86 @@ fn bad_headers_are_refused() {
     }
     let p = fresh(d, "magic.asif");
     write_bytes(&p, 0x03, b"x");
-    refused_by_every_command(&p, 2, "not an ASIF image", false);
+    refused_by_every_command(&p, 2, "not an ASIF image", true);
+}
+
+/// Header values that wrapped the unchecked geometry sums and products:
+/// each is refused by every command with its exact one-line reason, exit 2,
+/// no panic, the file unchanged.
+#[test]
+fn hostile_header_values_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let outside = "must be sector-aligned, after the header and inside chunk 0";
+    // (name, [(offset, bytes)], exact message); offsets from spec §1.
+    type Patches = Vec<(u64, Vec<u8>)>;
+    let cases: Vec<(&str, Patches, String)> = vec![
+        (
+            "dirA-wraps",
+            vec![(0x10, (!511u64).to_be_bytes().to_vec())],
+            format!("invalid header field directory A offset: 0xfffffffffffffe00 ({outside})"),
+        ),
+        (
+            "dirB-wraps",
+            vec![(0x18, (!511u64).to_be_bytes().to_vec())],
+            format!("invalid header field directory B offset: 0xfffffffffffffe00 ({outside})"),
+        ),
+        (
+            "chunk-u32max",
+            vec![(0x40, u32::MAX.to_be_bytes().to_vec())],
+            "invalid header field chunk size: 0xffffffff (must be a non-zero multiple of the block size)".into(),
+        ),
+        (
+            // 256 MiB chunks make the directories fit, but T * D passes 2^64.
+            "span-wraps",
+            vec![
+                (0x40, (256u32 << 20).to_be_bytes().to_vec()),
+                (0x38, (u64::MAX / 512).to_be_bytes().to_vec()),
+            ],
+            "invalid header field max sector count: 0x7fffffffffffff (geometry overflows 64 bits)".into(),
+        ),
+        (
+            // metadata_chunk * cs fits in 64 bits, + cs does not.
+            "metachunk-wraps",
+            vec![(0x48, (u64::MAX >> 20).to_be_bytes().to_vec())],
+            "invalid header field metadata chunk: 0xfffffffffff (outside the directory's span)".into(),
+        ),
+    ];
+    for (name, patches, msg) in cases {
+        let p = fresh(d, &format!("{name}.asif"));
+        for (off, bytes) in &patches {
+            write_bytes(&p, *off, bytes);
+        }
+        let r = run(["info", s(&p)]);
+        assert_eq!(
+            (r.code, r.stderr.as_str()),
+            (2, format!("asiffs: {msg}\n").as_str()),
+            "{name}"
+        );
+        refused_by_every_command(&p, 2, &msg, true);
+        fs::remove_file(&p).unwrap();
+    }
+}
+
+/// A bad magic reads as text when printable, else as hex.
+#[test]
+fn bad_magic_is_shown_as_text_or_hex() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = fresh(tmp.path(), "x.bin");
+    write_bytes(&p, 0x03, b"x");
+    let r = run(["info", s(&p)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic \"shdx\", expected \"shdw\")\n"
+    );
+    write_bytes(&p, 0, &[0, 0, 0, 0]);
+    let r = run(["map", s(&p)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic 0x00000000, expected \"shdw\")\n"
+    );
 }
 
 #[test]
@@ -768,6 +886,291 @@ fn raw_size_not_a_whole_sector() {
     assert_eq!(got.len(), data.len() + 24);
     assert_same_bytes("odd size", &got[..data.len()], &data);
     assert!(got[data.len()..].iter().all(|&b| b == 0));
+}
+
+// ---------------------------------------------------------------------------
+// convert never harms an existing destination.
+
+/// Names in `dir`, sorted: shows that no temporary file was left behind.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A destination another process holds (a writable open takes an exclusive
+/// lock, a reader a shared one) is refused with --force, in both output
+/// formats, and left byte for byte as it was; once free it is replaced.
+#[test]
+fn convert_refuses_a_destination_in_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let raw = d.join("in.raw");
+    let data = pattern(21, 2 * MIB as usize);
+    fs::write(&raw, &data).unwrap();
+    let dst = fresh(d, "held.asif");
+    let held = asiffs::Image::open(&dst, &asiffs::OpenOptions::writable()).unwrap();
+    let before = fs::read(&dst).unwrap();
+    let locked = format!(
+        "asiffs: {}: image is in use by another process (locked)\n",
+        dst.display()
+    );
+    for out in ["asif", "raw"] {
+        let r = run(["convert", "--force", "-O", out, s(&raw), s(&dst)]);
+        assert_eq!(
+            (r.code, r.stderr.as_str()),
+            (1, locked.as_str()),
+            "-O {out}"
+        );
+        assert!(fs::read(&dst).unwrap() == before, "-O {out} changed DST");
+        assert_eq!(names(d), ["held.asif", "in.raw"]);
+    }
+    drop(held);
+
+    // A raw destination under a reader's shared lock.
+    let out = d.join("held.raw");
+    fs::write(&out, b"precious").unwrap();
+    let f = fs::File::open(&out).unwrap();
+    // SAFETY: plain syscall on a descriptor we own.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_SH) };
+    assert_eq!(rc, 0);
+    let r = run(["convert", "--force", s(&raw), s(&out)]);
+    let locked = format!(
+        "asiffs: {}: image is in use by another process (locked)\n",
+        out.display()
+    );
+    assert_eq!((r.code, r.stderr.as_str()), (1, locked.as_str()));
+    assert_eq!(fs::read(&out).unwrap(), b"precious");
+    drop(f);
+    // Once free it is replaced, keeping its permissions, in both formats.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&out, fs::Permissions::from_mode(0o640)).unwrap();
+    let r = run(["convert", "--force", s(&raw), s(&out)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same_bytes("replaced raw", &fs::read(&out).unwrap(), &data);
+    assert_eq!(fs::metadata(&out).unwrap().mode() & 0o777, 0o640);
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o600)).unwrap();
+    let r = run(["convert", "--force", s(&raw), s(&dst)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(fs::metadata(&dst).unwrap().mode() & 0o777, 0o600);
+    let r = run(["convert", s(&dst), s(&d.join("back.raw"))]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same_bytes("via asif", &fs::read(d.join("back.raw")).unwrap(), &data);
+    fs::remove_file(d.join("back.raw")).unwrap();
+    assert_eq!(names(d), ["held.asif", "held.raw", "in.raw"]);
+}
+
+/// A `.asif` file without the magic is a damaged image, not a raw disk:
+/// convert refuses it unless told `-f raw`; `-f asif` insists on ASIF; a
+/// source probed as raw is read as raw with a warning.
+#[test]
+fn convert_source_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let out = d.join("out.raw");
+    let p = fresh(d, "damaged.asif");
+    write_bytes(&p, 0x03, b"x");
+    let r = run(["convert", s(&p), s(&out)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic \"shdx\", expected \"shdw\")\n"
+    );
+    assert_eq!(names(d), ["damaged.asif"]);
+    let zeros = d.join("zeros.asif");
+    fs::write(&zeros, vec![0u8; MIB as usize]).unwrap();
+    let r = run(["convert", s(&zeros), s(&out)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic 0x00000000, expected \"shdw\")\n"
+    );
+    assert_eq!(names(d), ["damaged.asif", "zeros.asif"]);
+
+    // -f raw: the bytes as they are, without a word.
+    let r = run(["convert", "-f", "raw", s(&p), s(&out)]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
+    assert!(fs::read(&out).unwrap() == fs::read(&p).unwrap());
+    fs::remove_file(&out).unwrap();
+
+    // -f asif on something else fails, naming the magic.
+    let bin = d.join("zeros.bin");
+    fs::write(&bin, vec![0u8; MIB as usize]).unwrap();
+    let r = run(["convert", "--source-format=asif", s(&bin), s(&out)]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: not an ASIF image (magic 0x00000000, expected \"shdw\")\n"
+    );
+    assert!(!out.exists());
+
+    // Probed as raw: converted, with a one-line warning.
+    let r = run(["convert", s(&bin), s(&out)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        format!(
+            "asiffs: warning: {}: no source format given and none recognised; \
+             reading it as raw (-f raw says so, -f FMT picks another)\n",
+            bin.display()
+        )
+    );
+    assert!(fs::read(&out).unwrap() == fs::read(&bin).unwrap());
+
+    // A format name is all -f takes.
+    let r = run([
+        "convert",
+        "--force",
+        "-f",
+        "qcow2,file.x=y",
+        s(&bin),
+        s(&out),
+    ]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        "asiffs: unknown source format \"qcow2,file.x=y\": expected raw, asif or a qemu-img format name\n"
+    );
+    assert_eq!(
+        names(d),
+        ["damaged.asif", "out.raw", "zeros.asif", "zeros.bin"]
+    );
+}
+
+/// A convert that fails midway (a corrupt table entry in the source, found
+/// only while copying) leaves an existing DST as it was and no temporary
+/// file, whatever the output format.
+#[test]
+fn failed_convert_leaves_the_destination_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (src, tc) = image_with_data(d, "bad.asif");
+    let chunks = fs::metadata(&src).unwrap().len() / MIB;
+    write_u64(&src, data_entry(tc, 0, 2), FULL | chunks);
+    let old_raw = d.join("old.raw");
+    fs::write(&old_raw, b"old raw disk").unwrap();
+    let old_asif = fresh(d, "old.asif");
+    for dst in [&old_raw, &old_asif] {
+        let before = fs::read(dst).unwrap();
+        let r = run(["convert", "--force", s(&src), s(dst)]);
+        assert_eq!(r.code, 2, "{r:?}");
+        assert_one_error_line(&r, "convert a corrupt source", "table 0 group 0 entry 2");
+        assert!(
+            fs::read(dst).unwrap() == before,
+            "{} changed",
+            dst.display()
+        );
+        assert_eq!(names(d), ["bad.asif", "old.asif", "old.raw"]);
+    }
+    // A missing output directory is reported against DST, not the
+    // temporary name beside it.
+    for name in ["x.raw", "x.asif"] {
+        let dst = d.join("missing").join(name);
+        let r = run(["convert", "-f", "raw", s(&old_raw), s(&dst)]);
+        assert_eq!(r.code, 1, "{r:?}");
+        assert_eq!(
+            r.stderr,
+            format!(
+                "asiffs: {}: No such file or directory (os error 2)\n",
+                dst.display()
+            )
+        );
+    }
+}
+
+fn mkfifo(p: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: plain syscall with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Killed by SIGINT or SIGTERM in the middle of a copy, convert removes its
+/// temporary output and leaves DST as it was. The copy is held up, with no
+/// timing guesses, by a stand-in `qemu-img` whose `map` tells the test it
+/// has started and then waits until released.
+#[test]
+fn interrupted_convert_leaves_nothing_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let have = |t: &str| Command::new(t).arg("--version").output().is_ok();
+    if !have("qemu-img") || !have("qemu-nbd") {
+        eprintln!("NOTICE: qemu-utils are not installed; skipping");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let qcow = d.join("in.qcow2");
+    let q = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", s(&qcow), "16M"])
+        .output()
+        .unwrap();
+    assert!(q.status.success(), "{q:?}");
+    let dst = fresh(d, "old.asif");
+    let before = fs::read(&dst).unwrap();
+    let bin = d.join("bin");
+    let nbd_tmp = d.join("nbd");
+    fs::create_dir(&bin).unwrap();
+    fs::create_dir(&nbd_tmp).unwrap();
+    let (ready, release) = (d.join("ready"), d.join("release"));
+    mkfifo(&ready);
+    mkfifo(&release);
+    let fake = bin.join("qemu-img");
+    fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\necho > '{}'\nread x < '{}'\nexit 1\n",
+            ready.display(),
+            release.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let want: Vec<String> = ["bin", "in.qcow2", "nbd", "old.asif", "ready", "release"]
+        .map(String::from)
+        .to_vec();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let child = asiffs()
+            .args(["convert", "--force", "-f", "qcow2", s(&qcow), s(&dst)])
+            .env("PATH", &path)
+            .env("TMPDIR", &nbd_tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Wait for the stand-in; the timeout only keeps a broken run from
+        // hanging the suite.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = ready.clone();
+        std::thread::spawn(move || tx.send(fs::read(&r).is_ok()));
+        let started = rx.recv_timeout(std::time::Duration::from_secs(120));
+        let mut during = names(d);
+        // SAFETY: plain syscall on our child.
+        unsafe { libc::kill(pid as libc::pid_t, sig) };
+        let out = child.wait_with_output().unwrap();
+        match started {
+            // Lets the stand-in exit.
+            Ok(_) => fs::write(&release, b"\n").unwrap(),
+            // Frees the waiting thread.
+            Err(_) => fs::write(&ready, b"").unwrap(),
+        }
+        assert_eq!(started, Ok(true), "convert never reached the copy: {out:?}");
+        assert_eq!(out.status.signal(), Some(sig), "{out:?}");
+        // The copy had begun: its output existed under the temporary name.
+        during.retain(|n| !want.contains(n));
+        assert_eq!(during, [format!(".old.asif.asiffs-tmp-{pid}")]);
+        assert_eq!(names(d), want, "signal {sig}");
+        assert!(
+            fs::read(&dst).unwrap() == before,
+            "signal {sig} changed DST"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -290,7 +290,8 @@ fn raw_to_asif_to_raw_is_identical_and_quiet() {
     let disk = write_raw(&raw, size);
     let asif = dir.path().join("x.asif");
     let back = dir.path().join("back.raw");
-    let o = asiffs(&["convert", s(&raw), s(&asif)]);
+    // -f raw: a probed raw source would be warned about.
+    let o = asiffs(&["convert", "-f", "raw", s(&raw), s(&asif)]);
     ok(&o);
     assert_eq!((stdout(&o), stderr(&o)), (String::new(), String::new()));
     check_clean(&asif);

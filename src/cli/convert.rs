@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 
 use super::progress;
-use crate::engine::{CreateOptions, Image, OpenOptions};
+use crate::engine::{CreateOptions, Image, LockMode, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::MAGIC;
 
@@ -26,6 +25,9 @@ pub enum Format {
 pub struct ConvertArgs {
     src: PathBuf,
     dst: PathBuf,
+    /// Source format: asif, raw or any format qemu-img reads (default: probed).
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
+    source_format: Option<String>,
     /// Output format (default: from DST's extension, .asif or raw).
     #[arg(short = 'O', value_enum)]
     output_format: Option<Format>,
@@ -129,31 +131,21 @@ impl Source {
 
 /// SEEK_DATA/SEEK_HOLE over a raw file; the whole file where unsupported.
 fn raw_data_ranges(f: &File, size: u64) -> Result<Vec<(u64, u64)>> {
-    let fd = f.as_raw_fd();
+    use rustix::fs::{seek, SeekFrom};
+    use rustix::io::Errno;
     let mut out = Vec::new();
     let mut at = 0u64;
     while at < size {
-        // SAFETY: plain syscalls on an owned descriptor.
-        let d = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-        if d < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ENXIO) => break,
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if out.is_empty() => {
-                    return Ok(vec![(0, size)])
-                }
-                _ => return Err(Error::io("looking for data in the source", e)),
-            }
-        }
-        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
-        if h < 0 {
-            return Err(Error::io(
-                "looking for holes in the source",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        out.push((d as u64, (h as u64).min(size)));
-        at = h as u64;
+        let d = match seek(f, SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(Errno::NXIO) => break,
+            Err(Errno::INVAL | Errno::OPNOTSUPP) if out.is_empty() => return Ok(vec![(0, size)]),
+            Err(e) => return Err(Error::io("looking for data in the source", e.into())),
+        };
+        let h = seek(f, SeekFrom::Hole(d))
+            .map_err(|e| Error::io("looking for holes in the source", e.into()))?;
+        out.push((d, h.min(size)));
+        at = h;
     }
     Ok(out)
 }
@@ -176,60 +168,173 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Refuses DST unless it may be replaced, and if it exists takes its
+/// exclusive lock (as a writable open does), held until it is replaced: an
+/// image in use is never touched.
+fn hold_destination(dst: &Path, force: bool) -> Result<Option<File>> {
+    let ctx = |e| Error::io(dst.display().to_string(), e);
+    match std::fs::symlink_metadata(dst) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ctx(e)),
+        Ok(_) if !force => Err(Error::Invalid(format!(
+            "{}: file exists (use --force to replace it)",
+            dst.display()
+        ))),
+        Ok(m) if !m.is_file() => Err(Error::Invalid(format!(
+            "{}: not a regular file",
+            dst.display()
+        ))),
+        Ok(_) => {
+            let f = File::open(dst).map_err(ctx)?;
+            crate::engine::lock_file(&f, LockMode::Exclusive, dst)?;
+            Ok(Some(f))
+        }
+    }
+}
+
+/// Where the output is written before it replaces DST: beside it, so the
+/// final rename stays on one file system.
+fn temp_path(dst: &Path) -> PathBuf {
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dst.with_file_name(format!(".{name}.asiffs-tmp-{}", std::process::id()))
+}
+
+/// Gives the output the replaced DST's permissions, as rewriting it in
+/// place used to keep them.
+fn keep_mode(held: Option<&File>, tmp: &Path) -> Result<()> {
+    let Some(f) = held else { return Ok(()) };
+    let ctx = |e| Error::io(tmp.display().to_string(), e);
+    std::fs::set_permissions(tmp, f.metadata().map_err(ctx)?.permissions()).map_err(ctx)
+}
+
+/// Moves the finished output into place and makes the new name durable.
+fn install(tmp: &Path, dst: &Path, force: bool) -> Result<()> {
+    let ctx = |e| Error::io(dst.display().to_string(), e);
+    if force {
+        std::fs::rename(tmp, dst).map_err(ctx)?;
+    } else {
+        // Fails if DST appeared meanwhile: without --force, never clobber.
+        std::fs::hard_link(tmp, dst).map_err(ctx)?;
+        std::fs::remove_file(tmp).map_err(ctx)?;
+    }
+    let dir = dst
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(ctx)
+}
+
 pub fn run(a: ConvertArgs) -> Result<i32> {
     if same_file(&a.src, &a.dst) {
         return Err(Error::Invalid(
             "source and destination are the same file".into(),
         ));
     }
-    let out = a.output_format.unwrap_or_else(|| {
-        if a.dst
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("asif"))
-        {
-            Format::Asif
-        } else {
-            Format::Raw
-        }
+    let out = a.output_format.unwrap_or(if has_asif_name(&a.dst) {
+        Format::Asif
+    } else {
+        Format::Raw
     });
-    if !a.force && std::fs::symlink_metadata(&a.dst).is_ok() {
-        return Err(Error::Invalid(format!(
-            "{}: file exists (use --force to replace it)",
-            a.dst.display()
-        )));
+    let held = hold_destination(&a.dst, a.force)?;
+    let src = open_source(&a.src, a.source_format.as_deref())?;
+    let tmp = temp_path(&a.dst);
+    // Only a run of ours with this pid, killed, can have left one.
+    let _ = std::fs::remove_file(&tmp);
+    interrupt::remove_on_signal(&tmp);
+    // Made first so that a missing or read-only directory is reported
+    // against DST, the name the user gave, not the temporary one.
+    let done = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(a.dst.display().to_string(), e))
+        .and_then(|_| write_output(&a, out, &src, &tmp))
+        .and_then(|()| keep_mode(held.as_ref(), &tmp))
+        .and_then(|()| install(&tmp, &a.dst, a.force));
+    if done.is_err() {
+        // Half a disk is worse than none; DST itself was never touched.
+        let _ = std::fs::remove_file(&tmp);
     }
-    let src = open_source(&a.src)?;
-    let written = write_output(&a, out, &src);
-    if written.is_err() {
-        // Half a disk is worse than none: never leave one behind.
-        let _ = std::fs::remove_file(&a.dst);
-    }
-    written.map(|()| 0)
+    interrupt::forget();
+    drop(held);
+    done.map(|()| 0)
 }
 
-fn write_output(a: &ConvertArgs, out: Format, src: &Source) -> Result<()> {
+/// Ctrl-C, SIGTERM or a hang-up in the middle of a long copy must not leave
+/// the temporary output behind: the handler removes it, then dies of the
+/// signal as it would have.
+mod interrupt {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::ptr::null_mut;
+    use std::sync::atomic::{AtomicPtr, Ordering};
+
+    /// The path to remove: a leaked `CString`, or null.
+    static TEMP: AtomicPtr<libc::c_char> = AtomicPtr::new(null_mut());
+    const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+    extern "C" fn on_signal(sig: libc::c_int) {
+        let p = TEMP.swap(null_mut(), Ordering::SeqCst);
+        // SAFETY: unlink, signal and raise are async-signal-safe; `p` is
+        // null or a string nothing else frees once swapped out.
+        unsafe {
+            if !p.is_null() {
+                libc::unlink(p);
+            }
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+
+    pub fn remove_on_signal(tmp: &Path) {
+        let Ok(c) = CString::new(tmp.as_os_str().as_bytes()) else {
+            return;
+        };
+        forget();
+        TEMP.store(c.into_raw(), Ordering::SeqCst);
+        let handler = on_signal as extern "C" fn(libc::c_int);
+        for sig in SIGNALS {
+            // SAFETY: installs a handler that only makes async-signal-safe calls.
+            unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+        }
+    }
+
+    /// The output is installed or removed: nothing is left to clean up.
+    pub fn forget() {
+        let p = TEMP.swap(null_mut(), Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: made by CString::into_raw and swapped out, so ours alone.
+            drop(unsafe { CString::from_raw(p) });
+        }
+    }
+}
+
+/// Writes the whole output, synced, over `to` (an empty file of ours).
+fn write_output(a: &ConvertArgs, out: Format, src: &Source, to: &Path) -> Result<()> {
     match out {
         Format::Asif => {
             let (chunk_size, block_size) = a.geometry.sizes()?;
             let opts = CreateOptions {
                 size: src.size(),
-                force: a.force,
+                force: true,
                 chunk_size,
                 block_size,
             };
-            let dst = Image::create(&a.dst, &opts)?;
+            let dst = Image::create(to, &opts)?;
             let step = u64::from(chunk_size).clamp(STEP, 8 * STEP);
             copy(src, step, |buf, off| dst.write_at(buf, off))?;
             dst.close()?;
         }
         Format::Raw => {
+            let ctx = |e| Error::io(to.display().to_string(), e);
             let f = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&a.dst)
-                .map_err(|e| Error::io(a.dst.display().to_string(), e))?;
-            let ctx = |e| Error::io(a.dst.display().to_string(), e);
+                .open(to)
+                .map_err(ctx)?;
             f.set_len(src.size()).map_err(ctx)?;
             copy(src, STEP, |buf, off| f.write_all_at(buf, off).map_err(ctx))?;
             f.sync_all().map_err(ctx)?;
@@ -238,9 +343,34 @@ fn write_output(a: &ConvertArgs, out: Format, src: &Source) -> Result<()> {
     Ok(())
 }
 
-fn open_source(path: &Path) -> Result<Source> {
-    if is_asif(path)? {
-        return Ok(Source::Asif(Image::open(path, &OpenOptions::default())?));
+fn has_asif_name(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("asif"))
+}
+
+/// A qemu driver name such as `qcow2` or `host_device`: it reaches
+/// qemu-nbd as `--format=NAME`, so it may hold nothing else (no options).
+fn is_format_name(f: &str) -> bool {
+    !f.is_empty()
+        && f.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Opens the source as `format` says, else as what it looks like. A file
+/// named `.asif` is opened as ASIF whatever its magic, so a damaged image
+/// is refused rather than copied as if it were a raw disk.
+fn open_source(path: &Path, format: Option<&str>) -> Result<Source> {
+    let asif = || Ok(Source::Asif(Image::open(path, &OpenOptions::default())?));
+    match format {
+        Some("asif") => return asif(),
+        Some(f) if !is_format_name(f) => {
+            return Err(Error::Invalid(format!(
+                "unknown source format {f:?}: expected raw, asif or a qemu-img format name"
+            )))
+        }
+        Some(_) => {}
+        None if has_asif_name(path) || is_asif(path)? => return asif(),
+        None => {}
     }
     let f = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
     let m = f
@@ -252,7 +382,21 @@ fn open_source(path: &Path) -> Result<Source> {
             path.display()
         )));
     }
-    match qemu::probe(path)? {
+    let qemu_format = match format {
+        Some("raw") => None,
+        Some(f) => Some(f.to_string()),
+        None => {
+            let probed = qemu::probe(path)?;
+            if probed.is_none() {
+                eprintln!(
+                    "asiffs: warning: {}: no source format given and none recognised; reading it as raw (-f raw says so, -f FMT picks another)",
+                    path.display()
+                );
+            }
+            probed
+        }
+    };
+    match qemu_format {
         None => Ok(Source::Raw(f, m.len())),
         Some(format) => Ok(Source::Qemu(qemu::Export::start(path, &format, WORKERS)?)),
     }
@@ -330,8 +474,10 @@ fn copy(src: &Source, step: u64, write: impl Fn(&[u8], u64) -> Result<()> + Sync
 }
 
 fn is_zero(b: &[u8]) -> bool {
-    let (head, body, tail) = unsafe { b.align_to::<u128>() };
-    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+    // OR-folding fixed blocks lets the compiler vectorise the scan.
+    let mut blocks = b.chunks_exact(64);
+    blocks.all(|c| c.iter().fold(0, |a, &x| a | x) == 0)
+        && blocks.remainder().iter().all(|&x| x == 0)
 }
 
 /// Sources in the formats qemu-img reads (qcow2, vmdk, vhdx, vdi, vpc, ...).
@@ -556,6 +702,7 @@ mod qemu {
         use std::os::fd::FromRawFd;
         // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        // SAFETY: the descriptor was just created for us and nothing else owns it.
         (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
     }
 

@@ -80,6 +80,9 @@ struct ImageArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    /// Output format; `--output=json` is `--json`, as qemu-img users type it.
+    #[arg(long, value_enum, value_name = "FMT", conflicts_with = "json")]
+    output: Option<OutputFormat>,
     /// Read even if another process has the image open for writing.
     #[arg(short = 'U', long)]
     force_share: bool,
@@ -100,6 +103,18 @@ struct CheckArgs {
 enum Repair {
     Leaks,
     All,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OutputFormat {
+    Human,
+    Json,
+}
+
+impl ImageArgs {
+    fn json(&self) -> bool {
+        self.json || self.output == Some(OutputFormat::Json)
+    }
 }
 
 /// Runs the command line and returns the exit status.
@@ -206,7 +221,7 @@ fn print_json(v: &impl serde::Serialize) {
 fn info(a: ImageArgs) -> Result<i32> {
     let img = open_for_reading(&a)?;
     let i = img.info()?;
-    if a.json {
+    if a.json() {
         print_json(&i);
         return Ok(0);
     }
@@ -242,7 +257,7 @@ fn info(a: ImageArgs) -> Result<i32> {
 fn map(a: ImageArgs) -> Result<i32> {
     let img = open_for_reading(&a)?;
     let extents = img.extents()?;
-    if a.json {
+    if a.json() {
         let v: Vec<_> = extents
             .iter()
             .map(|e| {
@@ -293,7 +308,7 @@ fn repair(a: &ImageArgs, mode: Repair) -> Result<i32> {
     let mut rep = img.repair_leaks(before)?;
     rep.entries_repaired = entries;
     let r = img.check()?;
-    if a.json {
+    if a.json() {
         let v = serde_json::json!({
             "repair": rep,
             "check": r,
@@ -325,7 +340,7 @@ fn check(c: CheckArgs) -> Result<i32> {
     let img = match open_for_reading(&a) {
         Ok(img) => img,
         // A script asking for JSON gets it for an image too broken to open.
-        Err(e @ (Error::Format(_) | Error::Corrupt(_))) if a.json => {
+        Err(e @ (Error::Format(_) | Error::Corrupt(_))) if a.json() => {
             eprintln!("asiffs: {e}");
             let r = crate::engine::CheckReport {
                 corruptions: vec![e.to_string()],
@@ -339,7 +354,7 @@ fn check(c: CheckArgs) -> Result<i32> {
         Err(e) => return Err(e),
     };
     let r = img.check()?;
-    if a.json {
+    if a.json() {
         let mut v = serde_json::to_value(&r).expect("serialising plain data");
         v["exit_code"] = r.exit_code().into();
         print_json(&v);

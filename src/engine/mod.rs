@@ -178,7 +178,8 @@ pub struct Image {
     max_dirty: usize,
 }
 
-fn lock_file(file: &File, mode: LockMode, path: &Path) -> Result<()> {
+/// Takes the advisory lock that keeps writers apart (`flock`, non-blocking).
+pub(crate) fn lock_file(file: &File, mode: LockMode, path: &Path) -> Result<()> {
     use rustix::fs::FlockOperation as Op;
     let op = match mode {
         LockMode::Exclusive => Op::NonBlockingLockExclusive,

@@ -1,5 +1,25 @@
 //! Derived figures of an image and the mapping from a virtual offset to its
 //! table, chunk-group and entry.
+//!
+//! Every header value is hostile until [`Geometry::new`] accepts it, and it
+//! computes with checked arithmetic only. What it accepts satisfies, so that
+//! the plain arithmetic done later on a `Geometry` (here and in the engine)
+//! cannot wrap:
+//! - `bs <= 65024` and `bs <= cs <= 256 MiB`, hence `N`, `S`, `C` and every
+//!   offset inside a chunk are below 2^32;
+//! - `T * D` (the virtual span of the whole directory) fits in a u64. Any
+//!   `table < T`, `group < C`, `index < N`, `within < cs` therefore give
+//!   `table * D + (group * N + index) * cs + within < T * D`, and
+//!   `table * C + group <= T * D` (`locate`, `group_number`, `group_start`);
+//! - `size <= metadata_offset` and `metadata_offset + cs <= T * D`;
+//!   `max_sector_count * bs` fits;
+//! - both directories lie inside chunk 0: `offset + directory_bytes <= cs`,
+//!   and `8 * (T + 1) <= directory_bytes`;
+//! - a chunk-group lies inside its table chunk: `C * S <= cs`.
+//!
+//! A physical chunk number `n` read from the file is not bounded here: the
+//! engine must refuse any `n` at or past the file's chunk count before it
+//! computes `n * cs` (then `n * cs < file length`).
 
 use super::{FormatError, Header, HEADER_SIZE};
 
@@ -94,6 +114,7 @@ impl Shape {
             ));
         }
         let too_big = |field, v| FormatError::field(field, v, "geometry overflows 64 bits");
+        // c * n < c * s <= cs <= 2^28, so d < 2^56: checked all the same.
         let d = c
             .checked_mul(n)
             .and_then(|x| x.checked_mul(cs))
@@ -110,8 +131,19 @@ impl Shape {
             .checked_mul(bs)
             .ok_or_else(|| too_big("max sector count", h.max_sector_count))?;
         let t = max_size.div_ceil(d);
-        let directory_bytes = (8 * (t + 1)).next_multiple_of(bs);
-        if directory_bytes * 2 + HEADER_SIZE as u64 > cs {
+        // The whole directory's span must fit, or table * D could wrap.
+        t.checked_mul(d)
+            .ok_or_else(|| too_big("max sector count", h.max_sector_count))?;
+        let directory_bytes = t
+            .checked_add(1)
+            .and_then(|x| x.checked_mul(8))
+            .and_then(|x| x.checked_next_multiple_of(bs))
+            .ok_or_else(|| too_big("max sector count", h.max_sector_count))?;
+        let fits = directory_bytes
+            .checked_mul(2)
+            .and_then(|x| x.checked_add(HEADER_SIZE as u64))
+            .is_some_and(|x| x <= cs);
+        if !fits {
             return Err(FormatError::field(
                 "max sector count",
                 h.max_sector_count,
@@ -153,7 +185,8 @@ impl Geometry {
         } = Shape::new(h)?;
         let [a, b] = h.directory_offsets;
         for (field, o) in [("directory A offset", a), ("directory B offset", b)] {
-            if o < HEADER_SIZE as u64 || o % bs != 0 || o + directory_bytes > cs {
+            let inside = o.checked_add(directory_bytes).is_some_and(|e| e <= cs);
+            if o < HEADER_SIZE as u64 || o % bs != 0 || !inside {
                 return Err(FormatError::field(
                     field,
                     o,
@@ -175,11 +208,14 @@ impl Geometry {
                 "larger than the max sector count",
             ));
         }
+        // Both fit: sector_count <= max_sector_count, and Shape checked
+        // max_sector_count * bs and t * d.
         let size = h.sector_count * bs;
+        let span = t * d;
         let metadata_offset = h
             .metadata_chunk
             .checked_mul(cs)
-            .filter(|m| m.checked_add(cs).is_some_and(|end| end <= t * d))
+            .filter(|m| m.checked_add(cs).is_some_and(|end| end <= span))
             .ok_or_else(|| {
                 FormatError::field(
                     "metadata chunk",
@@ -363,5 +399,122 @@ mod tests {
         let mut h = real_header(1 << 43);
         h.metadata_chunk = 0xFFFF_FFFF;
         assert_eq!(field_of(h), "sector count");
+    }
+
+    /// Values chosen to wrap the old unchecked sums and products; each must
+    /// be refused with the exact field and reason, never a panic or a wrap.
+    #[test]
+    fn hostile_values_do_not_overflow() {
+        // The last sector-aligned offset below 2^64.
+        const ALIGNED_MAX: u64 = !511;
+        let outside = "must be sector-aligned, after the header and inside chunk 0";
+        let overflows = "geometry overflows 64 bits";
+        type Patch = fn(&mut Header);
+        let cases: Vec<(&str, Patch, FormatError)> = vec![
+            (
+                "dir A u64::MAX",
+                |h| h.directory_offsets[0] = u64::MAX,
+                FormatError::field("directory A offset", u64::MAX, outside),
+            ),
+            (
+                "dir A aligned near u64::MAX",
+                |h| h.directory_offsets[0] = ALIGNED_MAX,
+                FormatError::field("directory A offset", ALIGNED_MAX, outside),
+            ),
+            (
+                "dir B aligned near u64::MAX",
+                |h| h.directory_offsets[1] = ALIGNED_MAX,
+                FormatError::field("directory B offset", ALIGNED_MAX, outside),
+            ),
+            (
+                "dir B wrapping round to 0x200",
+                |h| h.directory_offsets[1] = ALIGNED_MAX - 0x40e00,
+                FormatError::field("directory B offset", ALIGNED_MAX - 0x40e00, outside),
+            ),
+            (
+                "chunk size u32::MAX",
+                |h| h.chunk_size = u32::MAX,
+                FormatError::field(
+                    "chunk size",
+                    u32::MAX.into(),
+                    "must be a non-zero multiple of the block size",
+                ),
+            ),
+            (
+                "chunk size u32::MAX, aligned",
+                |h| h.chunk_size = !511u32,
+                FormatError::field("chunk size", (!511u32).into(), "larger than 256 MiB"),
+            ),
+            (
+                "max sector count u64::MAX",
+                |h| h.max_sector_count = u64::MAX,
+                FormatError::field("max sector count", u64::MAX, overflows),
+            ),
+            (
+                // max_sector_count * bs fits, but T * D does not.
+                "directory span past 2^64",
+                |h| {
+                    h.chunk_size = 256 << 20;
+                    h.max_sector_count = u64::MAX / 512;
+                },
+                FormatError::field("max sector count", u64::MAX / 512, overflows),
+            ),
+            (
+                "metadata chunk u64::MAX",
+                |h| h.metadata_chunk = u64::MAX,
+                FormatError::field("metadata chunk", u64::MAX, "outside the directory's span"),
+            ),
+            (
+                // metadata_chunk * cs fits, + cs does not.
+                "metadata chunk at the last MiB of 2^64",
+                |h| h.metadata_chunk = u64::MAX >> 20,
+                FormatError::field(
+                    "metadata chunk",
+                    u64::MAX >> 20,
+                    "outside the directory's span",
+                ),
+            ),
+        ];
+        for (what, patch, want) in cases {
+            let mut h = real_header(1);
+            patch(&mut h);
+            assert_eq!(Geometry::new(&h), Err(want), "{what}");
+        }
+    }
+
+    /// The largest directory span that fits in 64 bits is accepted, and
+    /// every figure derived from its last table is computable (unit tests
+    /// run with overflow checks, so a wrap would panic here).
+    #[test]
+    fn largest_span_is_accepted_and_usable() {
+        let mut h = real_header(1);
+        h.chunk_size = 256 << 20;
+        // D = C * N * cs with C = 2^28 / 16392 = 16376, N = 2048.
+        let d = 16376 * 2048 * (256 << 20);
+        let tables = u64::MAX / d;
+        h.max_sector_count = tables * d / 512;
+        h.metadata_chunk = tables * d / (256 << 20) - 1;
+        let g = Geometry::new(&h).unwrap();
+        assert_eq!((g.table_span, g.directory_entries), (d, tables));
+        let last = g.locate(tables * d - 1);
+        assert_eq!(
+            (last.table, last.group),
+            (tables - 1, g.groups_per_table - 1)
+        );
+        let n = g.group_number(&last);
+        assert_eq!(g.group_start(n) + g.group_span(), tables * d);
+        let in_table = g.group_offset_in_table(last.group) + g.group_bytes;
+        assert!(in_table <= g.chunk_size);
+        assert_eq!(g.metadata_offset + g.chunk_size, tables * d);
+        // One more table's worth of sectors no longer fits.
+        h.max_sector_count = tables * d / 512 + 1;
+        assert_eq!(
+            Geometry::new(&h),
+            Err(FormatError::field(
+                "max sector count",
+                h.max_sector_count,
+                "geometry overflows 64 bits"
+            ))
+        );
     }
 }
