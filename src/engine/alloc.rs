@@ -134,6 +134,9 @@ struct State {
 
 pub struct Allocator {
     chunk_size: u64,
+    /// One past the largest chunk number: an entry holds 55 bits, and a
+    /// file offset must fit in an `off_t`.
+    limit: u64,
     state: Mutex<State>,
     grown: Condvar,
     /// Mirror of `state.end` for lock-free range checks of entries.
@@ -144,6 +147,7 @@ impl Allocator {
     pub fn new(chunk_size: u64, end: u64) -> Allocator {
         Allocator {
             chunk_size,
+            limit: MAX_CHUNK_NUMBER.min(i64::MAX as u64 / chunk_size),
             grown: Condvar::new(),
             state: Mutex::new(State {
                 end,
@@ -173,7 +177,7 @@ impl Allocator {
         }
         loop {
             let n = s.end;
-            if n >= MAX_CHUNK_NUMBER {
+            if n >= self.limit {
                 return Err(Error::io(
                     "allocating a chunk",
                     std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -209,7 +213,7 @@ impl Allocator {
     pub fn grow(&self, storage: &dyn Storage) -> Result<()> {
         let target = {
             let s = self.state.lock();
-            (s.len + batch(s.len)).min(MAX_CHUNK_NUMBER)
+            (s.len + batch(s.len)).min(self.limit)
         };
         let r = storage
             .extend(target * self.chunk_size)

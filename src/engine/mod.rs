@@ -179,6 +179,11 @@ pub struct Image {
 }
 
 /// Takes the advisory lock that keeps writers apart (`flock`, non-blocking).
+///
+/// A conflict is retried for up to 200 ms before it is reported: a process
+/// that forks while it has the image open leaves the lock with the child
+/// until the child's `exec` closes the descriptor, so an image closed a
+/// moment ago can still look locked.
 pub(crate) fn lock_file(file: &File, mode: LockMode, path: &Path) -> Result<()> {
     use rustix::fs::FlockOperation as Op;
     let op = match mode {
@@ -186,13 +191,19 @@ pub(crate) fn lock_file(file: &File, mode: LockMode, path: &Path) -> Result<()> 
         LockMode::Shared => Op::NonBlockingLockShared,
         LockMode::None => return Ok(()),
     };
-    match rustix::fs::flock(file, op) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Locked {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => Err(Error::io(format!("{}: locking", path.display()), e.into())),
+    for attempt in 0.. {
+        match rustix::fs::flock(file, op) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) if attempt < 20 => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => break,
+            Err(e) => return Err(Error::io(format!("{}: locking", path.display()), e.into())),
+        }
     }
+    Err(Error::Locked {
+        path: path.to_path_buf(),
+    })
 }
 
 impl Image {
