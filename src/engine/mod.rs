@@ -36,6 +36,7 @@ mod flush;
 mod open_scan;
 mod scan;
 pub mod storage;
+mod sync;
 pub mod types;
 mod usage;
 
