@@ -40,6 +40,9 @@ mod sync;
 pub mod types;
 mod usage;
 
+#[cfg(all(test, shuttle))]
+mod model_check;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
