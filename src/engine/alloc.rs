@@ -21,11 +21,10 @@
 //!   stays unused until `compact` or the next open.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
-use parking_lot::{Condvar, Mutex};
 
 use super::storage::Storage;
+use super::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use super::sync::{Condvar, Mutex};
 use super::types::PhysChunk;
 use crate::error::{Error, Result};
 use crate::format::MAX_CHUNK_NUMBER;

@@ -18,12 +18,12 @@
 //!   is cached.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
-use parking_lot::{Condvar, Mutex};
 
+use super::sync::atomic::{AtomicU64, Ordering};
+use super::sync::{Condvar, Mutex, MutexGuard};
 use super::types::{GroupKey, PhysChunk};
 use crate::format::{be_u64, put_u64, ChunkEntry, ChunkState};
 
@@ -304,7 +304,7 @@ struct LoadingGuard<'a> {
 }
 
 impl<'a> LoadingGuard<'a> {
-    fn finish(self) -> parking_lot::MutexGuard<'a, Inner> {
+    fn finish(self) -> MutexGuard<'a, Inner> {
         let mut g = self.cache.inner.lock();
         g.loading.remove(&self.key);
         std::mem::forget(self);

@@ -38,8 +38,12 @@ mod open_scan;
 mod repair;
 mod scan;
 pub mod storage;
+mod sync;
 pub mod types;
 mod usage;
+
+#[cfg(all(test, shuttle))]
+mod model_check;
 
 use std::collections::HashSet;
 use std::fs::File;
