@@ -11,9 +11,10 @@
 //!   translating through, changing or flushing stays resident. The cache may
 //!   run over its capacity by the number of groups pinned at that moment.
 //! - **Dirty until written.** A group is changed only through a
-//!   [`GroupWrite`], which puts it in the dirty set *before* the change, and
-//!   the dirty set holds a reference, so a dirty group is never evicted. A
-//!   flush removes it only if nothing changed since the bytes it wrote.
+//!   [`GroupWrite`], which puts it in the dirty set before and after each
+//!   change, and the dirty set holds a reference, so a dirty group is never
+//!   evicted. A flush removes it only if nothing changed since the bytes it
+//!   wrote (model-checked in `model_check.rs`).
 //! - Entries are atomics: translating an offset takes no lock once the group
 //!   is cached.
 
@@ -115,21 +116,26 @@ impl Group {
     }
 }
 
-/// The only way to change a group: obtained from [`GroupCache::write`],
-/// which has already put the group in the dirty set.
+/// The only way to change a group: obtained from [`GroupCache::write`].
+/// The group is put in the dirty set before and again after each change:
+/// a flush that took its bytes before the change may mark it clean between
+/// the store and the generation bump, and must not have the last word.
 pub struct GroupWrite<'a> {
-    group: &'a Group,
+    cache: &'a GroupCache,
+    group: &'a Arc<Group>,
 }
 
 impl GroupWrite<'_> {
     /// Sets a data entry.
     pub fn set_state(&self, index: usize, state: ChunkState) {
         self.group.store(index, ChunkEntry::encode(state).0);
+        self.cache.mark_dirty(self.group);
     }
 
     /// Points the group's bitmap entry at chunk `n`.
     pub fn set_bitmap(&self, n: PhysChunk) {
         self.group.store(self.group.len(), n.0);
+        self.cache.mark_dirty(self.group);
     }
 }
 
@@ -239,10 +245,19 @@ impl GroupCache {
     }
 
     /// Marks `grp` dirty and returns the handle to change it with.
-    pub fn write<'a>(&self, grp: &'a Arc<Group>) -> GroupWrite<'a> {
+    pub fn write<'a>(&'a self, grp: &'a Arc<Group>) -> GroupWrite<'a> {
+        self.mark_dirty(grp);
+        GroupWrite {
+            cache: self,
+            group: grp,
+        }
+    }
+
+    /// Also called after each change: a flush that snapshotted before the
+    /// change may have marked the group clean in between.
+    fn mark_dirty(&self, grp: &Arc<Group>) {
         let mut g = self.inner.lock();
         g.dirty.entry(grp.key).or_insert_with(|| grp.clone());
-        GroupWrite { group: grp }
     }
 
     /// The dirty groups, each with its bytes and the generation they are
