@@ -7,6 +7,7 @@
 #   make bench       bench/run.sh
 #   make demo        create, fill and mount a demo image at demo/mnt
 #   make clippy      cargo clippy -D warnings, unsafe blocks must say why
+#   make model-check the shuttle model checks of the cache and allocator
 #   make fuzz        each fuzz target for FUZZ_SECONDS (default 300)
 #   make fuzz-seeds  rewrite the seed corpus from the Apple vectors
 
@@ -27,7 +28,7 @@ DEPS_STAMP   := $(VENV)/.deps-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: deps apt-deps build test fmt-check clippy unit-test interop-test integration bench demo clean-demo
-.PHONY: fuzz-deps fuzz-build fuzz fuzz-test fuzz-seeds
+.PHONY: fuzz-deps fuzz-build fuzz fuzz-test fuzz-seeds model-check
 
 deps: apt-deps $(DEPS_STAMP)
 
@@ -127,8 +128,13 @@ $(addprefix fuzz-test-,$(FUZZ_TARGETS)): fuzz-test-%: fuzz-build
 fuzz-seeds:
 	$(PYTHON3) fuzz/seeds.py
 
+# The concurrency core (group cache, I/O gate, chunk reuse) under shuttle's
+# schedulers; its own target dir, since --cfg shuttle swaps the locks.
+model-check:
+	RUSTFLAGS="--cfg shuttle" CARGO_TARGET_DIR=target/shuttle $(CARGO) test --release --locked --lib model_check
+
 # Order matters: integration runs last so its "N passed, N failed" line closes the output.
-test: deps fmt-check clippy unit-test interop-test fuzz-test integration
+test: deps fmt-check clippy unit-test model-check interop-test fuzz-test integration
 
 bench: deps build
 	bench/run.sh
