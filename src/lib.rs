@@ -14,5 +14,5 @@ pub mod error;
 pub mod format;
 pub mod fs;
 
-pub use engine::{CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
+pub use engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
 pub use error::{Error, Result};

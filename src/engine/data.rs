@@ -172,11 +172,11 @@ impl Image {
                 Some(ChunkState::Unwritten | ChunkState::Unmapped) => piece.fill(0),
                 Some(ChunkState::Full(n)) => self
                     .storage
-                    .read_at(piece, n * cs + p.loc.within)
+                    .read_data(piece, n * cs + p.loc.within)
                     .map_err(|e| self.io_err("reading a data chunk", e))?,
                 Some(ChunkState::Partial(n)) => {
                     self.storage
-                        .read_at(piece, n * cs + p.loc.within)
+                        .read_data(piece, n * cs + p.loc.within)
                         .map_err(|e| self.io_err("reading a data chunk", e))?;
                     self.mask_unwritten(&g, &p.loc, piece)?;
                 }
@@ -255,7 +255,7 @@ impl Image {
                     let _ = self.storage.reserve(n.offset(cs), cs);
                 }
                 self.storage
-                    .write_at(data, n.offset(cs) + p.loc.within)
+                    .write_data(data, n.offset(cs) + p.loc.within)
                     .map_err(|e| self.io_err("writing a data chunk", e))?;
             }
             self.note_data_change();

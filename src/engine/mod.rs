@@ -76,9 +76,21 @@ pub enum LockMode {
     None,
 }
 
+/// Whether guest data goes through the host page cache, as QEMU's
+/// `cache.direct`: `None` opens the container's data path with `O_DIRECT`,
+/// so a guest that caches for itself is not cached twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    #[default]
+    Writeback,
+    None,
+}
+
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
     pub writable: bool,
+    /// Host page cache for guest data (the index always uses it).
+    pub cache: CacheMode,
     /// Chunk-groups kept in the index cache (16 KiB each for 1 MiB chunks).
     pub cache_groups: usize,
     pub lock: LockMode,
@@ -92,6 +104,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             writable: false,
+            cache: CacheMode::Writeback,
             cache_groups: 512,
             lock: LockMode::Shared,
             scan_inline_tables: 8,
@@ -126,6 +139,8 @@ pub struct Stats {
     pub dirty_groups: u64,
     pub resident_groups: u64,
     pub free_chunks: u64,
+    /// "none" when guest data bypasses the host page cache, else "writeback".
+    pub cache: &'static str,
 }
 
 #[derive(Default)]
@@ -180,6 +195,8 @@ pub struct Image {
     counters: Counters,
     /// Past this many dirty groups a write flushes, bounding memory.
     max_dirty: usize,
+    /// Guest data bypasses the host page cache (`CacheMode::None` in effect).
+    direct_data: bool,
 }
 
 /// Takes the advisory lock that keeps writers apart (`flock`, non-blocking).
@@ -231,7 +248,23 @@ impl Image {
             )));
         }
         lock_file(&file, opts.lock, path)?;
-        Self::from_storage(path, Arc::new(FileStorage::new(file)), opts)
+        let storage = match opts.cache {
+            CacheMode::Writeback => FileStorage::new(file),
+            CacheMode::None => match FileStorage::open_direct(path) {
+                Ok(direct) => FileStorage::with_direct(file, direct),
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: no O_DIRECT here ({e}); guest data goes through the host page cache",
+                        path.display()
+                    );
+                    FileStorage::new(file)
+                }
+            },
+        };
+        let direct = storage.is_direct();
+        let mut img = Self::from_storage(path, Arc::new(storage), opts)?;
+        img.direct_data = direct;
+        Ok(img)
     }
 
     /// Opens an image on any [`Storage`] (used by tests that replay crashes).
@@ -326,6 +359,7 @@ impl Image {
             data_dirty: AtomicBool::new(false),
             counters: Counters::default(),
             max_dirty: cache_groups.max(64),
+            direct_data: false,
             geo,
         })
     }
@@ -438,6 +472,11 @@ impl Image {
             dirty_groups: self.cache.dirty_len() as u64,
             resident_groups: self.cache.resident_len() as u64,
             free_chunks: self.alloc.free_count(),
+            cache: if self.direct_data {
+                "none"
+            } else {
+                "writeback"
+            },
         }
     }
 

@@ -61,7 +61,9 @@ pub struct MountArgs {
     pub foreground: bool,
     /// Mount options, comma separated (ro, allow_other, allow_root,
     /// default_permissions, auto_unmount, nodev, nosuid, noexec, noatime,
-    /// fsname=, subtype=, direct_io; others go to the kernel as they are).
+    /// fsname=, subtype=, direct_io, cache=none|writeback; others go to the
+    /// kernel as they are). cache=none reads and writes guest data with
+    /// O_DIRECT on the container, as QEMU's cache.direct=on.
     #[arg(short = 'o', value_name = "OPTS", value_delimiter = ',', action = clap::ArgAction::Append)]
     pub options: Vec<String>,
     /// Index cache size per image, in chunk-groups.
@@ -118,6 +120,8 @@ struct Opts {
     acl: SessionACL,
     readonly: bool,
     direct_io: Option<DirectIo>,
+    /// Host page cache for the containers' guest data (`cache=`).
+    cache: crate::CacheMode,
 }
 
 fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
@@ -126,6 +130,7 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
         acl: SessionACL::Owner,
         readonly: false,
         direct_io: None,
+        cache: crate::CacheMode::default(),
     };
     let mut fsname = false;
     let mut subtype = false;
@@ -169,6 +174,19 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
             "direct_io" => {
                 o.direct_io = Some(DirectIo::Always);
                 continue;
+            }
+            "cache=none" => {
+                o.cache = crate::CacheMode::None;
+                continue;
+            }
+            "cache=writeback" => {
+                o.cache = crate::CacheMode::Writeback;
+                continue;
+            }
+            x if x.starts_with("cache=") => {
+                return Err(Error::Invalid(format!(
+                    "bad mount option {x:?}: cache= takes none or writeback"
+                )));
             }
             // libfuse-only knobs with no meaning here.
             "kernel_cache" | "auto_cache" | "big_writes" => continue,
@@ -316,6 +334,7 @@ fn serve(
         source_kind,
         !opts.readonly,
         args.cache_tables,
+        opts.cache,
     ));
     ns.load_single().map_err(|e| {
         if let Error::Locked { .. } = e {
@@ -639,5 +658,16 @@ mod tests {
         assert!(o
             .mount
             .contains(&MountOption::CUSTOM("max_read=131072".into())));
+        let cache = |s: &str| parse_options(&[s.into()], Path::new("/s")).map(|o| o.cache);
+        assert_eq!(cache("rw").unwrap(), crate::CacheMode::Writeback);
+        assert_eq!(cache("cache=none").unwrap(), crate::CacheMode::None);
+        assert_eq!(
+            cache("cache=none,cache=writeback").unwrap(),
+            crate::CacheMode::Writeback
+        );
+        assert_eq!(
+            cache("cache=unsafe").unwrap_err().to_string(),
+            "bad mount option \"cache=unsafe\": cache= takes none or writeback"
+        );
     }
 }

@@ -56,6 +56,7 @@ pub(crate) struct Namespace {
     pub source: Source,
     pub writable: bool,
     cache_groups: usize,
+    cache: crate::CacheMode,
     inner: RwLock<Inner>,
     /// One scan / create / unlink / rename at a time: opening an image twice
     /// from this process would trip over our own exclusive lock.
@@ -114,11 +115,17 @@ fn with_ext(stem: &OsStr, ext: &str) -> OsString {
 }
 
 impl Namespace {
-    pub fn new(source: Source, writable: bool, cache_groups: usize) -> Namespace {
+    pub fn new(
+        source: Source,
+        writable: bool,
+        cache_groups: usize,
+        cache: crate::CacheMode,
+    ) -> Namespace {
         Namespace {
             source,
             writable,
             cache_groups,
+            cache,
             inner: RwLock::new(Inner {
                 next_ino: ROOT_INO + 1,
                 ..Default::default()
@@ -140,6 +147,7 @@ impl Namespace {
     fn open_options(&self) -> OpenOptions {
         OpenOptions {
             writable: self.writable,
+            cache: self.cache,
             cache_groups: self.cache_groups,
             lock: if self.writable {
                 LockMode::Exclusive
