@@ -200,12 +200,9 @@ fn no_write_is_lost_when_the_cache_evicts_a_held_group() {
         n
     };
     assert_eq!(lost(&img), 0, "writes lost in the session");
-    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
-    let img = Image::open(&path, &OpenOptions::default()).unwrap();
-    assert_eq!(lost(&img), 0, "writes lost after reopening");
-    let r = img.check().unwrap();
-    assert!(!r.is_corrupt(), "{:?}", r.corruptions);
-    assert_eq!(r.leaked_chunks, 0);
+    close_and_check(img, &path, |img| {
+        assert_eq!(lost(img), 0, "writes lost after reopening")
+    });
 }
 
 /// A write that translated its chunk before a discard lands after the
@@ -292,6 +289,28 @@ fn worker(img: &Image, t: u64, threads: u64, rounds: usize) -> HashMap<u64, Vec<
     model
 }
 
+/// Runs `threads` workers of `rounds` each on `img`; returns their models.
+fn run_workers(img: &Arc<Image>, threads: u64, rounds: usize) -> Vec<HashMap<u64, Vec<u8>>> {
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let img = img.clone();
+            std::thread::spawn(move || worker(&img, t, threads, rounds))
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Closes `img`, reopens it read-only, runs `data` on it and checks it:
+/// no corruption, no leaked chunk.
+fn close_and_check(img: Arc<Image>, path: &Path, data: impl Fn(&Image)) {
+    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
+    let img = Image::open(path, &OpenOptions::default()).unwrap();
+    data(&img);
+    let r = img.check().unwrap();
+    assert!(!r.is_corrupt(), "{:?}", r.corruptions);
+    assert_eq!(r.leaked_chunks, 0);
+}
+
 fn verify(img: &Image, models: &[HashMap<u64, Vec<u8>>]) {
     let mut buf = vec![0u8; MIB as usize];
     for m in models {
@@ -318,14 +337,7 @@ fn stress_with_a_one_group_cache_and_delays_matches_the_model() {
     let img = open_slow(&path, delays, 1);
     let stop = Arc::new(AtomicBool::new(false));
     let fl = flusher(&img, &stop);
-    let threads = 4;
-    let hs: Vec<_> = (0..threads)
-        .map(|t| {
-            let img = img.clone();
-            std::thread::spawn(move || worker(&img, t, threads, 300))
-        })
-        .collect();
-    let models: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    let models = run_workers(&img, 4, 300);
     stop.store(true, Ordering::Relaxed);
     assert!(fl.join().unwrap() > 0);
     verify(&img, &models);
@@ -333,12 +345,7 @@ fn stress_with_a_one_group_cache_and_delays_matches_the_model() {
         img.stats().resident_groups <= 8,
         "the cache stays near its size once nobody holds a group"
     );
-    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
-    let img = Image::open(&path, &OpenOptions::default()).unwrap();
-    verify(&img, &models);
-    let r = img.check().unwrap();
-    assert!(!r.is_corrupt(), "{:?}", r.corruptions);
-    assert_eq!(r.leaked_chunks, 0);
+    close_and_check(img, &path, |img| verify(img, &models));
 }
 
 /// Compaction and resize move chunks and tables; the engine keeps them
@@ -368,21 +375,9 @@ fn compact_and_resize_wait_for_io_and_io_waits_for_them() {
             rounds
         })
     };
-    let threads = 4;
-    let hs: Vec<_> = (0..threads)
-        .map(|t| {
-            let img = img.clone();
-            std::thread::spawn(move || worker(&img, t, threads, 150))
-        })
-        .collect();
-    let models: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    let models = run_workers(&img, 4, 150);
     stop.store(true, Ordering::Relaxed);
     assert!(mover.join().unwrap() > 0);
     verify(&img, &models);
-    Arc::try_unwrap(img).ok().unwrap().close().unwrap();
-    let img = Image::open(&path, &OpenOptions::default()).unwrap();
-    verify(&img, &models);
-    let r = img.check().unwrap();
-    assert!(!r.is_corrupt(), "{:?}", r.corruptions);
-    assert_eq!(r.leaked_chunks, 0);
+    close_and_check(img, &path, |img| verify(img, &models));
 }

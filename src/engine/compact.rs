@@ -35,11 +35,7 @@ const BATCH: usize = 256;
 impl Image {
     /// Packs the container. `progress` gets (chunks moved, chunks to move).
     pub fn compact(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<CompactReport> {
-        if !self.writable {
-            return Err(Error::ReadOnly);
-        }
-        let _only = self.exclusive.write();
-        self.open_scan.wait(&self.alloc)?;
+        let _only = self.begin_exclusive()?;
         self.flush_inner()?;
         let cs = self.geo.chunk_size;
         let old_len = self.storage.len().map_err(|e| self.io_err("stat", e))?;

@@ -121,11 +121,7 @@ impl Image {
     /// Changes the virtual size. Shrinking discards the tail; growing makes
     /// sure the new range reads as zeros. Durable on return.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        if !self.writable {
-            return Err(Error::ReadOnly);
-        }
-        let _only = self.exclusive.write();
-        self.open_scan.wait(&self.alloc)?;
+        let _only = self.begin_exclusive()?;
         let bs = self.geo.block_size;
         if new_size % bs != 0 {
             return Err(Error::Invalid(format!(

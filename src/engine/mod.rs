@@ -51,7 +51,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -426,6 +426,17 @@ impl Image {
         let shared = self.exclusive.read();
         self.open_scan.wait(&self.alloc)?;
         Ok(shared)
+    }
+
+    /// Entry point of the operations that move chunks or tables (compact,
+    /// resize, repair): the image to themselves, no I/O in flight.
+    pub(super) fn begin_exclusive(&self) -> Result<RwLockWriteGuard<'_, ()>> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let only = self.exclusive.write();
+        self.open_scan.wait(&self.alloc)?;
+        Ok(only)
     }
 
     /// Which directory is active (0 = A, 1 = B) and its version.

@@ -43,11 +43,7 @@ impl Image {
     /// the file. `allocated_before` is the container's host allocation
     /// before it was opened.
     pub fn repair_leaks(&self, allocated_before: u64) -> Result<RepairReport> {
-        if !self.writable {
-            return Err(Error::ReadOnly);
-        }
-        let _only = self.exclusive.write();
-        self.open_scan.wait(&self.alloc)?;
+        let _only = self.begin_exclusive()?;
         self.flush_inner()?;
         let cs = self.geo.chunk_size;
         let old_len = self.storage.len().map_err(|e| self.io_err("stat", e))?;
