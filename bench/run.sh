@@ -8,6 +8,7 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 ROOT=$(dirname "$BENCH_DIR")
 WORK=$(realpath -m "${BENCH_WORK:-$BENCH_DIR/work}")  # canonical: compared with /proc/self/mountinfo
 RESULTS=${BENCH_RESULTS:-$BENCH_DIR/results}
+ASIFFS_GIVEN=${ASIFFS:+1}                    # a binary named by the caller is never rebuilt
 ASIFFS=${ASIFFS:-$ROOT/target/release/asiffs}
 QUICK=${BENCH_QUICK:-0}
 
@@ -160,7 +161,7 @@ build_tool() {
 ASIFFS_OK=0
 ASIFFS_SRC=${ASIFFS}
 build_asiffs() {
-    if [[ ${BENCH_NO_BUILD:-0} != 1 && -f $ROOT/Cargo.toml && -z ${BENCH_ASIFFS_PREBUILT:-} ]]; then
+    if [[ ${BENCH_NO_BUILD:-0} != 1 && -f $ROOT/Cargo.toml && -z ${BENCH_ASIFFS_PREBUILT:-} && -z $ASIFFS_GIVEN ]]; then
         log "cargo build --release"
         (cd "$ROOT" && cargo build --release 2>&1 | tail -3) >&2 || true
     fi
