@@ -260,6 +260,25 @@ def main():
                           "MBps": rs[0]["in_bytes"] / 1e6 / s if s else None,
                           "out_alloc_bytes": med([r["out_alloc"] for r in rs])}
 
+    # ---- the cache mode asiffs reports (`asiffs stats`), against what the harness asked for
+    cache_seen = {}
+    for r in rows:
+        if r["kind"] != "asiffs_stats":
+            continue
+        try:
+            with open(r["file"]) as f:
+                seen = {v.get("cache") for v in json.load(f).values() if isinstance(v, dict)}
+        except (OSError, ValueError, AttributeError):
+            continue
+        seen.discard(None)
+        cache_seen.setdefault(r["mode"], set()).update(seen)
+        wanted = (config.get(f"asiffs_cache_{r['mode']}") or "").split(" ")[0]
+        if seen and seen != {wanted}:
+            errors.append(f"asiffs stats says cache={'/'.join(sorted(seen))} in the {r['mode']} mode "
+                          f"(rep {r['rep']}), the harness expected {wanted}")
+    for mode, m in modes.items():
+        m["settings"]["asiffs_cache_seen"] = sorted(cache_seen.get(mode, []))
+
     # ---- PASS/MISS checks (on medians; the spread is shown beside)
     checks = []
 
@@ -356,7 +375,9 @@ def main():
     sections = []   # (title, text lines, md lines)
     for mode, m in modes.items():
         st = m["settings"]
-        title = (f"{how[mode]}; native direct={st['native_direct']}, asiffs cache={st['asiffs_cache']}, "
+        seen = "/".join(st["asiffs_cache_seen"]) or "not reported"
+        title = (f"{how[mode]}; native direct={st['native_direct']}, asiffs cache={st['asiffs_cache']} "
+                 f"(asiffs stats: {seen}), "
                  f"qsd cache.direct={st['qsd_cache_direct']}; fio opens asiffs and qsd files direct=1 "
                  f"(bufwrite/bufread: direct=0 everywhere). median (min-max) over runs; "
                  f"ratios are per-run pairs")

@@ -485,7 +485,9 @@ run_main() {
             for t in "${live[@]}"; do
                 pid=$(daemon_pid "$t")
                 if [[ $t == asiffs && -n $pid ]]; then
-                    timeout 10 "$ASIFFS" stats --pretty "$T_ASIFFS/mnt" > "$RAW/rep$rep/asiffs-stats.$mode.json" 2>/dev/null || true
+                    # the report checks the cache mode asiffs says it used against the label
+                    timeout 10 "$ASIFFS" stats --pretty "$T_ASIFFS/mnt" > "$RAW/rep$rep/asiffs-stats.$mode.json" 2>/dev/null &&
+                        record kind='"asiffs_stats"' rep="$rep" mode="\"$mode\"" file="$(jstr "$RAW/rep$rep/asiffs-stats.$mode.json")"
                     record kind='"rss"' rep="$rep" mode="\"$mode\"" pid="$pid" \
                         vmhwm_kib="$(rss_of "$pid" VmHWM)" vmrss_kib="$(rss_of "$pid" VmRSS)"
                 fi
