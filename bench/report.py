@@ -3,7 +3,9 @@
 
 usage: report.py MEASUREMENTS.jsonl OUT.json OUT.md
 
-Each figure is the median over repetitions.  Only the standard library is used.
+Each figure is the median over repetitions with its min-max; ratios are taken
+per repetition (targets ran side by side) and summarised the same way.  Only
+the standard library is used.
 """
 import json
 import os
@@ -11,20 +13,38 @@ import statistics
 import sys
 
 TARGETS = ["native", "asiffs", "qsd"]
+MODES = ["cold", "warm"]
 
-# job -> (fio direction(s), metric, unit, description)
-JOBS = {
-    "fill":      (["write"], "bw", "MB/s", "seq write 1M qd16 direct, first pass (allocating)"),
-    "seqwrite":  (["write"], "bw", "MB/s", "seq write 1M qd16 direct (overwrite)"),
-    "seqread":   (["read"], "bw", "MB/s", "seq read 1M qd16 direct"),
-    "randwrite": (["write"], "iops", "IOPS", "rand write 4k qd32 direct"),
-    "randread":  (["read"], "iops", "IOPS", "rand read 4k qd32 direct"),
-    "bufwrite":  (["write"], "bw", "MB/s", "seq write 1M buffered + end_fsync, 1 pass"),
-    "bufread":   (["read"], "bw", "MB/s", "seq read 1M buffered, cold, 1 pass"),
-    "mixed":     (["read", "write"], "iops", "IOPS", "randrw 70/30 16k qd16 direct fsync=64"),
-}
+# table rows: (job, figure, unit, description); "higher" unless the unit is a latency
+ROWS = [
+    ("fill", "bw", "MB/s", "seq write 1M qd16, first pass over the fresh file (prefill, allocating)"),
+    ("seqwrite", "bw", "MB/s", "seq write 1M qd16 (overwrite)"),
+    ("seqread", "bw", "MB/s", "seq read 1M qd16"),
+    ("randwrite", "iops", "IOPS", "rand write 4k qd32"),
+    ("randread", "iops", "IOPS", "rand read 4k qd32"),
+    ("qd1read", "iops", "IOPS", "rand read 4k qd1"),
+    ("qd1read", "clat_p99", "us", "rand read 4k qd1: p99 completion latency (fio clat)"),
+    ("qd1read", "lat_p99", "us", "rand read 4k qd1: p99 total latency (submit + completion)"),
+    ("bufwrite", "bw", "MB/s", "seq write 1M buffered + end_fsync, 1 pass"),
+    ("bufread", "bw", "MB/s", "seq read 1M buffered, 1 pass"),
+    ("mixed", "iops", "IOPS", "randrw 70/30 16k qd16 fsync=64"),
+]
+
+# (mode, job, figure, against, op, threshold): the targets of the issue
+RATIO_CHECKS = [
+    ("cold", "randread", "iops", "native", ">=", 0.8),
+    ("cold", "randread", "iops", "qsd", ">=", 2.0),
+    ("cold", "randwrite", "iops", "native", ">=", 0.8),
+    ("cold", "randwrite", "iops", "qsd", ">=", 2.0),
+    ("cold", "seqread", "bw", "native", ">=", 0.9),
+    ("cold", "seqwrite", "bw", "native", ">=", 0.9),
+    ("warm", "seqread", "bw", "native", ">=", 0.9),
+    ("warm", "seqwrite", "bw", "native", ">=", 0.9),
+    ("cold", "qd1read", "clat_p99", "native", "<=", 1.5),
+]
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 def med(xs):
@@ -38,6 +58,15 @@ def ratio(a, b):
     return a / b
 
 
+def spread(xs):
+    """median, min, max and count of the values that exist, or None."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs),
+            "runs": xs}
+
+
 def load_fio(path):
     with open(path) as f:
         text = f.read()
@@ -45,19 +74,27 @@ def load_fio(path):
     return json.loads(text[text.index("{"):])
 
 
-def fio_metric(doc, dirs, metric):
+def p99(lat):
+    pct = (lat or {}).get("percentile") or {}
+    v = pct.get("99.000000")
+    return v / 1000.0 if v is not None else None
+
+
+def fio_figures(doc):
+    """bw (MB/s), iops, bytes moved and p99 latencies (us) of a one-job fio run."""
     job = doc["jobs"][0]
     if job.get("error"):
-        return None, None
-    val = 0.0
-    p99 = None
-    for d in dirs:
-        part = job[d]
-        val += part["bw_bytes"] / 1e6 if metric == "bw" else part["iops"]
-        pct = (part.get("clat_ns") or {}).get("percentile") or {}
-        if "99.000000" in pct and p99 is None:
-            p99 = pct["99.000000"] / 1000.0
-    return val, p99
+        return None
+    f = {"bw": 0.0, "iops": 0.0, "bytes": 0, "clat_p99": None, "lat_p99": None}
+    for d in ("read", "write", "trim"):
+        part = job.get(d) or {}
+        f["bw"] += part.get("bw_bytes", 0) / 1e6
+        f["iops"] += part.get("iops", 0)
+        f["bytes"] += part.get("io_bytes", 0)
+        if part.get("io_bytes") and f["clat_p99"] is None:
+            f["clat_p99"] = p99(part.get("clat_ns"))
+            f["lat_p99"] = p99(part.get("lat_ns"))
+    return f
 
 
 def fmt(v, unit=None):
@@ -72,6 +109,15 @@ def fmt(v, unit=None):
     return f"{v:.2f}"
 
 
+def fmt_sp(sp, unit=None):
+    """median, and (min-max) when there is more than one run"""
+    if sp is None:
+        return "n/a"
+    if sp["n"] == 1:
+        return fmt(sp["median"], unit)
+    return f"{fmt(sp['median'], unit)} ({fmt(sp['min'], unit)}-{fmt(sp['max'], unit)})"
+
+
 def main():
     meas_path, out_json, out_md = sys.argv[1:4]
     rows = []
@@ -82,35 +128,66 @@ def main():
                 rows.append(json.loads(line))
     config = next((r for r in rows if r["kind"] == "config"), {})
 
-    # ---- fio jobs
-    per = {}  # (job, target) -> list of (value, p99)
+    # ---- fio jobs: (mode, job, target) -> {rep: figures}
+    per = {}
     errors = []
     for r in rows:
+        mode = r.get("mode", "cold")   # runs before the modes existed dropped caches
         if r["kind"] == "fio_error":
-            errors.append(f"fio {r['job']} on {r['target']} failed in rep {r['rep']}")
-        if r["kind"] != "fio" or r["job"] not in JOBS:
+            errors.append(f"fio {r['job']} on {r['target']} ({mode}) failed in rep {r['rep']}")
+        if r["kind"] != "fio":
             continue
-        dirs, metric, _, _ = JOBS[r["job"]]
         try:
-            v, p99 = fio_metric(load_fio(r["file"]), dirs, metric)
+            fig = fio_figures(load_fio(r["file"]))
         except (OSError, ValueError, KeyError) as e:
             errors.append(f"cannot parse {r['file']}: {e}")
             continue
-        per.setdefault((r["job"], r["target"]), []).append((v, p99))
-
-    jobs = []
-    for job, (dirs, metric, unit, desc) in JOBS.items():
-        if not any((job, t) in per for t in TARGETS):
+        if fig is None:
+            errors.append(f"fio {r['job']} on {r['target']} ({mode}) reported an error in rep {r['rep']}")
             continue
-        entry = {"job": job, "unit": unit, "desc": desc, "runs": {}, "p99_clat_us": {}}
-        for t in TARGETS:
-            vals = per.get((job, t), [])
-            entry["runs"][t] = [v for v, _ in vals]
-            entry[t] = med([v for v, _ in vals])
-            entry["p99_clat_us"][t] = med([p for _, p in vals])
-        entry["asiffs_vs_native"] = ratio(entry["asiffs"], entry["native"])
-        entry["asiffs_vs_qsd"] = ratio(entry["asiffs"], entry["qsd"])
-        jobs.append(entry)
+        ticks, tck = r.get("cpu_ticks"), r.get("clk_tck")
+        fig["cpu_s"] = ticks / tck if ticks is not None and tck else None
+        fig["cpu_s_per_gib"] = (fig["cpu_s"] / (fig["bytes"] / GIB)
+                                if fig["cpu_s"] is not None and fig["bytes"] else None)
+        per.setdefault((mode, r["job"], r["target"]), {})[r["rep"]] = fig
+
+    def paired(mode, job, fig, a, b):
+        """per-repetition ratios a/b: the targets ran side by side in each repetition"""
+        ra, rb = per.get((mode, job, a), {}), per.get((mode, job, b), {})
+        return spread([ratio(ra[k][fig], rb[k][fig]) for k in sorted(ra) if k in rb])
+
+    modes = {}
+    for mode in MODES:
+        if not any(k[0] == mode for k in per):
+            continue
+        table = []
+        for job, fig, unit, desc in ROWS:
+            if not any((mode, job, t) in per for t in TARGETS):
+                continue
+            e = {"job": job, "figure": fig, "unit": unit, "desc": desc}
+            for t in TARGETS:
+                e[t] = spread([x[fig] for x in per.get((mode, job, t), {}).values()])
+            e["asiffs_vs_native"] = paired(mode, job, fig, "asiffs", "native")
+            e["asiffs_vs_qsd"] = paired(mode, job, fig, "asiffs", "qsd")
+            table.append(e)
+        cpu = []
+        for job in dict.fromkeys(j for j, _, _, _ in ROWS):
+            if not any((mode, job, t) in per for t in ("asiffs", "qsd")):
+                continue
+            c = {"job": job}
+            for t in ("asiffs", "qsd"):
+                c[t] = spread([x["cpu_s_per_gib"] for x in per.get((mode, job, t), {}).values()])
+            c["asiffs_vs_qsd"] = paired(mode, job, "cpu_s_per_gib", "asiffs", "qsd")
+            cpu.append(c)
+        modes[mode] = {
+            "settings": {
+                "native_direct": config.get(f"native_direct_{mode}"),
+                "asiffs_cache": config.get(f"asiffs_cache_{mode}"),
+                "qsd_cache_direct": config.get(f"qsd_cache_direct_{mode}"),
+            },
+            "jobs": table,
+            "cpu_s_per_gib": cpu,
+        }
 
     # ---- discard
     discard = {}
@@ -183,26 +260,68 @@ def main():
                           "MBps": rs[0]["in_bytes"] / 1e6 / s if s else None,
                           "out_alloc_bytes": med([r["out_alloc"] for r in rs])}
 
-    # ---- PASS/MISS checks
-    jb = {j["job"]: j for j in jobs}
+    # ---- the cache mode asiffs reports (`asiffs stats`), against what the harness asked for
+    cache_seen = {}
+    for r in rows:
+        if r["kind"] != "asiffs_stats":
+            continue
+        try:
+            with open(r["file"]) as f:
+                seen = {v.get("cache") for v in json.load(f).values() if isinstance(v, dict)}
+        except (OSError, ValueError, AttributeError):
+            continue
+        seen.discard(None)
+        cache_seen.setdefault(r["mode"], set()).update(seen)
+        wanted = (config.get(f"asiffs_cache_{r['mode']}") or "").split(" ")[0]
+        if seen and seen != {wanted}:
+            errors.append(f"asiffs stats says cache={'/'.join(sorted(seen))} in the {r['mode']} mode "
+                          f"(rep {r['rep']}), the harness expected {wanted}")
+    for mode, m in modes.items():
+        m["settings"]["asiffs_cache_seen"] = sorted(cache_seen.get(mode, []))
+
+    # ---- PASS/MISS checks (on medians; the spread is shown beside)
     checks = []
 
-    def check(name, value, op, threshold, unit=""):
+    def check(name, value, op, threshold, unit="", sp=None, note=None):
         if value is None:
             st = "N/A"
+        elif op == ">=":
+            st = "PASS" if value >= threshold else "MISS"
+        elif op == "<=":
+            st = "PASS" if value <= threshold else "MISS"
         else:
-            st = "PASS" if (value >= threshold if op == ">=" else value < threshold) else "MISS"
-        checks.append({"name": name, "value": value, "op": op, "threshold": threshold,
-                       "unit": unit, "status": st})
+            st = "PASS" if value < threshold else "MISS"
+        c = {"name": name, "value": value, "op": op, "threshold": threshold,
+             "unit": unit, "status": st}
+        if sp is not None:
+            c["min"], c["max"], c["n"] = sp["min"], sp["max"], sp["n"]
+        if note:
+            c["note"] = note
+        checks.append(c)
 
-    def jr(job, key):
-        return jb.get(job, {}).get(key)
+    def row(mode, job, fig):
+        for e in modes.get(mode, {}).get("jobs", []):
+            if e["job"] == job and e["figure"] == fig:
+                return e
+        return {}
 
-    check("seq 1M write asiffs/native", jr("seqwrite", "asiffs_vs_native"), ">=", 0.9, "x")
-    check("seq 1M read asiffs/native", jr("seqread", "asiffs_vs_native"), ">=", 0.9, "x")
-    for job, label in (("randwrite", "rand 4k write"), ("randread", "rand 4k read")):
-        check(f"{label} asiffs/native", jr(job, "asiffs_vs_native"), ">=", 0.5, "x")
-        check(f"{label} asiffs/qsd", jr(job, "asiffs_vs_qsd"), ">=", 1.5, "x")
+    labels = {"bw": "1M MB/s", "iops": "IOPS", "clat_p99": "4k qd1 p99 clat"}
+    def skipped(mode):
+        return f"{mode} mode skipped, see NOTE" if mode not in modes and config.get("modes_note") else None
+
+    for mode, job, fig, other, op, thr in RATIO_CHECKS:
+        sp = row(mode, job, fig).get(f"asiffs_vs_{other}")
+        check(f"{mode} {job} {labels[fig]} asiffs/{other}", sp and sp["median"], op, thr, "x", sp,
+              skipped(mode))
+    for mode in MODES:
+        # the worst job decides: CPU per GiB must not exceed qsd's in any of them
+        worst = None
+        for c in modes.get(mode, {}).get("cpu_s_per_gib", []):
+            sp = c["asiffs_vs_qsd"]
+            if sp and (worst is None or sp["median"] > worst[1]["median"]):
+                worst = (c["job"], sp)
+        check(f"{mode} CPU s/GiB asiffs/qsd, worst job" + (f" ({worst[0]})" if worst else ""),
+              worst and worst[1]["median"], "<=", 1.0, "x", worst and worst[1], skipped(mode))
     check("asiffs peak RSS (VmHWM)", peak_rss_mib, "<", 100, "MiB")
     check(f"mount {config.get('many')} images", mount_many and mount_many["median_ms"], "<", 1000, "ms")
     check(f"open {config.get('big')} image: open+1st read, fresh mount",
@@ -216,7 +335,7 @@ def main():
 
     result = {
         "config": config,
-        "jobs": jobs,
+        "modes": modes,
         "discard": discard,
         "container_final_alloc_bytes": final,
         "asiffs_peak_rss_mib": peak_rss_mib,
@@ -235,31 +354,61 @@ def main():
     os.replace(tmp, out_json)
 
     # ---- text + markdown
-    hdr = ["job", "unit", "native", "asiffs", "qsd", "asiffs/native", "asiffs/qsd"]
-    table = [hdr]
-    for j in jobs:
-        table.append([j["job"], j["unit"], fmt(j["native"]), fmt(j["asiffs"]), fmt(j["qsd"]),
-                      fmt(j["asiffs_vs_native"], "ratio"), fmt(j["asiffs_vs_qsd"], "ratio")])
+    def render(hdr, body, left=2):
+        """aligned text lines and markdown lines of one table"""
+        widths = [max(len(r[i]) for r in [hdr] + body) for i in range(len(hdr))]
+        text = []
+        for k, r in enumerate([hdr] + body):
+            text.append("  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i])
+                                  for i, c in enumerate(r)))
+            if k == 0:
+                text.append("  ".join("-" * w for w in widths))
+        md = ["| " + " | ".join(hdr) + " |",
+              "|" + "|".join(["---"] * left + ["---:"] * (len(hdr) - left)) + "|"]
+        md += ["| " + " | ".join(r) + " |" for r in body]
+        return text, md
+
+    how = {
+        "cold": "cold: sync + drop_caches before each job",
+        "warm": "warm: sync, then one read pass over the working set, before each job (no drop)",
+    }
+    sections = []   # (title, text lines, md lines)
+    for mode, m in modes.items():
+        st = m["settings"]
+        seen = "/".join(st["asiffs_cache_seen"]) or "not reported"
+        title = (f"{how[mode]}; native direct={st['native_direct']}, asiffs cache={st['asiffs_cache']} "
+                 f"(asiffs stats: {seen}), "
+                 f"qsd cache.direct={st['qsd_cache_direct']}; fio opens asiffs and qsd files direct=1 "
+                 f"(bufwrite/bufread: direct=0 everywhere). median (min-max) over runs; "
+                 f"ratios are per-run pairs")
+        hdr = ["job", "unit", "native", "asiffs", "qsd", "asiffs/native", "asiffs/qsd"]
+        body = []
+        for e in m["jobs"]:
+            name = e["job"] if e["figure"] in ("bw", "iops") else f"{e['job']} {e['figure'].replace('_', ' ')}"
+            body.append([name, e["unit"]] + [fmt_sp(e[t]) for t in TARGETS]
+                        + [fmt_sp(e["asiffs_vs_native"], "ratio"), fmt_sp(e["asiffs_vs_qsd"], "ratio")])
+        sections.append((title, *render(hdr, body)))
+        if m["cpu_s_per_gib"]:
+            body = [[c["job"], fmt_sp(c["asiffs"]), fmt_sp(c["qsd"]), fmt_sp(c["asiffs_vs_qsd"], "ratio")]
+                    for c in m["cpu_s_per_gib"]]
+            sections.append((f"{mode}: daemon CPU seconds (utime+stime) per GiB moved (fio io_bytes)",
+                             *render(["job", "asiffs", "qsd", "asiffs/qsd"], body, left=1)))
     if discard:
+        body = []
         for key, label, unit, scale in (("time_s", "discard 50% time", "s", 1),
                                         ("alloc_before_bytes", "discard alloc before", "MiB", MIB),
                                         ("alloc_after_bytes", "discard alloc after", "MiB", MIB)):
             vals = {t: (discard.get(t, {}).get(key)) for t in TARGETS}
             vals = {t: (v / scale if v is not None else None) for t, v in vals.items()}
-            table.append([label, unit, fmt(vals["native"]), fmt(vals["asiffs"]), fmt(vals["qsd"]),
-                          fmt(ratio(vals["asiffs"], vals["native"]), "ratio"),
-                          fmt(ratio(vals["asiffs"], vals["qsd"]), "ratio")])
-
-    widths = [max(len(r[i]) for r in table) for i in range(len(hdr))]
-    lines = []
-    for k, r in enumerate(table):
-        lines.append("  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i])
-                               for i, c in enumerate(r)))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
+            body.append([label, unit, fmt(vals["native"]), fmt(vals["asiffs"]), fmt(vals["qsd"]),
+                         fmt(ratio(vals["asiffs"], vals["native"]), "ratio"),
+                         fmt(ratio(vals["asiffs"], vals["qsd"]), "ratio")])
+        sections.append(("discard (medians; after the last mode's jobs)",
+                         *render(["figure", "unit", "native", "asiffs", "qsd", "asiffs/native", "asiffs/qsd"], body)))
 
     cfg = (f"size={config.get('size')} runs={config.get('runs')} runtime={config.get('runtime')}s "
-           f"ramp={config.get('ramp')}s quick={config.get('quick')} asiffs={config.get('asiffs_rev')} "
+           f"ramp={config.get('ramp')}s modes={config.get('modes')!r} quick={config.get('quick')} "
+           f"asiffs={config.get('asiffs_rev')} "
            f"kernel={config.get('kernel')} nproc={config.get('nproc')}")
     extra = []
     extra.append(f"asiffs peak RSS (VmHWM, max over reps): {fmt(peak_rss_mib)} MiB"
@@ -280,15 +429,28 @@ def main():
         extra.append(f"convert {config.get('convert_size')} (~50% data) with {tool}: median "
                      f"{fmt(c['median_s'])} s = {fmt(c['MBps'])} MB/s, output "
                      f"{fmt(c['out_alloc_bytes'] / MIB if c['out_alloc_bytes'] else None)} MiB")
+    notes = [config["modes_note"]] if config.get("modes_note") else []
+
     def vu(c):
-        return "n/a" if c["value"] is None else f"{fmt(c['value'])}{c['unit']}"
+        if c["value"] is None:
+            return "n/a"
+        v = f"{fmt(c['value'])}{c['unit']}"
+        if c.get("n", 1) > 1:
+            v += f" ({fmt(c['min'])}-{fmt(c['max'])})"
+        return v
 
     chk = [f"{c['status']:4}  {c['name']}: {vu(c)} (target {c['op']} "
-           f"{c['threshold']}{c['unit']})" for c in checks]
+           f"{c['threshold']}{c['unit']})" + (f"  [{c['note']}]" if c.get("note") else "")
+           for c in checks]
 
     print()
     print("asiffs benchmark  " + cfg)
-    print("\n".join(lines))
+    for n in notes:
+        print("NOTE: " + n)
+    for title, text, _ in sections:
+        print()
+        print(title)
+        print("\n".join(text))
     print()
     print("\n".join(extra))
     print()
@@ -296,12 +458,12 @@ def main():
     if errors:
         print("\nerrors:\n  " + "\n  ".join(errors))
 
-    md = [f"<!-- generated by bench/run.sh; {cfg} -->",
-          "| " + " | ".join(hdr) + " |",
-          "|" + "|".join(["---"] * 2 + ["---:"] * 5) + "|"]
-    for r in table[1:]:
-        md.append("| " + " | ".join(r) + " |")
-    md.append("")
+    md = [f"<!-- generated by bench/run.sh; {cfg} -->"]
+    md.extend(f"**Note:** {n}\n" for n in notes)
+    for title, _, lines in sections:
+        md.append(f"{title}:\n")
+        md.extend(lines)
+        md.append("")
     md.extend(f"- {e}" for e in extra)
     md.append("")
     md.append("| check | value | target | status |")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # asiffs benchmark harness: native file vs asiffs FUSE mount vs qemu-storage-daemon
-# (qcow2 FUSE export), plus RSS / mount-1000 / open-10T / convert figures.
+# (qcow2 FUSE export), cold (host cache dropped) and warm, plus daemon CPU per
+# GiB, RSS / mount-1000 / open-10T / convert figures.
 # See bench/README.md.  Called by `make bench`; not part of the tests.
 set -Eeuo pipefail
 
@@ -8,20 +9,21 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 ROOT=$(dirname "$BENCH_DIR")
 WORK=$(realpath -m "${BENCH_WORK:-$BENCH_DIR/work}")  # canonical: compared with /proc/self/mountinfo
 RESULTS=${BENCH_RESULTS:-$BENCH_DIR/results}
+ASIFFS_GIVEN=${ASIFFS:+1}                    # a binary named by the caller is never rebuilt
 ASIFFS=${ASIFFS:-$ROOT/target/release/asiffs}
 QUICK=${BENCH_QUICK:-0}
 
 if [[ $QUICK == 1 ]]; then
-    d_size=256M d_runs=1 d_runtime=3 d_ramp=1 d_region=128M d_many=100
+    d_size=256M d_runs=1 d_runtime=3 d_ramp=0 d_region=128M d_many=100
     d_big=1T d_bigchunks=1024 d_conv=256M d_open_runs=5 d_mount_runs=2
 else
-    d_size=2G d_runs=3 d_runtime=12 d_ramp=2 d_region=1G d_many=1000
+    d_size=4G d_runs=3 d_runtime=12 d_ramp=0 d_region=1G d_many=1000
     d_big=10T d_bigchunks=102400 d_conv=2G d_open_runs=20 d_mount_runs=5
 fi
-SIZE=${BENCH_SIZE:-$d_size}                  # test file size per target
+SIZE=${BENCH_SIZE:-$d_size}                  # working set per target (prefilled)
 RUNS=${BENCH_RUNS:-$d_runs}                  # repetitions (median taken)
 RUNTIME=${BENCH_RUNTIME:-$d_runtime}         # seconds per time-based fio job
-RAMP=${BENCH_RAMP:-$d_ramp}                  # fio ramp_time seconds
+RAMP=${BENCH_RAMP:-$d_ramp}                  # fio ramp_time s (its I/O is not in io_bytes but its CPU is)
 REGION=${BENCH_DISCARD_REGION:-$d_region}    # discard job region (50% punched)
 MANY=${BENCH_MANY:-$d_many}                  # images for the mount-many test
 BIG=${BENCH_BIG_SIZE:-$d_big}                # virtual size of the big image
@@ -30,7 +32,11 @@ CONV=${BENCH_CONVERT_SIZE:-$d_conv}          # convert input size (~50% data)
 OPEN_RUNS=${BENCH_OPEN_RUNS:-$d_open_runs}
 MOUNT_RUNS=${BENCH_MOUNT_RUNS:-$d_mount_runs}
 TARGETS=${BENCH_TARGETS:-native asiffs qsd}
-JOBS=${BENCH_JOBS:-fill seqwrite seqread randwrite randread bufwrite bufread mixed discard}
+MODES=${BENCH_MODES:-cold warm}
+COLD_JOBS=${BENCH_COLD_JOBS:-seqwrite seqread randwrite randread qd1read bufwrite bufread mixed}
+WARM_JOBS=${BENCH_WARM_JOBS:-seqwrite seqread randwrite randread qd1read}
+DISCARD=${BENCH_DISCARD:-1}
+ASIFFS_CACHE_OPT=${BENCH_ASIFFS_CACHE_OPT:-auto}  # auto: use -o cache= if `mount --help` has it
 EXTRAS=${BENCH_EXTRAS:-mount open convert}
 MIN_FREE_GB=${BENCH_MIN_FREE_GB:-10}
 ASIFFS_MOUNT_OPTS=${BENCH_ASIFFS_MOUNT_OPTS:-}
@@ -99,6 +105,8 @@ drop_caches() {
     sync
     echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 }
+# cold jobs are only honest if the drop works (root, and not refused by a container)
+can_drop_caches() { sync; (echo 3 > /proc/sys/vm/drop_caches) 2>/dev/null; }
 
 # after drop_caches: re-read the asiffs executable and its libraries so that
 # "cold" timings measure image metadata I/O, not paging in the program
@@ -112,6 +120,7 @@ warm_binary() {
 to_bytes() { numfmt --from=iec "$(tr -d 'iB' <<<"$1" | tr 'kmgt' 'KMGT')"; }
 alloc_bytes() { if [[ -e $1 ]]; then echo $(( $(stat -c '%b * %B' "$1") )); else echo null; fi; }
 now_ns() { date +%s%N; }
+CLK_TCK=$(getconf CLK_TCK)
 
 # record KEY=VALUE... -> one JSON object per line in $MEAS (values: numbers,
 # null, or strings quoted by the caller through jstr)
@@ -160,7 +169,7 @@ build_tool() {
 ASIFFS_OK=0
 ASIFFS_SRC=${ASIFFS}
 build_asiffs() {
-    if [[ ${BENCH_NO_BUILD:-0} != 1 && -f $ROOT/Cargo.toml && -z ${BENCH_ASIFFS_PREBUILT:-} ]]; then
+    if [[ ${BENCH_NO_BUILD:-0} != 1 && -f $ROOT/Cargo.toml && -z ${BENCH_ASIFFS_PREBUILT:-} && -z $ASIFFS_GIVEN ]]; then
         log "cargo build --release"
         (cd "$ROOT" && cargo build --release 2>&1 | tail -3) >&2 || true
     fi
@@ -198,11 +207,11 @@ asiffs_create() {
 # asiffs: start `asiffs mount -f DIR MNT` in the background; sets ASIFFS_PID.
 ASIFFS_PID=
 asiffs_mount() {
-    local dir=$1 mnt=$2 expect=${3:-}
+    local dir=$1 mnt=$2 expect=${3:-} extra=${4:-}
     mkdir -p "$mnt"
     not_mounted "$mnt" || die "$mnt is already a mount point"
     # shellcheck disable=SC2086
-    "$ASIFFS" mount -f $ASIFFS_MOUNT_OPTS "$dir" "$mnt" >>"$LOGS/asiffs-mount.log" 2>&1 &
+    "$ASIFFS" mount -f $ASIFFS_MOUNT_OPTS $extra "$dir" "$mnt" >>"$LOGS/asiffs-mount.log" 2>&1 &
     ASIFFS_PID=$!
     CLEAN_PIDS+=("$ASIFFS_PID"); CLEAN_MOUNTS+=("$mnt")
     if ! wait_for 30 is_mounted "$mnt"; then
@@ -250,11 +259,11 @@ timed_mount() {
 # qemu-storage-daemon FUSE export of a qcow2; MNT must be an existing regular file.
 QSD_PID=
 qsd_start() {
-    local img=$1 mnt=$2
+    local img=$1 mnt=$2 direct=${3:-on}
     touch "$mnt"
     not_mounted "$mnt" || die "$mnt is already a mount point"
     qemu-storage-daemon \
-        --blockdev "driver=file,filename=$img,node-name=file,cache.direct=on,discard=unmap" \
+        --blockdev "driver=file,filename=$img,node-name=file,cache.direct=$direct,discard=unmap" \
         --blockdev "driver=qcow2,file=file,node-name=qcow2,discard=unmap" \
         --export "type=fuse,id=exp,node-name=qcow2,mountpoint=$mnt,writable=on" \
         >>"$LOGS/qsd.log" 2>&1 &
@@ -277,7 +286,8 @@ qsd_stop() {
 
 # ---------------------------------------------------------------- targets
 # Each target has: target_file (what fio hits), container (whose allocation
-# we measure), setup (fresh container + mount), teardown.
+# we measure), create (fresh container), serve/unserve (mount or daemon with
+# the cache setting of a mode), remove.
 declare -A TFILE TCONT
 T_NATIVE=$WORK/native
 T_ASIFFS=$WORK/asiffs
@@ -286,7 +296,7 @@ TFILE[native]=$T_NATIVE/bench.raw;        TCONT[native]=$T_NATIVE/bench.raw
 TFILE[asiffs]=$T_ASIFFS/mnt/bench.img;    TCONT[asiffs]=$T_ASIFFS/images/bench.asif
 TFILE[qsd]=$T_QSD/export;                 TCONT[qsd]=$T_QSD/bench.qcow2
 
-setup_target() {
+create_target() {
     case $1 in
     native)
         mkdir -p "$T_NATIVE"; rm -f "${TFILE[native]}"
@@ -294,51 +304,116 @@ setup_target() {
     asiffs)
         mkdir -p "$T_ASIFFS/images" "$T_ASIFFS/mnt"
         rm -f "$T_ASIFFS"/images/*
-        asiffs_create "${TCONT[asiffs]}" "$SIZE" || { warn "asiffs create failed"; return 1; }
-        asiffs_mount "$T_ASIFFS/images" "$T_ASIFFS/mnt" bench.img ;;
+        asiffs_create "${TCONT[asiffs]}" "$SIZE" || { warn "asiffs create failed"; return 1; } ;;
     qsd)
         mkdir -p "$T_QSD"; rm -f "${TCONT[qsd]}"
-        qemu-img create -q -f qcow2 "${TCONT[qsd]}" "$SIZE"
-        qsd_start "${TCONT[qsd]}" "${TFILE[qsd]}" ;;
+        qemu-img create -q -f qcow2 "${TCONT[qsd]}" "$SIZE" ;;
     esac
 }
-teardown_target() {
+# Like with like: cold pairs asiffs cache=none and qsd cache.direct=on with
+# native O_DIRECT; warm pairs asiffs cache=writeback and qsd cache.direct=off
+# with native buffered.  fio opens the asiffs and qsd files O_DIRECT in both,
+# so the only cache in play is the one under the daemon, as for native.
+ASIFFS_HAS_CACHE=0
+detect_asiffs_cache() {
+    case $ASIFFS_CACHE_OPT in
+    yes) ASIFFS_HAS_CACHE=1 ;;
+    no)  ASIFFS_HAS_CACHE=0 ;;
+    *)   [[ $ASIFFS_OK == 1 ]] && "$ASIFFS" mount --help 2>&1 | grep -qi 'writeback' && ASIFFS_HAS_CACHE=1 ;;
+    esac
+    return 0
+}
+asiffs_cache_args() { # mode -> mount arguments
+    [[ $ASIFFS_HAS_CACHE == 1 ]] || return 0
+    if [[ $1 == cold ]]; then echo "-o cache=none"; else echo "-o cache=writeback"; fi
+}
+asiffs_cache_label() { # mode -> what asiffs really did
+    if [[ $ASIFFS_HAS_CACHE == 1 ]]; then
+        if [[ $1 == cold ]]; then echo none; else echo writeback; fi
+    elif [[ $1 == cold ]]; then echo "writeback (cache=none not available)"
+    else echo "writeback (no cache= option; the default)"
+    fi
+}
+native_direct() { if [[ $1 == cold ]]; then echo 1; else echo 0; fi; }
+qsd_direct() { if [[ $1 == cold ]]; then echo on; else echo off; fi; }
+serve_target() { # target mode
     case $1 in
-    native) rm -f "${TFILE[native]}" ;;
+    native) ;;
+    asiffs) asiffs_mount "$T_ASIFFS/images" "$T_ASIFFS/mnt" bench.img "$(asiffs_cache_args "$2")" ;;
+    qsd)    qsd_start "${TCONT[qsd]}" "${TFILE[qsd]}" "$(qsd_direct "$2")" ;;
+    esac
+}
+unserve_target() {
+    case $1 in
+    native) ;;
     asiffs) asiffs_unmount "$T_ASIFFS/mnt" ;;
     qsd)    qsd_stop "${TFILE[qsd]}" ;;
     esac
 }
+remove_target() { [[ $1 != native ]] || rm -f "${TFILE[native]}"; }
+daemon_pid() { case $1 in asiffs) echo "$ASIFFS_PID" ;; qsd) echo "$QSD_PID" ;; esac; }
+# cpu_ticks PID: utime + stime of all its threads, in clock ticks (null if none)
+cpu_ticks() {
+    local st f
+    [[ -n $1 ]] && st=$(cat "/proc/$1/stat" 2>/dev/null) || { echo null; return 0; }
+    read -ra f <<<"${st##*) }"   # fields from 3 (state) on; comm may hold spaces
+    echo $(( f[11] + f[12] ))
+}
 
 # ---------------------------------------------------------------- fio jobs
-AIO="--ioengine=libaio --direct=1"
+AIO="--ioengine=libaio --direct=1"   # the discard pre-write
 TB="--time_based --runtime=$RUNTIME --ramp_time=$RAMP"
-job_args() {
+job_args() { # job direct
+    local aio="--ioengine=libaio --direct=$2"
     case $1 in
-    fill)      echo "--rw=write --bs=1M --iodepth=16 $AIO" ;;             # one pass, allocating
-    seqwrite)  echo "--rw=write --bs=1M --iodepth=16 $AIO $TB" ;;
-    seqread)   echo "--rw=read --bs=1M --iodepth=16 $AIO $TB" ;;
-    randwrite) echo "--rw=randwrite --bs=4k --iodepth=32 $AIO $TB" ;;
-    randread)  echo "--rw=randread --bs=4k --iodepth=32 $AIO $TB" ;;
+    fill)      echo "--rw=write --bs=1M --iodepth=16 $aio" ;;             # one pass, allocating
+    seqwrite)  echo "--rw=write --bs=1M --iodepth=16 $aio $TB" ;;
+    seqread)   echo "--rw=read --bs=1M --iodepth=16 $aio $TB" ;;
+    randwrite) echo "--rw=randwrite --bs=4k --iodepth=32 $aio $TB" ;;
+    randread)  echo "--rw=randread --bs=4k --iodepth=32 $aio $TB" ;;
+    # libaio submits buffered I/O synchronously, so clat alone would miss it: also total latency
+    qd1read)   echo "--rw=randread --bs=4k --iodepth=1 $aio $TB --lat_percentiles=1" ;;
     bufwrite)  echo "--rw=write --bs=1M --ioengine=psync --direct=0 --end_fsync=1 --runtime=300" ;;  # one pass
     bufread)   echo "--rw=read --bs=1M --ioengine=psync --direct=0 --runtime=300" ;;                 # one pass, cold
-    mixed)     echo "--rw=randrw --rwmixread=70 --bs=16k --iodepth=16 --fsync=64 $AIO $TB" ;;
+    mixed)     echo "--rw=randrw --rwmixread=70 --bs=16k --iodepth=16 --fsync=64 $aio $TB" ;;
+    *)         return 1 ;;
     esac
 }
 
-run_fio() { # job target rep
-    local job=$1 t=$2 rep=$3 out=$RAW/rep$3/$1.$2.json
+# warm: the whole working set read once, through the same kind of open fio will use
+preread() { # target direct
+    local flag=; [[ $2 == 1 ]] && flag=iflag=direct
+    timeout -k 10 "$FIO_TIMEOUT" dd if="${TFILE[$1]}" of=/dev/null bs=1M $flag status=none
+}
+
+run_fio() { # job target rep mode
+    local job=$1 t=$2 rep=$3 mode=$4 out=$RAW/rep$3/$4.$1.$2.json direct=1 args pid c0 c1
     mkdir -p "$RAW/rep$rep"
-    drop_caches
-    # shellcheck disable=SC2046
+    args=$(job_args "$job" 1) || { warn "unknown job $job"; return 0; }
+    [[ $t == native ]] && direct=$(native_direct "$mode")
+    args=$(job_args "$job" "$direct")
+    if [[ $mode == cold ]]; then
+        drop_caches
+    else
+        args+=" --invalidate=0"   # fio would otherwise drop the file's cached pages first
+        sync   # start clean: no earlier job's dirty pages flushing during this one
+        [[ $job == fill ]] || preread "$t" "$direct" || warn "warm-up read of $t failed"
+    fi
+    pid=$(daemon_pid "$t")
+    c0=$(cpu_ticks "$pid")
+    # shellcheck disable=SC2086
     if ! timeout -k 10 "$FIO_TIMEOUT" fio --name="$job" --filename="${TFILE[$t]}" --size="$SIZE" \
-            --group_reporting --output-format=json --output="$out" $(job_args "$job") \
+            --group_reporting --output-format=json --output="$out" $args \
             >>"$LOGS/fio.log" 2>&1; then
-        warn "fio $job on $t failed (rep $rep), see $out / $LOGS/fio.log"
-        record kind='"fio_error"' job="\"$job\"" target="\"$t\"" rep="$rep"
+        warn "fio $job on $t ($mode) failed (rep $rep), see $out / $LOGS/fio.log"
+        record kind='"fio_error"' mode="\"$mode\"" job="\"$job\"" target="\"$t\"" rep="$rep"
         return 0
     fi
-    record kind='"fio"' job="\"$job\"" target="\"$t\"" rep="$rep" file="$(jstr "$out")"
+    c1=$(cpu_ticks "$pid")
+    local cpu=null
+    [[ $c0 != null && $c1 != null ]] && cpu=$(( c1 - c0 ))
+    record kind='"fio"' mode="\"$mode\"" job="\"$job\"" target="\"$t\"" rep="$rep" direct="$direct" \
+        file="$(jstr "$out")" cpu_ticks="$cpu" clk_tck="$CLK_TCK"
 }
 
 discard_job() { # target rep
@@ -364,42 +439,69 @@ discard_job() { # target rep
 rss_of() { local v; v=$(awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status" 2>/dev/null); echo "${v:-null}"; }
 
 # ---------------------------------------------------------------- main fio loop
+# Each repetition: fresh containers, prefilled in the first mode (the fill job),
+# then every job of each mode round-robin over the targets, the target order
+# rotating per repetition so that noise on this shared machine hits all alike.
+# Daemons are restarted between modes to switch their cache setting.
 run_main() {
-    local -a targets=() order
-    local t rep job i n
+    local -a targets=() order live up
+    local t rep job i n mode last jobs pid filled
     for t in $TARGETS; do
         if [[ $t == asiffs && $ASIFFS_OK != 1 ]]; then continue; fi
         targets+=("$t")
     done
     n=${#targets[@]}
+    last=${RUN_MODES##* }
     for ((rep = 1; rep <= RUNS; rep++)); do
-        # rotate the target order each repetition so no target is always first
         order=()
         for ((i = 0; i < n; i++)); do order+=("${targets[(i + rep - 1) % n]}"); done
         log "repetition $rep/$RUNS, order: ${order[*]}"
-        local -a live=()
+        live=()
         for t in "${order[@]}"; do
-            if setup_target "$t"; then live+=("$t"); else warn "target $t unavailable in rep $rep"; fi
+            if create_target "$t"; then live+=("$t"); else warn "target $t unavailable in rep $rep"; fi
         done
-        for job in $JOBS; do
+        filled=0
+        for mode in $RUN_MODES; do
+            up=()
             for t in "${live[@]}"; do
-                log "  $job on $t"
-                if [[ $job == discard ]]; then discard_job "$t" "$rep"; else run_fio "$job" "$t" "$rep"; fi
+                if serve_target "$t" "$mode"; then up+=("$t"); else warn "target $t unavailable in rep $rep ($mode)"; fi
+            done
+            live=("${up[@]}")
+            if [[ $filled == 0 ]]; then
+                for t in "${live[@]}"; do log "  $mode fill on $t"; run_fio fill "$t" "$rep" "$mode"; done
+                filled=1
+            fi
+            jobs=$COLD_JOBS; [[ $mode == warm ]] && jobs=$WARM_JOBS
+            for job in $jobs; do
+                for t in "${live[@]}"; do
+                    log "  $mode $job on $t"
+                    run_fio "$job" "$t" "$rep" "$mode"
+                done
+            done
+            # discard punches holes in the working set, so it comes last
+            if [[ $mode == "$last" && $DISCARD == 1 ]]; then
+                for t in "${live[@]}"; do log "  discard on $t"; discard_job "$t" "$rep"; done
+            fi
+            for t in "${live[@]}"; do
+                pid=$(daemon_pid "$t")
+                if [[ $t == asiffs && -n $pid ]]; then
+                    # the report checks the cache mode asiffs says it used against the label
+                    timeout 10 "$ASIFFS" stats --pretty "$T_ASIFFS/mnt" > "$RAW/rep$rep/asiffs-stats.$mode.json" 2>/dev/null &&
+                        record kind='"asiffs_stats"' rep="$rep" mode="\"$mode\"" file="$(jstr "$RAW/rep$rep/asiffs-stats.$mode.json")"
+                    record kind='"rss"' rep="$rep" mode="\"$mode\"" pid="$pid" \
+                        vmhwm_kib="$(rss_of "$pid" VmHWM)" vmrss_kib="$(rss_of "$pid" VmRSS)"
+                fi
+                if [[ $t == qsd && -n $pid ]]; then
+                    record kind='"rss_qsd"' rep="$rep" mode="\"$mode\"" pid="$pid" vmhwm_kib="$(rss_of "$pid" VmHWM)"
+                fi
+                unserve_target "$t"
             done
         done
         for t in "${live[@]}"; do
-            if [[ $t == asiffs && -n $ASIFFS_PID ]]; then
-                timeout 10 "$ASIFFS" stats --pretty "$T_ASIFFS/mnt" > "$RAW/rep$rep/asiffs-stats.json" 2>/dev/null || true
-                record kind='"rss"' rep="$rep" pid="$ASIFFS_PID" \
-                    vmhwm_kib="$(rss_of "$ASIFFS_PID" VmHWM)" vmrss_kib="$(rss_of "$ASIFFS_PID" VmRSS)"
-            fi
-            if [[ $t == qsd && -n $QSD_PID ]]; then
-                record kind='"rss_qsd"' rep="$rep" pid="$QSD_PID" vmhwm_kib="$(rss_of "$QSD_PID" VmHWM)"
-            fi
-            teardown_target "$t"
             if [[ $t != native ]]; then
                 record kind='"container_final"' target="\"$t\"" rep="$rep" bytes="$(alloc_bytes "${TCONT[$t]}")"
             fi
+            remove_target "$t"
         done
     done
 }
@@ -534,16 +636,39 @@ run_convert() {
 # (all in a function, so bash has parsed the whole script before running it
 # and editing run.sh during a run cannot derail that run)
 main() {
-    [[ $EUID == 0 ]] || die "run as root (FUSE mounts, drop_caches)"
+    [[ -z ${BENCH_JOBS:-} ]] || die "BENCH_JOBS is gone: use BENCH_COLD_JOBS / BENCH_WARM_JOBS (and BENCH_DISCARD)"
+    [[ $EUID == 0 ]] || warn "not root: no apt installs, and cold jobs are skipped (drop_caches)"
     mkdir -p "$WORK" "$RESULTS" "$RAW" "$LOGS"
-    install_deps
+    [[ $EUID == 0 ]] && install_deps
     build_tool
     build_asiffs
+    detect_asiffs_cache
     : > "$MEAS"
+    # the cold mode needs drop_caches; without it it is skipped, and said so
+    local note= m
+    RUN_MODES=
+    for m in $MODES; do
+        case $m in
+        cold) if can_drop_caches; then RUN_MODES+=" cold"
+              else note="cold jobs skipped: cannot write /proc/sys/vm/drop_caches (needs root)"; warn "$note"; fi ;;
+        warm) RUN_MODES+=" warm" ;;
+        *) die "unknown mode $m (BENCH_MODES: cold warm)" ;;
+        esac
+    done
+    RUN_MODES=${RUN_MODES# }
+    # warm means the working set fits in the page cache
+    if [[ " $RUN_MODES " == *" warm "* ]] &&
+        (( $(to_bytes "$SIZE") / 1024 > $(awk '$1 == "MemAvailable:" {print $2}' /proc/meminfo) * 3 / 4 )); then
+        warn "BENCH_SIZE=$SIZE does not fit well in the page cache: warm jobs will not be fully warm"
+    fi
     record kind='"config"' stamp="\"$STAMP\"" quick="$QUICK" size="\"$SIZE\"" size_bytes="$(to_bytes "$SIZE")" \
         runs="$RUNS" runtime="$RUNTIME" ramp="$RAMP" region="\"$REGION\"" many="$MANY" big="\"$BIG\"" \
         bigchunks="$BIGCHUNKS" convert_size="\"$CONV\"" targets="$(jstr "$TARGETS")" \
         asiffs_ok="$ASIFFS_OK" asiffs_bin="$(jstr "$ASIFFS_SRC")" asiffs_mount_opts="$(jstr "$ASIFFS_MOUNT_OPTS")" \
+        modes="$(jstr "$RUN_MODES")" modes_note="$(jstr "$note")" cold_jobs="$(jstr "$COLD_JOBS")" warm_jobs="$(jstr "$WARM_JOBS")" \
+        asiffs_cache_cold="$(jstr "$(asiffs_cache_label cold)")" asiffs_cache_warm="$(jstr "$(asiffs_cache_label warm)")" \
+        qsd_cache_direct_cold='"on"' qsd_cache_direct_warm='"off"' native_direct_cold=1 native_direct_warm=0 \
+        mem_total_kib="$(awk '$1 == "MemTotal:" {print $2}' /proc/meminfo)" clk_tck="$CLK_TCK" \
         asiffs_rev="$(jstr "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo -dirty)")" \
         fio="$(jstr "$(fio --version)")" qemu="$(jstr "$(qemu-img --version | head -1)")" \
         kernel="$(jstr "$(uname -r)")" nproc="$(nproc)" fs="$(jstr "$(stat -f -c %T "$WORK")")"
@@ -552,7 +677,7 @@ main() {
     log "work dir $WORK ($avail_gb GB free), results $RESULTS, raw $RAW"
     (( avail_gb > MIN_FREE_GB + 3 * $(to_bytes "$SIZE") / 1000000000 )) || die "not enough free space in $WORK"
 
-    log "config: size=$SIZE runs=$RUNS runtime=${RUNTIME}s ramp=${RAMP}s targets='$TARGETS' asiffs_ok=$ASIFFS_OK"
+    log "config: size=$SIZE runs=$RUNS runtime=${RUNTIME}s ramp=${RAMP}s targets='$TARGETS' modes='$RUN_MODES' asiffs_ok=$ASIFFS_OK asiffs cold cache: $(asiffs_cache_label cold)"
     t_start=$(date +%s)
     run_main
     for x in $EXTRAS; do

@@ -14,8 +14,18 @@ create)
     rm -f "$f"; truncate -s "$size" "$f"
     b=$(basename "$f" .asif); ln -sfn "$b.asif" "$(dirname "$f")/$b.img" ;;
 mount)
-    [[ ${1:-} == --help ]] && exit 0
-    [[ ${1:-} == -f ]] && shift
+    if [[ ${1:-} == --help ]]; then
+        # FAKE_ASIFFS_CACHE=1 plays a binary that has the container cache option
+        [[ ${FAKE_ASIFFS_CACHE:-0} == 1 ]] && echo "  -o cache=none|writeback  container cache mode"
+        exit 0
+    fi
+    while [[ ${1:-} == -* ]]; do
+        case $1 in
+        -f) shift ;;
+        -o) echo "fake asiffs mount: -o $2" >&2; shift 2 ;;
+        *) shift 2 ;;   # --threads N and the like
+        esac
+    done
     dir=$1 mnt=$2
     mount --bind "$dir" "$mnt"
     trap 'exit 0' TERM
