@@ -151,6 +151,7 @@ impl Image {
     /// Reads `buf.len()` bytes at `offset` of the virtual disk.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        let _shared = self.exclusive.read();
         let _io = self.gate.enter();
         self.read_inner(buf, offset)?;
         bump(&self.counters.reads, 1);

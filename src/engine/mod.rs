@@ -459,6 +459,11 @@ impl Image {
 
     /// The metadata chunk's contents (stable uuid, user metadata).
     pub fn metadata(&self) -> Result<Metadata> {
+        let _shared = self.exclusive.read();
+        self.metadata_inner()
+    }
+
+    pub(super) fn metadata_inner(&self) -> Result<Metadata> {
         let mut b = vec![0u8; (64 << 10).min(self.geo.chunk_size as usize)];
         self.read_inner(&mut b, self.geo.metadata_offset)?;
         Ok(Metadata::decode(&b)?)

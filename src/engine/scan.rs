@@ -100,6 +100,7 @@ impl Image {
     /// Fails if two entries share a chunk: the disk's content would be a
     /// guess (the walk sees every chunk, so this check costs no I/O).
     pub fn extents(&self) -> Result<Vec<Extent>> {
+        let _shared = self.exclusive.read();
         let cs = self.geo.chunk_size;
         let mut out: Vec<Extent> = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -145,6 +146,7 @@ impl Image {
     /// First offset at or after `offset` that holds data (SEEK_DATA);
     /// `None` when only zeros follow.
     pub fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        let _shared = self.exclusive.read();
         let mut found = None;
         self.walk(offset, self.size(), |e| {
             if e.data {
@@ -160,6 +162,7 @@ impl Image {
     /// is stored there (SEEK_HOLE); the disk size when there is none.
     /// `offset` must be below the size.
     pub fn seek_hole(&self, offset: u64) -> Result<u64> {
+        let _shared = self.exclusive.read();
         let size = self.size();
         if offset >= size {
             return Err(Error::OutOfRange {
@@ -289,7 +292,7 @@ impl Image {
             block_size: self.geo.block_size,
             max_size: self.max_size(),
             uuid: uuid::Uuid::from_bytes(h.uuid).hyphenated().to_string(),
-            stable_uuid: self.metadata().ok().map(|m| m.stable_uuid),
+            stable_uuid: self.metadata_inner().ok().map(|m| m.stable_uuid),
             active_directory: if active == 0 { 'A' } else { 'B' },
             directory_version: version,
             tables: tables.iter().filter(|&&n| n != 0).count() as u64,
@@ -410,7 +413,7 @@ impl Image {
         for (b, k, who) in bitmaps_to_check {
             self.check_bitmap(&mut r, b, k, who)?;
         }
-        if let Err(e) = self.metadata() {
+        if let Err(e) = self.metadata_inner() {
             r.corrupt(format!("metadata chunk: {e}"));
         }
 
