@@ -190,26 +190,24 @@ impl Storage for FileStorage {
 
     fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match &self.direct {
-            Some(d) if aligned(offset, buf.len()) => {
-                let mut bounce = AlignedBuf::new(buf.len());
-                let got = read_full(d, bounce.as_mut(), offset)?;
-                buf[..got].copy_from_slice(&bounce.as_mut()[..got]);
+            Some(d) if aligned(offset, buf.len()) => with_bounce(buf.len(), |bounce| {
+                let got = read_full(d, bounce, offset)?;
+                buf[..got].copy_from_slice(&bounce[..got]);
                 buf[got..].fill(0);
                 Ok(())
-            }
+            }),
             _ => self.read_at(buf, offset),
         }
     }
 
     fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match &self.direct {
-            Some(d) if aligned(offset, buf.len()) => {
-                // A FUSE payload is not aligned in memory: copy it into a
-                // buffer that is.
-                let mut bounce = AlignedBuf::new(buf.len());
-                bounce.as_mut().copy_from_slice(buf);
-                d.write_all_at(bounce.as_mut(), offset)
-            }
+            // A FUSE payload is not aligned in memory: copy it into a
+            // buffer that is.
+            Some(d) if aligned(offset, buf.len()) => with_bounce(buf.len(), |bounce| {
+                bounce.copy_from_slice(buf);
+                d.write_all_at(bounce, offset)
+            }),
             _ => self.write_at(buf, offset),
         }
     }
@@ -233,6 +231,27 @@ fn read_full(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
+/// Requests up to this size reuse their thread's bounce buffer; a fresh
+/// buffer per request left every serving thread's allocator holding
+/// megabytes (16 threads: 200 MiB resident).
+const KEPT_BOUNCE: usize = 4 << 20;
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::new(0));
+}
+
+/// Runs `f` on an aligned buffer of `len` bytes.
+fn with_bounce<T>(len: usize, f: impl FnOnce(&mut [u8]) -> io::Result<T>) -> io::Result<T> {
+    if len > KEPT_BOUNCE {
+        return f(AlignedBuf::new(len).as_mut());
+    }
+    BOUNCE.with(|b| {
+        let mut b = b.borrow_mut();
+        b.resize(len);
+        f(b.as_mut())
+    })
+}
+
 /// A zeroed heap buffer aligned for `O_DIRECT`, built from whole aligned
 /// blocks.
 struct AlignedBuf {
@@ -250,6 +269,16 @@ impl AlignedBuf {
             blocks: vec![Block([0; DIRECT_ALIGN]); len.div_ceil(DIRECT_ALIGN)],
             len,
         }
+    }
+
+    /// Makes the buffer `len` bytes long, keeping its allocation when it
+    /// is big enough already.
+    fn resize(&mut self, len: usize) {
+        let blocks = len.div_ceil(DIRECT_ALIGN);
+        if self.blocks.len() < blocks {
+            self.blocks.resize(blocks, Block([0; DIRECT_ALIGN]));
+        }
+        self.len = len;
     }
 
     fn as_mut(&mut self) -> &mut [u8] {
