@@ -1,7 +1,6 @@
-//! Newtypes that keep the engine's three kinds of number apart: a byte
-//! offset of the virtual disk, a physical chunk of the container, and the
-//! key of a chunk-group in the cache. Mixing them up is how a write lands
-//! in the wrong place, so the compiler checks it.
+//! Newtypes that keep the engine's chunk numbers apart: a physical chunk of
+//! the container, and the key of a chunk-group in the cache. Mixing them up
+//! is how a write lands in the wrong place, so the compiler checks it.
 
 use std::fmt;
 
@@ -21,10 +20,6 @@ impl fmt::Display for PhysChunk {
         write!(f, "chunk {}", self.0)
     }
 }
-
-/// A byte offset of the virtual disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct VirtOffset(pub u64);
 
 /// A chunk-group of the whole index: table * groups-per-table + group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
