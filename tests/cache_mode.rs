@@ -4,8 +4,8 @@
 
 mod common;
 
-use asiffs::{CacheMode, CreateOptions, Image, OpenOptions};
-use common::{pattern, MIB};
+use asiffs::{CacheMode, Image, OpenOptions};
+use common::{blank_image, pattern, MIB};
 
 fn open(path: &std::path::Path, cache: CacheMode, writable: bool) -> Image {
     let base = if writable {
@@ -19,17 +19,7 @@ fn open(path: &std::path::Path, cache: CacheMode, writable: bool) -> Image {
 #[test]
 fn direct_and_buffered_data_agree() {
     let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("direct.asif");
-    Image::create(
-        &p,
-        &CreateOptions {
-            size: 1 << 30,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
+    let p = blank_image(d.path(), "direct.asif", 1 << 30);
 
     // (offset, length): aligned, unaligned in memory and on disk, across a
     // chunk boundary, and a 512-byte sector inside an aligned block.

@@ -3,25 +3,18 @@
 //! same groups and a flusher runs. At the end every byte must match each
 //! owner's model and `check` must find nothing wrong.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use asiffs::{CreateOptions, Image, OpenOptions};
+use common::Rng;
 
 const MIB: u64 = 1 << 20;
 const THREADS: u64 = 4;
 const CHUNKS: u64 = 48;
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 /// One worker: its chunks are `t, t + THREADS, ...`; returns its model
 /// (chunk -> content, absent = zeros).

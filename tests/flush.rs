@@ -6,8 +6,11 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod common;
+
 use asiffs::engine::storage::{FileStorage, Storage};
-use asiffs::{CreateOptions, Image, OpenOptions};
+use asiffs::{Image, OpenOptions};
+use common::blank_image;
 
 /// Counts syncs of a file container.
 struct Counting(FileStorage, Arc<AtomicU64>);
@@ -49,17 +52,7 @@ impl Storage for Counting {
 #[test]
 fn a_flush_syncs_once_unless_a_mapping_changed() {
     let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("f.asif");
-    Image::create(
-        &p,
-        &CreateOptions {
-            size: 1 << 30,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
+    let p = blank_image(d.path(), "f.asif", 1 << 30);
     let syncs = Arc::new(AtomicU64::new(0));
     let f = std::fs::OpenOptions::new()
         .read(true)

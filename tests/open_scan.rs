@@ -7,23 +7,8 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use asiffs::{CreateOptions, Error, Image, OpenOptions};
+use asiffs::{Error, Image, OpenOptions};
 use common::*;
-
-fn create(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    Image::create(
-        &path,
-        &CreateOptions {
-            size,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    path
-}
 
 /// Writable, with the scan inline or on its own thread.
 fn open_rw(path: &Path, background: bool) -> Image {
@@ -51,7 +36,7 @@ fn file_len(path: &Path) -> u64 {
 fn chunks_freed_in_an_earlier_session_are_reused() {
     for background in [false, true] {
         let d = tempfile::tempdir().unwrap();
-        let p = create(d.path(), "reuse.asif", 4 << 30);
+        let p = blank_image(d.path(), "reuse.asif", 4 << 30);
         let img = open_rw(&p, background);
         write_mib(&img, 0, 512, 1);
         img.flush().unwrap();
@@ -89,7 +74,7 @@ fn chunks_freed_in_an_earlier_session_are_reused() {
 #[test]
 fn leaked_chunks_are_punched_and_reused() {
     let d = tempfile::tempdir().unwrap();
-    let p = create(d.path(), "leak.asif", 1 << 30);
+    let p = blank_image(d.path(), "leak.asif", 1 << 30);
     let img = open_rw(&p, false);
     write_mib(&img, 0, 1, 3);
     img.close().unwrap();
@@ -123,7 +108,7 @@ fn leaked_chunks_are_punched_and_reused() {
 
 /// Entry 2 of group 0 made to name entry 0's chunk.
 fn shared_image(dir: &Path) -> PathBuf {
-    let p = create(dir, "shared.asif", 1 << 30);
+    let p = blank_image(dir, "shared.asif", 1 << 30);
     let img = open_rw(&p, false);
     write_mib(&img, 0, 2, 11);
     img.close().unwrap();

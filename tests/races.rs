@@ -11,25 +11,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use asiffs::engine::storage::{FileStorage, Storage};
-use asiffs::{CreateOptions, Image, OpenOptions};
+use asiffs::{Image, OpenOptions};
+use common::{blank_image, Rng};
 
 const MIB: u64 = 1 << 20;
 /// Virtual bytes one chunk-group covers (2048 entries of 1 MiB).
 const GROUP: u64 = 2048 * MIB;
 /// Virtual bytes one table covers (63 groups).
 const TABLE: u64 = 63 * GROUP;
-
-/// Deterministic xorshift, so a failure names its seed.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 /// Which container calls sleep, and for how long.
 #[derive(Clone, Copy, Default)]
@@ -127,21 +119,6 @@ fn open_slow(path: &Path, delays: Delays, cache_groups: usize) -> Arc<Image> {
     )
 }
 
-fn create(dir: &Path, size: u64) -> std::path::PathBuf {
-    let path = dir.join("r.asif");
-    Image::create(
-        &path,
-        &CreateOptions {
-            size,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    path
-}
-
 /// Flushes in a loop until told to stop.
 fn flusher(img: &Arc<Image>, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     let (img, stop) = (img.clone(), stop.clone());
@@ -162,7 +139,7 @@ fn flusher(img: &Arc<Image>, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle<
 #[test]
 fn no_write_is_lost_when_the_cache_evicts_a_held_group() {
     let dir = tempfile::tempdir().unwrap();
-    let path = create(dir.path(), 64 << 30);
+    let path = blank_image(dir.path(), "r.asif", 64 << 30);
     let delays = Delays {
         extend: Some(Duration::from_millis(20)),
         ..Default::default()
@@ -210,7 +187,7 @@ fn no_write_is_lost_when_the_cache_evicts_a_held_group() {
 #[test]
 fn a_write_racing_a_discard_never_reaches_the_next_owner_of_the_chunk() {
     let dir = tempfile::tempdir().unwrap();
-    let path = create(dir.path(), 1 << 30);
+    let path = blank_image(dir.path(), "r.asif", 1 << 30);
     let delays = Delays {
         write_of_len: Some((4096, Duration::from_millis(200))),
         ..Default::default()
@@ -328,7 +305,7 @@ fn verify(img: &Image, models: &[HashMap<u64, Vec<u8>>]) {
 #[test]
 fn stress_with_a_one_group_cache_and_delays_matches_the_model() {
     let dir = tempfile::tempdir().unwrap();
-    let path = create(dir.path(), 3 * TABLE);
+    let path = blank_image(dir.path(), "r.asif", 3 * TABLE);
     let delays = Delays {
         jitter_us: 200,
         extend: Some(Duration::from_millis(5)),
@@ -355,7 +332,7 @@ fn stress_with_a_one_group_cache_and_delays_matches_the_model() {
 #[test]
 fn compact_and_resize_wait_for_io_and_io_waits_for_them() {
     let dir = tempfile::tempdir().unwrap();
-    let path = create(dir.path(), 3 * TABLE);
+    let path = blank_image(dir.path(), "r.asif", 3 * TABLE);
     let delays = Delays {
         jitter_us: 100,
         ..Default::default()

@@ -256,3 +256,35 @@ where
 {
     Run::from(asiffs().args(args).output().expect("running asiffs"))
 }
+
+/// A new, empty image of `size` bytes at `dir/name`, closed again.
+pub fn blank_image(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    asiffs::Image::create(
+        &path,
+        &asiffs::CreateOptions {
+            size,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    path
+}
+
+/// Deterministic xorshift, so a failure names its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
