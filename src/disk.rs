@@ -1,0 +1,187 @@
+//! The virtual disk every image format offers: what the mount, the NBD
+//! server and the CLI use, whatever the container underneath.
+//!
+//! Contract, for every implementation:
+//! - offsets and lengths are bytes of the virtual disk; a range that is not
+//!   inside `0..size()` is [`Error::OutOfRange`] (except `discard`, which
+//!   clamps to the disk);
+//! - after `discard` or `write_zeroes` returns, the range reads as zeros;
+//! - after `flush` returns, every write, discard and resize that returned
+//!   before it survives a power cut;
+//! - a disk that cannot be written answers every change with
+//!   [`Error::ReadOnly`] or [`Error::WritesRefused`] and never touches its
+//!   file.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::engine::{Extent, Image, Stats};
+use crate::error::{Error, Result};
+
+/// The container formats asiffs knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Apple Sparse Image Format (`.asif`).
+    Asif,
+    /// A plain raw disk file.
+    Raw,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Asif => "asif",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+pub trait Disk: Send + Sync {
+    fn format(&self) -> Format;
+    /// The container: a file, or a directory for bundles.
+    fn path(&self) -> &Path;
+    /// Nominal size in bytes.
+    fn size(&self) -> u64;
+    /// Whether changes are accepted now.
+    fn is_writable(&self) -> bool;
+    /// Why changes are refused, when the disk was opened for writing but
+    /// the image cannot take them.
+    fn write_refusal(&self) -> Option<String> {
+        None
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Makes the range read as zeros and frees what space the format can.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes the range read as zeros; the format may free space too.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+    /// Reserves space so later writes to the range do not fail for lack of
+    /// it (fallocate mode 0). Formats that cannot reserve accept it as is.
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)
+    }
+    fn flush(&self) -> Result<()>;
+    /// Changes the nominal size; a shrink drops what lies past the end.
+    fn resize(&self, new_size: u64) -> Result<()>;
+    /// First offset at or after `offset` holding data; `None` if only
+    /// zeros follow.
+    fn seek_data(&self, offset: u64) -> Result<Option<u64>>;
+    /// First offset at or after `offset` (below the size) that reads as
+    /// zeros because nothing is stored there; the size if none.
+    fn seek_hole(&self, offset: u64) -> Result<u64>;
+    /// Consecutive runs covering the whole disk.
+    fn extents(&self) -> Result<Vec<Extent>>;
+    /// Host bytes the container occupies.
+    fn allocated_bytes(&self) -> Result<u64>;
+    /// Counters for `asiffs stats`.
+    fn stats(&self) -> serde_json::Value;
+    /// The ASIF translator underneath, for paths that are faster with it
+    /// (the mount's asynchronous reads).
+    fn as_asif(&self) -> Option<&Image> {
+        None
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+}
+
+impl Disk for Image {
+    fn format(&self) -> Format {
+        Format::Asif
+    }
+    fn path(&self) -> &Path {
+        Image::path(self)
+    }
+    fn size(&self) -> u64 {
+        Image::size(self)
+    }
+    fn is_writable(&self) -> bool {
+        Image::is_writable(self)
+    }
+    fn write_refusal(&self) -> Option<String> {
+        Image::write_refusal(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Image::read_at(self, buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Image::write_at(self, buf, offset)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        Image::discard(self, offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        Image::write_zeroes(self, offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        Image::allocate(self, offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        Image::flush(self)
+    }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        Image::resize(self, new_size)
+    }
+    fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        Image::seek_data(self, offset)
+    }
+    fn seek_hole(&self, offset: u64) -> Result<u64> {
+        Image::seek_hole(self, offset)
+    }
+    fn extents(&self) -> Result<Vec<Extent>> {
+        Image::extents(self)
+    }
+    fn allocated_bytes(&self) -> Result<u64> {
+        Image::allocated_bytes(self)
+    }
+    fn stats(&self) -> serde_json::Value {
+        serde_json::to_value::<Stats>(Image::stats(self)).unwrap_or(serde_json::Value::Null)
+    }
+    fn as_asif(&self) -> Option<&Image> {
+        Some(self)
+    }
+}
+
+/// The format of the image at `path`, from its magic (and, for bundles,
+/// its layout); `None` for anything asiffs does not serve as an image.
+pub fn probe(path: &Path) -> Result<Option<Format>> {
+    use std::io::Read;
+    let md = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    if !md.is_file() {
+        return Ok(None);
+    }
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| Error::io(path.display().to_string(), e))?;
+    Ok((n == 4 && magic == crate::format::MAGIC).then_some(Format::Asif))
+}
+
+/// Opens the image at `path` as `format` (probed when `None`).
+pub fn open(
+    path: &Path,
+    format: Option<Format>,
+    opts: &crate::OpenOptions,
+) -> Result<Box<dyn Disk>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(path)?.ok_or_else(|| {
+            Error::Invalid(format!("{}: not a disk image asiffs knows", path.display()))
+        })?,
+    };
+    match format {
+        Format::Asif => Ok(Box::new(Image::open(path, opts)?)),
+        Format::Raw => Err(Error::Invalid(format!(
+            "{}: raw files are served as they are, not opened as images",
+            path.display()
+        ))),
+    }
+}
