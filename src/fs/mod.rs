@@ -39,6 +39,18 @@ pub enum Dispatch {
     Pool,
 }
 
+/// How container I/O is issued.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aio {
+    /// io_uring: a request's container I/O is submitted and the serving
+    /// thread goes on; as many requests reach the host as the kernel sends.
+    /// Falls back to `threads`, with a logged reason, where io_uring is
+    /// unavailable.
+    Uring,
+    /// Blocking reads and writes on the serving threads.
+    Threads,
+}
+
 /// When the kernel page cache is bypassed (`FOPEN_DIRECT_IO`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirectIo {
@@ -77,6 +89,9 @@ pub struct MountArgs {
     /// Threading model.
     #[arg(long, value_enum, default_value_t = Dispatch::Fuser)]
     pub dispatch: Dispatch,
+    /// How container I/O is issued.
+    #[arg(long, value_enum, default_value_t = Aio::Uring)]
+    pub aio: Aio,
     /// Page-cache bypass policy.
     #[arg(long, value_enum, default_value_t = DirectIo::Auto)]
     pub direct_io: DirectIo,
@@ -365,7 +380,26 @@ fn serve(
         )),
         Dispatch::Fuser => None,
     };
-    let fs = AsifFs::new(ns.clone(), pool.clone(), direct_io, root_md);
+    let ring = match args.aio {
+        Aio::Threads => None,
+        Aio::Uring => match crate::engine::aio::Ring::new() {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                warn!(
+                    "{}: container I/O falls back to blocking calls on {} threads",
+                    crate::engine::aio::unavailable_reason(&e),
+                    args.threads
+                );
+                None
+            }
+        },
+    };
+    let aio = if ring.is_some() {
+        "io_uring"
+    } else {
+        "blocking"
+    };
+    let fs = AsifFs::new(ns.clone(), pool.clone(), ring, direct_io, root_md);
     let mut config = Config::default();
     config.mount_options = opts.mount.clone();
     config.acl = opts.acl;
@@ -377,7 +411,7 @@ fn serve(
     let session = Session::new(fs, mountpoint, &config)
         .map_err(|e| io_err(format!("mounting on {}", mountpoint.display()), e))?;
     info!(
-        "mounted {} images on {} ({:?}, {} threads, direct_io {:?}{})",
+        "mounted {} images on {} ({:?}, {} threads, {aio} I/O, direct_io {:?}{})",
         ns.listing().len(),
         mountpoint.display(),
         args.dispatch,

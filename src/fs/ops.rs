@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use super::namespace::{flush_logged, Namespace, Node, ROOT_INO};
 use super::pool::Pool;
 use super::DirectIo;
+use crate::engine::aio::Ring;
 
 /// Attribute cache lifetime.
 const TTL: Duration = Duration::from_secs(1);
@@ -40,6 +41,8 @@ type Listing = Vec<(u64, FileType, std::ffi::OsString)>;
 pub(crate) struct AsifFs {
     pub ns: Arc<Namespace>,
     pool: Option<Arc<Pool>>,
+    /// io_uring for container I/O; `None`: blocking calls.
+    ring: Option<Arc<Ring>>,
     direct_io: DirectIo,
     /// Directory listings taken at opendir, served by readdir.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
@@ -89,12 +92,14 @@ impl AsifFs {
     pub fn new(
         ns: Arc<Namespace>,
         pool: Option<Arc<Pool>>,
+        ring: Option<Arc<Ring>>,
         direct_io: DirectIo,
         root_md: std::fs::Metadata,
     ) -> AsifFs {
         AsifFs {
             ns,
             pool,
+            ring,
             direct_io,
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
@@ -176,13 +181,24 @@ impl AsifFs {
             self.ns.rescan();
             let mut map = serde_json::Map::new();
             for n in self.ns.listing() {
-                let v = serde_json::to_value(n.image.stats()).map_err(|_| Errno::EIO)?;
-                map.insert(n.name().to_string_lossy().into_owned(), v);
+                map.insert(n.name().to_string_lossy().into_owned(), self.stats(&n)?);
             }
             return serde_json::to_vec(&map).map_err(|_| Errno::EIO);
         }
         let node = self.ns.get(ino).ok_or(Errno::ENOENT)?;
-        serde_json::to_vec(&node.image.stats()).map_err(|_| Errno::EIO)
+        serde_json::to_vec(&self.stats(&node)?).map_err(|_| Errno::EIO)
+    }
+
+    /// The image's counters, and how the mount issues its container I/O.
+    fn stats(&self, node: &Node) -> Result<serde_json::Value, Errno> {
+        let mut v = serde_json::to_value(node.image.stats()).map_err(|_| Errno::EIO)?;
+        let io = if self.ring.is_some() {
+            "io_uring"
+        } else {
+            "blocking"
+        };
+        v["io"] = io.into();
+        Ok(v)
     }
 
     fn xattr_names(&self, ino: u64) -> Vec<u8> {
@@ -232,6 +248,51 @@ fn do_read(node: &Node, offset: u64, size: u32, reply: ReplyData) {
             }
         }
     });
+}
+
+fn read_async(node: &Node, ring: &Ring, offset: u64, size: u32, reply: ReplyData) {
+    let disk = node.image.size();
+    if offset >= disk {
+        return reply.data(&[]);
+    }
+    let len = (u64::from(size)).min(disk - offset) as usize;
+    node.image.read_async(
+        ring,
+        offset,
+        len,
+        Box::new(move |r| match r {
+            Ok(buf) => reply.data(buf.as_slice()),
+            Err(e) => {
+                debug!("read {offset}+{len}: {e}");
+                reply.error(errno(e.errno()))
+            }
+        }),
+    );
+}
+
+fn write_async(node: &Node, ring: &Ring, offset: u64, data: &[u8], reply: ReplyWrite) {
+    if !node.image.is_writable() {
+        return reply.error(Errno::EROFS);
+    }
+    let Some(end) = offset.checked_add(data.len() as u64) else {
+        return reply.error(Errno::EFBIG);
+    };
+    if let Err(e) = grow_to(node, end) {
+        return reply.error(errno(e));
+    }
+    let len = data.len();
+    node.image.write_async(
+        ring,
+        data,
+        offset,
+        Box::new(move |r| match r {
+            Ok(()) => reply.written(len as u32),
+            Err(e) => {
+                warn!("write {offset}+{len}: {e}");
+                reply.error(errno(e.errno()))
+            }
+        }),
+    );
 }
 
 fn do_write(node: &Node, offset: u64, data: &[u8], reply: ReplyWrite) {
@@ -387,8 +448,10 @@ impl Filesystem for AsifFs {
         if let Err(max) = config.set_max_readahead(MAX_WRITE) {
             let _ = config.set_max_readahead(max);
         }
-        let _ = config.set_max_background(64);
-        let _ = config.set_congestion_threshold(48);
+        // Requests the kernel keeps in flight: with io_uring each can be a
+        // host I/O in flight, so well above a guest's usual queue depth.
+        let _ = config.set_max_background(128);
+        let _ = config.set_congestion_threshold(96);
         for cap in [
             // Lets the kernel keep several requests of one direct/AIO read or write in flight.
             InitFlags::FUSE_ASYNC_DIO,
@@ -614,9 +677,10 @@ impl Filesystem for AsifFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.node(ino) {
-            Ok(node) => self.exec(move || do_read(&node, offset, size, reply)),
-            Err(e) => reply.error(e),
+        match (self.node(ino), &self.ring) {
+            (Ok(node), Some(ring)) => read_async(&node, ring, offset, size, reply),
+            (Ok(node), None) => self.exec(move || do_read(&node, offset, size, reply)),
+            (Err(e), _) => reply.error(e),
         }
     }
 
@@ -636,7 +700,9 @@ impl Filesystem for AsifFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        if self.pool.is_some() {
+        if let Some(ring) = &self.ring {
+            write_async(&node, ring, offset, data, reply);
+        } else if self.pool.is_some() {
             // The request buffer is reused for the next request: the pool needs a copy.
             let data = data.to_vec();
             self.exec(move || do_write(&node, offset, &data, reply));
