@@ -652,6 +652,35 @@ fn slow_peers_are_dropped_after_the_handshake_timeout() {
     half.expect_closed();
     stall.expect_closed();
     assert!(t.elapsed() < Duration::from_secs(15));
+
+    // Busy but never done: options every 50 ms keep each read short, but
+    // the handshake as a whole has 500 ms.
+    let mut busy = connect(&f);
+    busy.greet(FLAGS);
+    let t = Instant::now();
+    let mut replies = 0;
+    loop {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still haggling after 10 s"
+        );
+        let h = OptionHeader {
+            option: OPT_LIST,
+            len: 0,
+        };
+        if busy.s.write_all(&h.encode()).is_err() {
+            break;
+        }
+        // REP_SERVER "a", REP_SERVER "b", ACK: 25 + 25 + 20 bytes.
+        let mut b = [0u8; 70];
+        if busy.s.read_exact(&mut b).is_err() {
+            break;
+        }
+        assert_eq!(b[50..], option_reply(OPT_LIST, REP_ACK, &[])[..]);
+        replies += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(replies >= 2, "{replies} LIST replies before the close");
     still_serves(&f, 0);
 }
 

@@ -19,7 +19,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use tracing::{debug, info, warn};
@@ -309,7 +309,6 @@ impl Server {
     /// Serves one client until it leaves; never panics on its input.
     pub fn session(&self, sock: Sock) {
         let peer = sock.peer();
-        let _ = sock.set_read_timeout(Some(self.config.handshake_timeout));
         let _ = sock.set_write_timeout(Some(WRITE_TIMEOUT));
         let mut s = Session {
             server: self,
@@ -319,6 +318,7 @@ impl Server {
             tls: false,
             meta: None,
             buf: Vec::new(),
+            deadline: Instant::now() + self.config.handshake_timeout,
         };
         debug!("{peer}: connected");
         let r = match s.handshake() {
@@ -389,6 +389,8 @@ struct Session<'a> {
     /// The export `base:allocation` was selected for.
     meta: Option<String>,
     buf: Vec<u8>,
+    /// When the whole handshake must be over.
+    deadline: Instant,
 }
 
 /// What the transmission loop does after a request.
@@ -412,12 +414,37 @@ impl Session<'_> {
         self.reply(option, reply, message.as_bytes())
     }
 
+    /// What is left of the handshake's time.
+    fn time_left(&self) -> Step<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Stop("the handshake took too long".into()));
+        }
+        Ok(left)
+    }
+
+    /// Reads during the handshake: all of it must arrive before the
+    /// deadline, however slowly the bytes trickle in.
+    fn recv(&mut self, buf: &mut [u8]) -> Step<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            self.conn.set_read_timeout(Some(self.time_left()?))?;
+            match self.conn.read(&mut buf[got..]) {
+                Ok(0) => return Err(Stop("the client left during the handshake".into())),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Option haggling; `Some(export)` enters transmission, `None` ends
     /// the session cleanly (`NBD_OPT_ABORT`).
     fn handshake(&mut self) -> Step<Option<Arc<Export>>> {
         self.send(&greeting(HANDSHAKE_FLAGS))?;
         let mut cf = [0u8; 4];
-        self.conn.read_exact(&mut cf)?;
+        self.recv(&mut cf)?;
         let flags = decode_client_flags(cf, HANDSHAKE_FLAGS).map_err(|e| Stop(e.to_string()))?;
         self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
         if flags & FLAG_C_FIXED_NEWSTYLE == 0 && self.server.config.tls.is_some() {
@@ -427,7 +454,7 @@ impl Session<'_> {
         }
         loop {
             let mut hb = [0u8; OPTION_HEADER_LEN];
-            self.conn.read_exact(&mut hb)?;
+            self.recv(&mut hb)?;
             let h = OptionHeader::decode(&hb).map_err(|e| Stop(format!("option: {e}")))?;
             if h.len > MAX_OPTION_LEN {
                 if h.option != OPT_EXPORT_NAME {
@@ -440,7 +467,7 @@ impl Session<'_> {
                 )));
             }
             let mut data = vec![0u8; h.len as usize];
-            self.conn.read_exact(&mut data)?;
+            self.recv(&mut data)?;
             match self.option(h.option, &data)? {
                 Haggle::More => {}
                 Haggle::Go(e) => return Ok(Some(e)),
@@ -543,6 +570,7 @@ impl Session<'_> {
         let tls = ServerConnection::new(cfg).map_err(|e| Stop(format!("TLS: {e}")))?;
         let mut stream = StreamOwned::new(tls, sock);
         while stream.conn.is_handshaking() {
+            stream.sock.set_read_timeout(Some(self.time_left()?))?;
             stream
                 .conn
                 .complete_io(&mut stream.sock)
