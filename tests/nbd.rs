@@ -716,6 +716,20 @@ fn clients_in_parallel_share_one_disk() {
     }
 }
 
+#[test]
+fn connections_over_the_limit_are_closed() {
+    let f = start(Config {
+        max_connections: 1,
+        ..Config::default()
+    });
+    let mut first = connect(&f);
+    first.greet(FLAGS);
+    let mut second = connect(&f);
+    second.expect_closed();
+    // The first is unaffected.
+    assert_eq!(first.go("a").0, 8 * MIB);
+}
+
 fn tls_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nbd-tls")
 }

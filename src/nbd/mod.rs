@@ -341,7 +341,11 @@ fn run(
     };
     let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
     let server = Server::new(exports, config);
-    let pid_file = a.pid_file.clone();
+    // Absolute: the daemon changes to / before it removes the file.
+    let pid_file = match &a.pid_file {
+        Some(p) => Some(std::path::absolute(p).map_err(|e| io_err(p.display().to_string(), e))?),
+        None => None,
+    };
     if let Some(p) = &pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| io_err(format!("pid file {}", p.display()), e))?;
