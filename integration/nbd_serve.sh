@@ -150,9 +150,24 @@ nbdinfo --list "nbd://127.0.0.1:$PORT" | grep -q '^export="q"' || fail "nbdinfo 
 rm -f copy.raw
 nbdcopy "$T" copy.raw
 cmp copy.raw twin.raw || fail "nbdcopy over TCP differs"
+echo "PASS qemu-img info/compare/map, qemu-io, nbdinfo, nbdcopy over nbd://127.0.0.1"
+
+# nbdcopy into the export: several connections at once (MULTI_CONN), zeroes
+# for the holes, one flush at the end.
+truncate -s 256M rnd.raw
+for off in 3 77 150 255; do
+    head -c $((MIB + 12345)) /dev/urandom | dd of=rnd.raw bs=1M seek=$off conv=notrunc status=none
+done
+truncate -s 256M rnd.raw
+nbdcopy --connections=4 rnd.raw "$T"
+qemu-img compare -f raw -F raw "$T" rnd.raw || fail "export after nbdcopy into it"
+cp --sparse=always rnd.raw twin.raw
 stop tcp.pid
 wait || true
-echo "PASS qemu-img info/compare/map, qemu-io, nbdinfo, nbdcopy over nbd://127.0.0.1"
+assert_check_clean src/q.asif "after nbdcopy into the export"
+"$ASIFFS" convert src/q.asif after.raw --force >/dev/null
+cmp after.raw rnd.raw || fail "image after nbdcopy differs from its source"
+echo "PASS nbdcopy --connections=4 into the export; flushed, clean, identical"
 
 # Non-loopback without TLS needs --insecure.
 assert_exit 1 "$ASIFFS" serve src --listen 0.0.0.0:0 -f
