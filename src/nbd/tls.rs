@@ -37,8 +37,14 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
 /// or SEC1), and with `ca` client certificates required.
 pub fn server_config(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<Arc<ServerConfig>> {
     let chain = load_certs(cert, "--tls-cert")?;
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| Error::Invalid(format!("--tls-key {}: {e}", key.display())))?;
+    let key_path = key;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        let why = match e {
+            rustls::pki_types::pem::Error::NoItemsFound => "no PEM private key in it".into(),
+            e => e.to_string(),
+        };
+        Error::Invalid(format!("--tls-key {}: {why}", key.display()))
+    })?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Invalid(format!("TLS: {e}")))?;
@@ -57,8 +63,52 @@ pub fn server_config(cert: &Path, key: &Path, ca: Option<&Path>) -> Result<Arc<S
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| Error::Invalid(format!("--tls-cert/--tls-key: {e}")))?;
+    let config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => Error::Invalid(format!(
+            "--tls-key {} is not the key of --tls-cert {}",
+            key_path.display(),
+            cert.display()
+        )),
+        e => Error::Invalid(format!("--tls-cert/--tls-key: {e}")),
+    })?;
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/nbd-tls")
+            .join(name)
+    }
+
+    #[test]
+    fn pem_files() {
+        let (cert, key, ca) = (
+            data("server-cert.pem"),
+            data("server-key.pem"),
+            data("ca-cert.pem"),
+        );
+        assert!(server_config(&cert, &key, None).is_ok());
+        assert!(server_config(&cert, &key, Some(&ca)).is_ok());
+        let err = |c: &Path, k: &Path| server_config(c, k, None).unwrap_err().to_string();
+        assert_eq!(
+            err(&key, &key),
+            format!("--tls-cert {}: no PEM certificate in it", key.display())
+        );
+        assert_eq!(
+            err(&cert, &cert),
+            format!("--tls-key {}: no PEM private key in it", cert.display())
+        );
+        assert_eq!(
+            err(&ca, &key),
+            format!(
+                "--tls-key {} is not the key of --tls-cert {}",
+                key.display(),
+                ca.display()
+            )
+        );
+    }
 }
