@@ -752,6 +752,33 @@ mod tests {
         assert_eq!(c.len(), 26 + MAX_STRING - 1);
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends, the decoders answer without panicking,
+        /// and what they accept encodes back to the same bytes.
+        #[test]
+        fn decoders_take_any_bytes(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(r) = InfoRequest::decode(&data) {
+                proptest::prop_assert_eq!(r.encode(), data.clone());
+            }
+            if let Ok(r) = MetaContextRequest::decode(&data) {
+                proptest::prop_assert_eq!(r.encode(), data.clone());
+            }
+            let _ = decode_export_name(&data);
+            if data.len() >= REQUEST_LEN {
+                let b: [u8; REQUEST_LEN] = data[..REQUEST_LEN].try_into().unwrap();
+                if let Ok(r) = Request::decode(&b) {
+                    proptest::prop_assert_eq!(r.encode(), b);
+                }
+            }
+        }
+
+        #[test]
+        fn requests_round_trip(flags: u16, command: u16, handle: u64, offset: u64, len: u32) {
+            let r = Request { flags, command, handle, offset, len };
+            proptest::prop_assert_eq!(Request::decode(&r.encode()), Ok(r));
+        }
+    }
+
     #[test]
     fn export_names() {
         assert_eq!(decode_export_name(b"disk"), Ok("disk".into()));
