@@ -22,6 +22,8 @@ VPY     := $(VENV)/bin/python
 ASIFFS  := target/release/asiffs
 
 APT_PACKAGES := fuse3 e2fsprogs fio util-linux python3-venv qemu-utils
+# NBD clients (nbdinfo, nbdcopy) and certificates for integration/nbd_serve.sh.
+APT_PACKAGES += libnbd-bin openssl
 DEPS_STAMP   := $(VENV)/.deps-stamp
 
 # Run apt as root, or through sudo when we are not root.

@@ -5,6 +5,7 @@
 //! - [`engine`]: the sparse block translator ([`Image`]);
 //! - [`disk`]: the [`Disk`](disk::Disk) trait every format implements;
 //! - [`fs`]: a thin FUSE adapter over the engine;
+//! - [`nbd`]: an NBD server over the [`Disk`](disk::Disk) trait;
 //! - [`cli`]: the `asiffs` command line.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod fs;
+pub mod nbd;
 
 pub use engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
 pub use error::{Error, Result};

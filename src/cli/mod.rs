@@ -48,6 +48,8 @@ enum Command {
     Umount(crate::fs::UmountArgs),
     /// Per-image counters of a running mount, as JSON.
     Stats(crate::fs::StatsArgs),
+    /// Serve images over NBD (a Unix socket or TCP, optionally with TLS).
+    Serve(crate::nbd::ServeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -156,6 +158,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Mount(a) => crate::fs::cmd_mount(&a),
         Command::Umount(a) => crate::fs::cmd_umount(&a),
         Command::Stats(a) => crate::fs::cmd_stats(&a),
+        Command::Serve(a) => crate::nbd::cmd_serve(&a),
     }
 }
 

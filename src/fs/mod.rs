@@ -503,7 +503,7 @@ fn mountinfo_escape(p: &Path) -> Vec<u8> {
 }
 
 /// Points stdin/stdout at /dev/null and stderr (the log) at `log` or /dev/null.
-fn detach_stdio(log: Option<&Path>) {
+pub(crate) fn detach_stdio(log: Option<&Path>) {
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
