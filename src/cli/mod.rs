@@ -1,6 +1,7 @@
 //! The `asiffs` command line.
 
 mod convert;
+mod docs;
 mod lifecycle;
 mod progress;
 pub mod size;
@@ -19,7 +20,9 @@ use size::{human, parse_size};
 #[command(
     name = "asiffs",
     version,
-    about = "Apple Sparse Image Format (ASIF) disk images on Linux"
+    about = "Apple Sparse Image Format (ASIF) disk images on Linux",
+    after_help = "`asiffs SOURCE MOUNTPOINT [-o OPTS]`, without a command, is `asiffs mount`: \
+                  the form mount(8) runs for `mount -t fuse.asiffs` and fstab lines."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -119,9 +122,16 @@ impl ImageArgs {
 
 /// Runs the command line and returns the exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    let args: Vec<_> = std::env::args_os().collect();
+    let result = match docs::parse(&args) {
+        Some(d) => docs::run(d),
+        None => {
+            let cli = Cli::parse_from(mount_by_default(args));
+            init_logging();
+            run(cli)
+        }
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("asiffs: {e}");
@@ -132,6 +142,29 @@ pub fn main() -> i32 {
             }
         }
     }
+}
+
+/// `asiffs SOURCE MOUNTPOINT ...` means `asiffs mount SOURCE MOUNTPOINT
+/// ...`: mount.fuse3 runs the program named by `-t fuse.TYPE` that way.
+/// Taken so only when the first word is no command and no option, and a
+/// second word follows that is no option either; the first must also be a
+/// path (exist or hold a '/'), so a mistyped command still gets clap's hint.
+fn mount_by_default(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    use clap::CommandFactory;
+    let word = |i: usize| {
+        args.get(i)
+            .filter(|a| !a.as_encoded_bytes().starts_with(b"-"))
+    };
+    let (Some(first), Some(_)) = (word(1), word(2)) else {
+        return args;
+    };
+    let cmd = Cli::command();
+    let is_command = first == "help" || cmd.find_subcommand(first).is_some();
+    let is_path = first.as_encoded_bytes().contains(&b'/') || PathBuf::from(first).exists();
+    if !is_command && is_path {
+        args.insert(1, "mount".into());
+    }
+    args
 }
 
 fn init_logging() {
