@@ -2,6 +2,8 @@
 #
 #   make deps        install system packages and the Python venv (idempotent, stamped)
 #   make build       cargo build --release --locked
+#   make install     binary, man pages and completions under $(DESTDIR)$(PREFIX)
+#   make uninstall   remove what install put there
 #   make test        fmt-check + clippy + cargo tests + Python oracle tests
 #                    + a short fuzz run of each target + integration/*.sh
 #   make bench       bench/run.sh
@@ -61,6 +63,38 @@ apt-deps:
 
 build:
 	$(CARGO) build --release --locked
+
+# `make && sudo make install`: installing builds only when there is no
+# binary yet, so that root need not run cargo. The man pages and
+# completions come from the binary itself (asiffs manpages / completions).
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR   = $(DESTDIR)$(PREFIX)/bin
+MAN1DIR  = $(DESTDIR)$(PREFIX)/share/man/man1
+BASHDIR  = $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+ZSHDIR   = $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+FISHDIR  = $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+.PHONY: install uninstall
+
+$(ASIFFS):
+	$(CARGO) build --release --locked
+
+install: $(ASIFFS)
+	gen="$$(mktemp -d)"; trap 'rm -rf "$$gen"' EXIT; \
+	$(ASIFFS) manpages "$$gen/man"; \
+	$(ASIFFS) completions bash >"$$gen/asiffs.bash"; \
+	$(ASIFFS) completions zsh >"$$gen/_asiffs"; \
+	$(ASIFFS) completions fish >"$$gen/asiffs.fish"; \
+	install -d "$(BINDIR)" "$(MAN1DIR)" "$(BASHDIR)" "$(ZSHDIR)" "$(FISHDIR)"; \
+	install -m 755 $(ASIFFS) "$(BINDIR)/asiffs"; \
+	install -m 644 "$$gen"/man/*.1 "$(MAN1DIR)/"; \
+	install -m 644 "$$gen/asiffs.bash" "$(BASHDIR)/asiffs"; \
+	install -m 644 "$$gen/_asiffs" "$(ZSHDIR)/_asiffs"; \
+	install -m 644 "$$gen/asiffs.fish" "$(FISHDIR)/asiffs.fish"
+
+uninstall:
+	rm -f "$(BINDIR)/asiffs" "$(MAN1DIR)/asiffs.1" "$(MAN1DIR)"/asiffs-*.1 \
+		"$(BASHDIR)/asiffs" "$(ZSHDIR)/_asiffs" "$(FISHDIR)/asiffs.fish"
 
 fmt-check:
 	$(CARGO) fmt --all -- --check

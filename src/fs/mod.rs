@@ -207,6 +207,17 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
             }
             // libfuse-only knobs with no meaning here.
             "kernel_cache" | "auto_cache" | "big_writes" => continue,
+            // fstab words for mount(8) and systemd, not for the file
+            // system; mount.fuse3 drops some of them, not all.
+            "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "users" | "nouser"
+            | "owner" | "group" => {
+                debug!("ignoring fstab option {opt}");
+                continue;
+            }
+            x if x.starts_with("x-") || x.starts_with("X-") || x.starts_with("comment=") => {
+                debug!("ignoring fstab option {x}");
+                continue;
+            }
             x if x.starts_with("fsname=") => {
                 fsname = true;
                 MountOption::FSName(x[7..].to_string())
@@ -705,5 +716,24 @@ mod tests {
             cache("cache=unsafe").unwrap_err().to_string(),
             "bad mount option \"cache=unsafe\": cache= takes none or writeback"
         );
+    }
+
+    /// What an fstab line hands over beside the file system's own options
+    /// leaves the mount exactly as without it.
+    #[test]
+    fn fstab_options_are_ignored() {
+        let plain = parse_options(&["rw,cache=none".into()], Path::new("/s")).unwrap();
+        let fstab = parse_options(
+            &[
+                "defaults,rw,auto,noauto,nofail,_netdev,user,users,nouser,owner,group,\
+               x-systemd.automount,X-mount.mkdir,comment=systemd.x,cache=none"
+                    .into(),
+            ],
+            Path::new("/s"),
+        )
+        .unwrap();
+        assert_eq!(fstab.mount, plain.mount);
+        assert_eq!(fstab.cache, crate::CacheMode::None);
+        assert_eq!((fstab.readonly, fstab.acl), (false, SessionACL::Owner));
     }
 }
