@@ -44,6 +44,10 @@ pub trait Disk: Send + Sync {
     fn path(&self) -> &Path;
     /// Nominal size in bytes.
     fn size(&self) -> u64;
+    /// Largest size `resize` accepts; the size itself when it cannot grow.
+    fn max_size(&self) -> u64 {
+        self.size()
+    }
     /// Whether changes are accepted now.
     fn is_writable(&self) -> bool;
     /// Why changes are refused, when the disk was opened for writing but
@@ -102,6 +106,9 @@ impl Disk for Image {
     fn size(&self) -> u64 {
         Image::size(self)
     }
+    fn max_size(&self) -> u64 {
+        Image::max_size(self)
+    }
     fn is_writable(&self) -> bool {
         Image::is_writable(self)
     }
@@ -148,6 +155,9 @@ impl Disk for Image {
         Some(self)
     }
 }
+
+/// The extensions of the containers a mount serves from a directory.
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["asif", "dmg", "sparseimage", "sparsebundle"];
 
 /// The format of the image at `path`, from its magic (and, for bundles,
 /// its layout); `None` for anything asiffs does not serve as an image.

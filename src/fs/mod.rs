@@ -461,8 +461,8 @@ fn serve(
     }
     let mut failed = false;
     for n in ns.all() {
-        if n.image.is_writable() {
-            if let Err(e) = n.image.flush() {
+        if n.disk.is_writable() {
+            if let Err(e) = n.disk.flush() {
                 error!("{}: final flush failed: {e}", n.path().display());
                 failed = true;
             }
