@@ -15,8 +15,9 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-const COMMANDS: [&str; 10] = [
-    "check", "compact", "convert", "create", "info", "map", "mount", "resize", "stats", "umount",
+const COMMANDS: [&str; 11] = [
+    "check", "compact", "convert", "create", "info", "map", "mount", "resize", "serve", "stats",
+    "umount",
 ];
 
 /// Every file under `dir`, relative to it, sorted.

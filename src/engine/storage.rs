@@ -292,9 +292,14 @@ impl AlignedBuf {
         }
     }
 
+    /// Bytes the allocation holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.blocks.len() * DIRECT_ALIGN
+    }
+
     /// Makes the buffer `len` bytes long, keeping its allocation when it
     /// is big enough already.
-    fn resize(&mut self, len: usize) {
+    pub(crate) fn resize(&mut self, len: usize) {
         let blocks = len.div_ceil(DIRECT_ALIGN);
         if self.blocks.len() < blocks {
             self.blocks.resize(blocks, Block([0; DIRECT_ALIGN]));

@@ -277,7 +277,11 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
     let src_md = std::fs::metadata(&source).map_err(|e| io_err(source.display().to_string(), e))?;
     let mp_md =
         std::fs::metadata(&mountpoint).map_err(|e| io_err(mountpoint.display().to_string(), e))?;
-    let source_kind = if src_md.is_dir() {
+    // A sparse bundle is a directory but one image.
+    let is_bundle = src_md.is_dir()
+        && source.extension().is_some_and(|e| e == "sparsebundle")
+        && source.join("Info.plist").is_file();
+    let source_kind = if src_md.is_dir() && !is_bundle {
         if !mp_md.is_dir() {
             return Err(Error::Invalid(format!(
                 "{}: a directory source needs a directory mountpoint",
@@ -285,7 +289,7 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
             )));
         }
         Source::Dir(source.clone())
-    } else if src_md.is_file() {
+    } else if src_md.is_file() || is_bundle {
         if !mp_md.is_dir() && !mp_md.is_file() {
             return Err(Error::Invalid(format!(
                 "{}: mountpoint must be a directory or a regular file",
@@ -298,7 +302,7 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
         }
     } else {
         return Err(Error::Invalid(format!(
-            "{}: not a directory or an .asif file",
+            "{}: not a directory or a disk image",
             source.display()
         )));
     };

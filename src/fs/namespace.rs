@@ -140,7 +140,10 @@ fn shown_names(names: &[OsString]) -> HashMap<OsString, OsString> {
 }
 
 /// Opens a container as whatever format it holds.
-fn open_disk(path: &Path, opts: &OpenOptions) -> Result<(Arc<dyn Disk>, Option<Arc<Image>>), Error> {
+/// An open disk, and the same disk as ASIF when it is one.
+type Opened = (Arc<dyn Disk>, Option<Arc<Image>>);
+
+fn open_disk(path: &Path, opts: &OpenOptions) -> Result<Opened, Error> {
     match crate::disk::probe(path)? {
         Some(Format::Asif) => {
             let image = Arc::new(Image::open(path, opts)?);
@@ -274,10 +277,8 @@ impl Namespace {
         };
         let stem = stem_of_shown(name)?;
         // Only containers sharing `stem`, or the stem of `stem`, decide it.
-        let mut candidates: Vec<OsString> = IMAGE_EXTENSIONS
-            .iter()
-            .map(|e| with_ext(stem, e))
-            .collect();
+        let mut candidates: Vec<OsString> =
+            IMAGE_EXTENSIONS.iter().map(|e| with_ext(stem, e)).collect();
         if let Some((inner, _)) = stem_of_container(stem) {
             candidates.extend(IMAGE_EXTENSIONS.iter().map(|e| with_ext(inner, e)));
         }
@@ -466,13 +467,21 @@ impl Namespace {
         if path.symlink_metadata().is_ok() {
             return Err(libc::EEXIST);
         }
-        let image = Image::create(&path, &CreateOptions::default()).map(Arc::new).map_err(|e| {
-            warn!("{}: create failed: {e}", path.display());
-            e.errno()
-        })?;
+        let image = Image::create(&path, &CreateOptions::default())
+            .map(Arc::new)
+            .map_err(|e| {
+                warn!("{}: create failed: {e}", path.display());
+                e.errno()
+            })?;
         let md = std::fs::metadata(&path).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         info!("created {}", path.display());
-        let node = Node::new(0, name.to_os_string(), path, (image.clone(), Some(image)), &md);
+        let node = Node::new(
+            0,
+            name.to_os_string(),
+            path,
+            (image.clone(), Some(image)),
+            &md,
+        );
         let mut inner = self.inner.write();
         let ino = inner.alloc_ino();
         let node = Arc::new(Node { ino, ..node });
@@ -563,7 +572,7 @@ impl Node {
         ino: u64,
         name: OsString,
         path: PathBuf,
-        (disk, asif): (Arc<dyn Disk>, Option<Arc<Image>>),
+        (disk, asif): Opened,
         md: &std::fs::Metadata,
     ) -> Node {
         Node {
@@ -592,7 +601,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shown_names() {
+    fn shown_and_container_suffixes() {
         assert_eq!(stem_of_shown(OsStr::new("a.img")), Some(OsStr::new("a")));
         assert_eq!(stem_of_shown(OsStr::new(".img")), None);
         assert_eq!(stem_of_shown(OsStr::new("a.raw")), None);
@@ -610,10 +619,16 @@ mod tests {
 
     #[test]
     fn stems_shared_by_two_containers_show_full_names() {
-        let names: Vec<OsString> = ["disk.asif", "disk.dmg", "solo.sparseimage", "b.sparsebundle", "notes.txt"]
-            .iter()
-            .map(OsString::from)
-            .collect();
+        let names: Vec<OsString> = [
+            "disk.asif",
+            "disk.dmg",
+            "solo.sparseimage",
+            "b.sparsebundle",
+            "notes.txt",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
         let mut shown: Vec<(String, String)> = shown_names(&names)
             .into_iter()
             .map(|(k, v)| (k.to_string_lossy().into(), v.to_string_lossy().into()))

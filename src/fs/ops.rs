@@ -109,13 +109,20 @@ impl AsifFs {
     }
 
     fn node_attr(&self, node: &Node) -> Result<FileAttr, Errno> {
-        let md = std::fs::metadata(node.path()).map_err(|e| errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let md = std::fs::metadata(node.path())
+            .map_err(|e| errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
         let nlink = if node.detached.load(Ordering::SeqCst) {
             0
         } else {
             1
         };
-        let mut attr = attr_from(node.ino, FileType::RegularFile, node.disk.size(), &md, nlink);
+        let mut attr = attr_from(
+            node.ino,
+            FileType::RegularFile,
+            node.disk.size(),
+            &md,
+            nlink,
+        );
         // What the container holds on the host (`du`); for a bundle, its bands.
         if let Ok(bytes) = node.disk.allocated_bytes() {
             attr.blocks = bytes.div_ceil(512);
