@@ -36,10 +36,14 @@ impl CheckReport {
 
     /// The report as lines for the CLI.
     pub fn lines(&self) -> Vec<String> {
-        let mut out = vec![format!(
-            "{}: UDIF {} image, {} bytes, {} tables, {} runs, {} checksums verified",
-            self.path, self.variant, self.size, self.tables, self.runs, self.checksums_verified
-        )];
+        let mut out = vec![if self.variant.is_empty() {
+            format!("{}: not a readable UDIF image", self.path)
+        } else {
+            format!(
+                "{}: UDIF {} image, {} bytes, {} tables, {} runs, {} checksums verified",
+                self.path, self.variant, self.size, self.tables, self.runs, self.checksums_verified
+            )
+        }];
         out.extend(self.notes.iter().map(|n| format!("note: {n}")));
         out.extend(self.problems.iter().map(|p| format!("corrupt: {p}")));
         out.push(if self.is_clean() { "clean" } else { "corrupt" }.to_string());
