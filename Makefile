@@ -41,6 +41,7 @@ $(DEPS_STAMP): tests/interop/requirements.txt Makefile
 	fi
 	$(VPY) -m pip install --disable-pip-version-check -q -r tests/interop/requirements.txt
 	$(VPY) -c 'from dissect.hypervisor.disk.asif import ASIF'
+	$(VPY) -c 'import pymodi'
 	@touch $@
 
 # Install the Debian packages only when one is missing (apt-get update only then).
