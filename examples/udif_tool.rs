@@ -1,6 +1,7 @@
 //! A small driver for `integration/udif_interop.sh` until the CLI serves
 //! UDIF: every step goes through `asiffs::disk::open`.
 //!
+//!   udif_tool create SIZE OUT.dmg       a fresh UDRW image of SIZE bytes
 //!   udif_tool create-from RAW OUT.dmg   a UDRW image holding RAW's bytes
 //!                                       (all-zero 4 KiB blocks discarded)
 //!   udif_tool cat IMAGE OUT.raw         the virtual disk of any UDIF image
@@ -21,6 +22,10 @@ fn main() -> ExitCode {
         .collect::<Vec<_>>()
         .as_slice()
     {
+        ["create", size, out] => match size.parse::<u64>() {
+            Ok(n) => udif::create_udrw(Path::new(out), n).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("size {size:?}: {e}")),
+        },
         ["create-from", raw, out] => create_from(Path::new(raw), Path::new(out)),
         ["cat", image, out] => cat(Path::new(image), Path::new(out)),
         ["check", image] => match udif::check(Path::new(image)) {
@@ -37,7 +42,7 @@ fn main() -> ExitCode {
             Err(e) => Err(e.to_string()),
         },
         _ => {
-            Err("usage: udif_tool create-from RAW OUT.dmg | cat IMAGE OUT.raw | check IMAGE".into())
+            Err("usage: udif_tool create SIZE OUT.dmg | create-from RAW OUT.dmg | cat IMAGE OUT.raw | check IMAGE".into())
         }
     };
     match r {

@@ -823,3 +823,62 @@ fn vectors_check_clean() {
         assert_eq!(r.notes, vec!["data fork: no checksum"]);
     }
 }
+
+#[test]
+fn check_in_the_writing_session_sees_the_cleared_checksums() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("session.dmg");
+    create_udrw(&p, 2 * MIB).unwrap();
+    let plist_before = plist_bytes(&std::fs::read(&p).unwrap());
+    let u = Udif::open(&p, &OpenOptions::writable()).unwrap();
+    assert_eq!(u.check().unwrap().checksums_verified, 3);
+    u.write_at(&pattern(4, 5000), MIB - 100).unwrap();
+    let r = u.check().unwrap();
+    assert!(r.is_clean(), "{:?}", r.lines());
+    assert_eq!(r.checksums_verified, 0);
+    drop(u);
+    // The property list kept its length and layout: only the table's
+    // checksum changed, to type 0 with a zero value.
+    let after = std::fs::read(&p).unwrap();
+    let plist_after = plist_bytes(&after);
+    assert_eq!(plist_after.len(), plist_before.len());
+    let tables = |x: &[u8]| udif::plist::decode(x).unwrap();
+    let (old, new) = (
+        &tables(&plist_before)[0].data,
+        &tables(&plist_after)[0].data,
+    );
+    assert_eq!(&old[..0x40], &new[..0x40]);
+    assert_eq!(&new[0x40..0xC8], &[0u8; 0x88][..]);
+    assert_eq!(&old[0xC8..], &new[0xC8..]);
+    let t = &after[after.len() - 512..];
+    assert_eq!(&t[0x50..0xD8], &[0u8; 0x88][..], "data fork checksum");
+    assert_eq!(&t[0x160..0x1E8], &[0u8; 0x88][..], "master checksum");
+}
+
+fn plist_bytes(b: &[u8]) -> Vec<u8> {
+    let t = &b[b.len() - 512..];
+    let at = be64_at(t, 0xD8) as usize;
+    b[at..at + be64_at(t, 0xE0) as usize].to_vec()
+}
+
+#[test]
+fn a_data_fork_over_the_property_list_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("overlap.dmg");
+    create_udrw(&p, MIB).unwrap();
+    let b = std::fs::read(&p).unwrap();
+    let body = (b.len() - 512) as u64;
+    let b = with_trailer(&b, |t| t[0x20..0x28].copy_from_slice(&body.to_be_bytes()));
+    std::fs::write(&p, &b).unwrap();
+    let d = udrw_rw(&p);
+    assert_eq!(
+        d.write_refusal().as_deref(),
+        Some("the data fork overlaps the property list")
+    );
+    assert!(matches!(
+        d.write_at(b"x", 0),
+        Err(Error::WritesRefused { .. })
+    ));
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), b);
+}

@@ -78,20 +78,25 @@ impl Udif {
             runs: l.map.runs.len(),
             ..Default::default()
         };
-        self.crc_checksum("data fork", &l.koly.data_checksum, &mut r, || {
+        // After a change the stored checksums are "none", in the file if
+        // not in `layout`.
+        let cleared = *self.checksums_cleared.lock();
+        let stored = |c: &Checksum| if cleared { Checksum::NONE } else { *c };
+        let mut by_table: Vec<Vec<usize>> = vec![Vec::new(); l.tables.len()];
+        for (i, run) in l.map.runs.iter().enumerate() {
+            by_table[run.table].push(i);
+        }
+        self.crc_checksum("data fork", &stored(&l.koly.data_checksum), &mut r, || {
             Ok(self
                 .feed(l.koly.data_fork_offset, l.koly.data_fork_length)?
                 .finalize())
         })?;
-        for t in 0..l.tables.len() {
+        for (t, (table, runs)) in l.tables.iter().zip(&by_table).enumerate() {
             let what = format!("blkx entry {t}");
-            let runs: Vec<usize> = (0..l.map.runs.len())
-                .filter(|&i| l.map.runs[i].table == t)
-                .collect();
             // Every compressed run is expanded once, checksum or not.
             let mut h = crc32fast::Hasher::new();
             let mut bad = false;
-            for &i in &runs {
+            for &i in runs {
                 let run = l.map.runs[i];
                 match run.kind {
                     RunKind::Free => {}
@@ -108,13 +113,16 @@ impl Udif {
                 }
             }
             if !bad {
-                self.crc_checksum(&what, &l.tables[t].checksum, &mut r, || Ok(h.finalize()))?;
+                self.crc_checksum(&what, &stored(&table.checksum), &mut r, || Ok(h.finalize()))?;
             }
         }
         let master = master_checksum(&l.tables);
-        self.crc_checksum("master checksum", &l.koly.master_checksum, &mut r, || {
-            Ok(master)
-        })?;
+        self.crc_checksum(
+            "master checksum",
+            &stored(&l.koly.master_checksum),
+            &mut r,
+            || Ok(master),
+        )?;
         Ok(r)
     }
 

@@ -97,6 +97,15 @@ impl Layout {
                 "raw runs share bytes of the data fork".into(),
             ));
         }
+        // Both ranges were checked to end before the trailer.
+        let k = &self.koly;
+        let fork = k.data_fork_offset..k.data_fork_offset + k.data_fork_length;
+        let plist = k.plist_offset..k.plist_offset + k.plist_length;
+        if fork.start < plist.end && plist.start < fork.end {
+            return Some(Obstacle::Refused(
+                "the data fork overlaps the property list".into(),
+            ));
+        }
         None
     }
 }
@@ -672,7 +681,10 @@ impl Disk for Udif {
         self.check_range(offset, buf.len() as u64)?;
         self.begin_change()?;
         for p in self.pieces(offset, buf.len() as u64) {
-            let i = p.run.expect("a writable image is raw throughout");
+            // A writable image is raw throughout (see `write_obstacle`).
+            let Some(i) = p.run else {
+                return Err(Error::Corrupt(self.ctx("a write fell outside every run")));
+            };
             let src = &buf[(p.at - offset) as usize..(p.at - offset + p.len) as usize];
             self.storage
                 .write_data(src, self.host(i, p.within))
