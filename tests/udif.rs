@@ -491,6 +491,11 @@ fn discard_punches_holes_in_the_host_file() {
             (6 * MIB, 2 * MIB, true, Some(6 * MIB)),
         ]
     );
+    // allocate reserves host space again; the range still reads zeros.
+    d.allocate(MIB, MIB).unwrap();
+    assert!(d.allocated_bytes().unwrap() >= after + MIB);
+    d.read_at(&mut b[..MIB as usize], MIB).unwrap();
+    assert!(b[..MIB as usize].iter().all(|&x| x == 0));
 }
 
 #[test]
@@ -881,4 +886,48 @@ fn a_data_fork_over_the_property_list_is_not_written() {
     ));
     drop(d);
     assert_eq!(std::fs::read(&p).unwrap(), b);
+}
+
+#[test]
+fn created_udrw_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("layout.dmg");
+    let size = 3 * MIB + 512;
+    create_udrw(&p, size).unwrap();
+    let u = Udif::open(&p, &ro()).unwrap();
+    let l = u.layout();
+    assert_eq!(l.koly.sector_count, size / 512);
+    assert_eq!(
+        (l.koly.data_fork_offset, l.koly.data_fork_length),
+        (0, size)
+    );
+    assert_eq!(l.koly.plist_offset, size);
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        size + l.koly.plist_length + 512
+    );
+    assert_eq!(l.koly.data_checksum.kind, 2);
+    assert_eq!(l.blkx.len(), 1);
+    assert_eq!(l.blkx[0].name, "whole disk (unknown partition : 0)");
+    let t = &l.tables[0];
+    assert_eq!(
+        (t.first_sector, t.sector_count, t.buffers_needed),
+        (0, size / 512, 2048)
+    );
+    let runs: Vec<(RunKind, u64, u64, u64, u64)> = t
+        .runs
+        .iter()
+        .map(|r| (r.kind, r.sector, r.sectors, r.offset, r.length))
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            (RunKind::Raw, 0, 2048, 0, MIB),
+            (RunKind::Raw, 2048, 2048, MIB, MIB),
+            (RunKind::Raw, 4096, 2048, 2 * MIB, MIB),
+            (RunKind::Raw, 6144, 1, 3 * MIB, 512),
+            (RunKind::End, 6145, 0, 0, 0),
+        ]
+    );
+    assert_eq!(u.variant(), "UDRW");
 }
