@@ -27,6 +27,9 @@ pub enum Format {
     Asif,
     /// A plain raw disk file.
     Raw,
+    /// Apple UDIF (`.dmg`): compressed images (UDZO, UDBZ, ULFO, ULMO,
+    /// UDCO) are read-only, read-write ones (UDRW) are written in place.
+    Udif,
 }
 
 impl Format {
@@ -34,6 +37,7 @@ impl Format {
         match self {
             Format::Asif => "asif",
             Format::Raw => "raw",
+            Format::Udif => "udif",
         }
     }
 }
@@ -172,7 +176,10 @@ pub fn probe(path: &Path) -> Result<Option<Format>> {
     let n = f
         .read(&mut magic)
         .map_err(|e| Error::io(path.display().to_string(), e))?;
-    Ok((n == 4 && magic == crate::format::MAGIC).then_some(Format::Asif))
+    if n == 4 && magic == crate::format::MAGIC {
+        return Ok(Some(Format::Asif));
+    }
+    crate::udif::probe(path)
 }
 
 /// Opens the image at `path` as `format` (probed when `None`).
@@ -189,6 +196,7 @@ pub fn open(
     };
     match format {
         Format::Asif => Ok(Box::new(Image::open(path, opts)?)),
+        Format::Udif => Ok(Box::new(crate::udif::Udif::open(path, opts)?)),
         Format::Raw => Err(Error::Invalid(format!(
             "{}: raw files are served as they are, not opened as images",
             path.display()

@@ -4,6 +4,7 @@
 //! - [`format`]: pure encode/decode of the on-disk structures (no I/O);
 //! - [`engine`]: the sparse block translator ([`Image`]);
 //! - [`disk`]: the [`Disk`](disk::Disk) trait every format implements;
+//! - [`udif`]: Apple UDIF (`.dmg`) images behind the same trait;
 //! - [`fs`]: a thin FUSE adapter over the engine;
 //! - [`nbd`]: an NBD server over the [`Disk`](disk::Disk) trait;
 //! - [`cli`]: the `asiffs` command line.
@@ -17,6 +18,7 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod nbd;
+pub mod udif;
 
 pub use engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
 pub use error::{Error, Result};
