@@ -27,6 +27,8 @@ pub enum Format {
     Asif,
     /// A plain raw disk file.
     Raw,
+    /// Apple sparse bundle (`.sparsebundle`, a directory of band files).
+    Udsb,
 }
 
 impl Format {
@@ -34,6 +36,7 @@ impl Format {
         match self {
             Format::Asif => "asif",
             Format::Raw => "raw",
+            Format::Udsb => "udsb",
         }
     }
 }
@@ -154,6 +157,9 @@ impl Disk for Image {
 pub fn probe(path: &Path) -> Result<Option<Format>> {
     use std::io::Read;
     let md = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    if md.is_dir() {
+        return Ok(crate::udsb::is_bundle(path).then_some(Format::Udsb));
+    }
     if !md.is_file() {
         return Ok(None);
     }
@@ -179,6 +185,7 @@ pub fn open(
     };
     match format {
         Format::Asif => Ok(Box::new(Image::open(path, opts)?)),
+        Format::Udsb => Ok(Box::new(crate::udsb::SparseBundle::open(path, opts)?)),
         Format::Raw => Err(Error::Invalid(format!(
             "{}: raw files are served as they are, not opened as images",
             path.display()
