@@ -750,3 +750,169 @@ fn eight_threads_writing_into_the_same_new_bands_lose_nothing() {
     assert_eq!(bands(&path).len(), bands_n as usize);
     check(&reopen(&path));
 }
+
+/// One step of the kill workload, from the step number and the size now.
+enum KillOp {
+    Write(u64, Vec<u8>),
+    Discard(u64, u64),
+    Resize(u64),
+}
+
+const KILL_BAND: u64 = 16 * KIB;
+
+fn kill_op(step: u64, size: u64) -> KillOp {
+    let mut rng = Rng(0x9e37_79b9 ^ (step + 1).wrapping_mul(0x2545_f491));
+    let off = rng.below(size);
+    let len = 1 + rng.below((size - off).min(3 * KILL_BAND));
+    match rng.below(20) {
+        0..=11 => KillOp::Write(off, pattern(step, len as usize)),
+        12..=16 => KillOp::Discard(off, len),
+        _ => KillOp::Resize(512 * (KILL_BAND / 512) * (1 + rng.below(40)) + 512 * rng.below(32)),
+    }
+}
+
+fn apply_to_model(m: &mut Vec<u8>, op: &KillOp) {
+    match op {
+        KillOp::Write(off, d) => m[*off as usize..*off as usize + d.len()].copy_from_slice(d),
+        KillOp::Discard(off, len) => m[*off as usize..(off + len) as usize].fill(0),
+        KillOp::Resize(n) => m.resize(*n as usize, 0),
+    }
+}
+
+/// The child side of `a_process_killed_at_any_instant_leaves_a_bundle_that_opens`:
+/// runs the workload, writing each step's number after its flush returned.
+#[test]
+#[ignore = "run as a child process by the kill test"]
+fn kill_child() {
+    use std::io::Write;
+    let Some(dir) = std::env::var_os("UDSB_KILL_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let b = reopen(&dir.join("disk.sparsebundle"));
+    let mut log = fs::File::options()
+        .append(true)
+        .open(dir.join("log"))
+        .unwrap();
+    for step in 0.. {
+        match kill_op(step, b.size()) {
+            KillOp::Write(off, d) => b.write_at(&d, off).unwrap(),
+            KillOp::Discard(off, len) => b.discard(off, len).unwrap(),
+            KillOp::Resize(n) => b.resize(n).unwrap(),
+        }
+        b.flush().unwrap();
+        writeln!(log, "{step}").unwrap();
+    }
+}
+
+#[test]
+fn a_process_killed_at_any_instant_leaves_a_bundle_that_opens() {
+    for round in 0..12u64 {
+        let t = tempfile::tempdir().unwrap();
+        let start = 8 * KILL_BAND;
+        let (path, b) = new_bundle(t.path(), start, KILL_BAND);
+        drop(b);
+        fs::write(t.path().join("log"), b"").unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "kill_child",
+                "--exact",
+                "--ignored",
+                "--quiet",
+                "--test-threads=1",
+            ])
+            .env("UDSB_KILL_DIR", t.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Let it get going (bounded), then kill it somewhere in a step.
+        let t0 = std::time::Instant::now();
+        while fs::metadata(t.path().join("log")).unwrap().len() < 40
+            && t0.elapsed() < std::time::Duration::from_secs(20)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_micros(
+            Rng(round + 7).below(30_000),
+        ));
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let log = fs::read_to_string(t.path().join("log")).unwrap();
+        let done = log.lines().count() as u64 - u64::from(!log.ends_with('\n') && !log.is_empty());
+        assert!(done > 0, "round {round}: the child did no step");
+        // The disk after the steps that returned, and after the next one.
+        let mut before = vec![0u8; start as usize];
+        for step in 0..done {
+            let op = kill_op(step, before.len() as u64);
+            apply_to_model(&mut before, &op);
+        }
+        let mut after = before.clone();
+        apply_to_model(&mut after, &kill_op(done, before.len() as u64));
+
+        let b = reopen(&path);
+        let size = b.size();
+        assert!(
+            size == before.len() as u64 || size == after.len() as u64,
+            "round {round}: size {size}"
+        );
+        let got = read(&b, 0, size as usize);
+        let at = |m: &Vec<u8>, i: usize| m.get(i).copied().unwrap_or(0);
+        for (i, &x) in got.iter().enumerate() {
+            assert!(
+                x == at(&before, i) || x == at(&after, i),
+                "round {round}, after step {done}: byte {i:#x} is {x:#x}"
+            );
+        }
+        drop(b);
+        let lines = udsb::check(&path).unwrap();
+        let mismatch = format!("{}/Info.bckup: does not match Info.plist", path.display());
+        assert!(
+            lines.is_empty() || lines == [mismatch],
+            "round {round}: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn a_resize_cut_between_the_two_plists_opens_at_the_new_size() {
+    let t = tempfile::tempdir().unwrap();
+    let path = sample(t.path());
+    // Info.plist renamed into place, Info.bckup not yet.
+    let old = fs::read(path.join("Info.bckup")).unwrap();
+    let b = reopen(&path);
+    b.resize(2 * 64 * KIB).unwrap();
+    drop(b);
+    fs::write(path.join("Info.bckup"), old).unwrap();
+    let b = reopen(&path);
+    assert_eq!(b.size(), 2 * 64 * KIB);
+    assert_eq!(read(&b, 0, 100), pattern(1, 100));
+    drop(b);
+    assert_eq!(
+        udsb::check(&path).unwrap(),
+        [format!(
+            "{}/Info.bckup: does not match Info.plist",
+            path.display()
+        )]
+    );
+}
+
+#[test]
+fn create_replaces_a_build_directory_its_own_pid_left() {
+    let t = tempfile::tempdir().unwrap();
+    let left = t.path().join(format!(
+        ".disk.sparsebundle.asiffs-tmp-{}",
+        std::process::id()
+    ));
+    fs::create_dir_all(left.join("bands")).unwrap();
+    fs::write(left.join("Info.plist"), b"half").unwrap();
+    let (path, b) = new_bundle(t.path(), MIB, MIB);
+    drop(b);
+    assert!(!left.exists());
+    assert_eq!(bands(&path), []);
+    let names: Vec<_> = fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["disk.sparsebundle"]);
+}

@@ -122,6 +122,14 @@ impl Info {
         }
         let band_size = check_band_size(field(&dict, KEY_BAND_SIZE)?)?;
         let size = check_size(field(&dict, KEY_SIZE)?)?;
+        // A resize writes the dictionary back as XML, which cannot carry
+        // every binary plist value (a UID): refuse those now.
+        if let Err(e) = Value::Dictionary(dict.clone()).to_writer_xml(std::io::sink()) {
+            return Err(corrupt(format!(
+                "holds a value an XML plist cannot carry ({})",
+                one_line(&e.to_string())
+            )));
+        }
         Ok(Info {
             band_size,
             size,
@@ -134,7 +142,7 @@ impl Info {
         let mut b = Vec::new();
         Value::Dictionary(self.dict.clone())
             .to_writer_xml(&mut b)
-            .expect("writing XML into a Vec cannot fail");
+            .expect("decode and new only make dictionaries XML can carry");
         b.push(b'\n');
         b
     }
@@ -243,6 +251,19 @@ mod tests {
         ] {
             assert_eq!(parse_band_name(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn refuses_what_xml_cannot_carry() {
+        let mut d = Info::new(1 << 20, DEFAULT_BAND_SIZE).unwrap().dict;
+        d.insert("uid".into(), Value::Uid(plist::Uid::new(7)));
+        let mut bin = Vec::new();
+        Value::Dictionary(d).to_writer_binary(&mut bin).unwrap();
+        let e = Info::decode(&bin).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "holds a value an XML plist cannot carry (UidNotSupportedInXmlPlist)"
+        );
     }
 
     #[test]
