@@ -916,3 +916,28 @@ fn create_replaces_a_build_directory_its_own_pid_left() {
         .collect();
     assert_eq!(names, ["disk.sparsebundle"]);
 }
+
+#[test]
+fn a_bands_symlink_is_not_followed() {
+    let t = tempfile::tempdir().unwrap();
+    let path = sample(t.path());
+    let elsewhere = t.path().join("elsewhere");
+    fs::rename(path.join("bands"), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, path.join("bands")).unwrap();
+    let before = snapshot(t.path());
+    assert_eq!(
+        err_text(SparseBundle::open(&path, &OpenOptions::writable())),
+        format!("corrupt image: {}/bands: not a directory", path.display())
+    );
+    assert!(snapshot(t.path()) == before);
+}
+
+#[test]
+fn create_names_the_bundle_when_its_folder_is_missing() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("no/such/x.sparsebundle");
+    assert_eq!(
+        err_text(SparseBundle::create(&p, MIB, MIB)),
+        format!("{}: No such file or directory (os error 2)", p.display())
+    );
+}

@@ -109,12 +109,11 @@ impl SparseBundle {
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<SparseBundle> {
         let path = path.as_ref();
         let parts = open_parts(path, opts.lock)?;
-        let bands_path = path.join(BANDS);
-        let (present, mut problems) = scan_bands(path, &parts.info)?;
+        let bands_dir = open_bands_dir(&parts.root, path)?;
+        let (present, mut problems) = scan_bands(path, &bands_dir, &parts.info)?;
         if !problems.is_empty() {
             return Err(problems.swap_remove(0));
         }
-        let bands_dir = open_dir(&bands_path)?;
         if opts.writable {
             remove_leftovers(path, &parts.root)?;
         }
@@ -166,6 +165,10 @@ impl SparseBundle {
         let _ = std::fs::remove_dir_all(&tmp);
         let ctx = |e: std::io::Error| Error::io(path.display().to_string(), e);
         let built = build(&tmp, &info)
+            .map_err(|e| match e {
+                Error::Io { source, .. } => ctx(source),
+                e => e,
+            })
             .and_then(|()| {
                 match rustix::fs::renameat_with(CWD, &tmp, CWD, path, RenameFlags::NOREPLACE) {
                     Ok(()) => Ok(()),
@@ -827,26 +830,44 @@ fn open_parts(path: &Path, lock: LockMode) -> Result<Parts> {
     Ok(Parts { root, token, info })
 }
 
+/// `bands/`, not followed if a symlink (writes must stay in the bundle).
+fn open_bands_dir(root: &File, bundle: &Path) -> Result<File> {
+    let shown = format!("{}/{BANDS}", bundle.display());
+    let fd = rustix::fs::openat(
+        root,
+        BANDS,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::NOENT => Error::Corrupt(format!("{shown}: missing")),
+        Errno::NOTDIR | Errno::LOOP => Error::Corrupt(format!("{shown}: not a directory")),
+        e => Error::io(shown.clone(), e.into()),
+    })?;
+    Ok(File::from(fd))
+}
+
 /// The bands present, and every band file that breaks the layout (each
 /// one line, in name order).
-fn scan_bands(path: &Path, info: &Info) -> Result<(BTreeSet<u64>, Vec<Error>)> {
-    let dir = path.join(BANDS);
-    // Fails clearly if missing or not a directory.
-    drop(open_dir(&dir)?);
-    let mut entries: Vec<std::fs::DirEntry> =
-        std::fs::read_dir(&dir)
-            .and_then(|it| it.collect())
-            .map_err(|e| Error::io(dir.display().to_string(), e))?;
-    entries.sort_by_key(|e| e.file_name());
+fn scan_bands(path: &Path, dir: &File, info: &Info) -> Result<(BTreeSet<u64>, Vec<Error>)> {
+    let shown_dir = format!("{}/{BANDS}", path.display());
+    let list_err = |e: Errno| Error::io(shown_dir.clone(), e.into());
+    let mut names = Vec::new();
+    for e in rustix::fs::Dir::read_from(dir).map_err(list_err)? {
+        let name = e.map_err(list_err)?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(name);
+        }
+    }
+    names.sort();
     let mut present = BTreeSet::new();
     let mut problems = Vec::new();
     let count = info.band_count();
-    for e in entries {
-        let name = e.file_name();
-        let shown = format!("{}/{}", dir.display(), name.to_string_lossy());
-        let text = name.to_str().unwrap_or("");
+    for name in names {
+        let shown = format!("{shown_dir}/{}", String::from_utf8_lossy(&name));
+        let text = std::str::from_utf8(&name).unwrap_or("");
         // Finder's droppings (.DS_Store, ._0) are not bands.
-        if text.starts_with('.') {
+        if name.starts_with(b".") {
             continue;
         }
         let Some(n) = parse_band_name(text) else {
@@ -862,15 +883,16 @@ fn scan_bands(path: &Path, info: &Info) -> Result<(BTreeSet<u64>, Vec<Error>)> {
             )));
             continue;
         }
-        let md = e.metadata().map_err(|err| Error::io(shown.clone(), err))?;
-        if !md.is_file() {
+        let st = rustix::fs::statat(dir, text, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| Error::io(shown.clone(), e.into()))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
             problems.push(Error::Corrupt(format!("{shown}: not a regular file")));
             continue;
         }
-        if md.len() > info.band_size {
+        let len = st.st_size as u64;
+        if len > info.band_size {
             problems.push(Error::Corrupt(format!(
-                "{shown}: {} bytes, longer than the {}-byte band size",
-                md.len(),
+                "{shown}: {len} bytes, longer than the {}-byte band size",
                 info.band_size
             )));
             continue;
@@ -991,7 +1013,7 @@ pub fn check(path: &Path) -> Result<Vec<String>> {
             ));
         }
     }
-    match scan_bands(path, &parts.info) {
+    match open_bands_dir(&parts.root, path).and_then(|d| scan_bands(path, &d, &parts.info)) {
         Ok((_, problems)) => lines.extend(problems.iter().map(|e| e.to_string())),
         Err(e) => lines.push(e.to_string()),
     }
