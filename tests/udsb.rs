@@ -941,3 +941,34 @@ fn create_names_the_bundle_when_its_folder_is_missing() {
         format!("{}: No such file or directory (os error 2)", p.display())
     );
 }
+
+/// Descriptors this process holds on files under `dir`.
+fn open_fds_under(dir: &Path) -> usize {
+    let dir = fs::canonicalize(dir).unwrap();
+    fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(&dir))
+        .count()
+}
+
+#[test]
+fn open_band_files_stay_bounded_without_a_flush() {
+    let t = tempfile::tempdir().unwrap();
+    let bs = 4 * KIB;
+    let n = 1000;
+    let (path, b) = new_bundle(t.path(), n * bs, bs);
+    for band in 0..n {
+        b.write_at(&pattern(band, 100), band * bs + 7).unwrap();
+    }
+    // 64 kept for reuse, 256 waiting for the flush, bands/ itself.
+    let open = open_fds_under(&path.join("bands"));
+    assert!(open <= 64 + 257 + 1, "{open} descriptors open");
+    b.flush().unwrap();
+    assert!(open_fds_under(&path.join("bands")) <= 64 + 1);
+    for band in (0..n).step_by(37) {
+        assert_eq!(read(&b, band * bs + 7, 100), pattern(band, 100));
+    }
+    drop(b);
+    assert_eq!(bands(&path).len(), n as usize);
+}

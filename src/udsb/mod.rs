@@ -8,8 +8,10 @@
 //! - `present` is exactly the set of band files in `bands/`: regular files
 //!   no longer than the band size, all below the disk's end;
 //! - an absent band, and the part of one past its file's end, read as zeros;
-//! - every band file written since the last flush is in `dirty`, and
-//!   `dir_dirty` is set when `bands/` gained or lost an entry since then.
+//! - every band file written since the last flush is in `dirty` (or being
+//!   synced early under `syncing`), and `dir_dirty` is set when `bands/`
+//!   gained or lost an entry since then;
+//! - at most `OPEN_BANDS + DIRTY_LIMIT` band files are open.
 //!
 //! Crash ordering: a shrink removes (durably) the bands past the new end
 //! before the plist says the smaller size, and a grow cuts the last band
@@ -62,6 +64,9 @@ pub struct SparseBundle {
     /// Taken shared by every request and alone by a resize.
     exclusive: RwLock<()>,
     bands: Mutex<Bands>,
+    /// Held while files taken from `dirty` are synced, so that a flush
+    /// cannot return while an early sync of a file it owes is under way.
+    syncing: Mutex<()>,
     root: File,
     bands_dir: File,
     /// Holds the lock for as long as the bundle is open.
@@ -130,6 +135,7 @@ impl SparseBundle {
                 dirty: HashMap::new(),
                 dir_dirty: false,
             }),
+            syncing: Mutex::new(()),
             root: parts.root,
             bands_dir,
             _token: parts.token,
@@ -289,12 +295,14 @@ impl SparseBundle {
                 .entry(Arc::as_ptr(f) as usize)
                 .or_insert_with(|| (f.clone(), false));
             e.1 |= metadata;
-            (st.dirty.len() > DIRTY_LIMIT).then(|| std::mem::take(&mut st.dirty))
+            st.dirty.len() > DIRTY_LIMIT
         };
-        match spill {
-            Some(files) => self.sync_files(files),
-            None => Ok(()),
+        if !spill {
+            return Ok(());
         }
+        let _syncing = self.syncing.lock();
+        let files = std::mem::take(&mut self.bands.lock().dirty);
+        self.sync_files(files)
     }
 
     /// Syncs the files; on failure puts back the ones not yet synced.
@@ -320,6 +328,7 @@ impl SparseBundle {
     }
 
     fn flush_inner(&self) -> Result<()> {
+        let _syncing = self.syncing.lock();
         let (files, dir) = {
             let mut st = self.bands.lock();
             (
