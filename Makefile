@@ -82,7 +82,7 @@ integration: deps build
 # take 10 minutes here. There is no nightly toolchain: RUSTC_BOOTSTRAP=1
 # lets stable rustc take the flags cargo-fuzz passes. The fuzz crate has
 # its own target dir.
-FUZZ_TARGETS      := header directory entries metadata image
+FUZZ_TARGETS      := header directory entries metadata image udsb_info
 FUZZ_SECONDS      ?= 300
 FUZZ_TEST_SECONDS ?= 20
 .PHONY: $(addprefix fuzz-run-,$(FUZZ_TARGETS)) $(addprefix fuzz-test-,$(FUZZ_TARGETS))
@@ -95,6 +95,7 @@ FUZZ_MAX_LEN_directory := 4096
 FUZZ_MAX_LEN_entries   := 20000
 FUZZ_MAX_LEN_metadata  := 70000
 FUZZ_MAX_LEN_image     := 262144
+FUZZ_MAX_LEN_udsb_info := 70000
 # A run fails on a panic, an input slower than 10 s, or more than 2 GiB.
 FUZZ_LIMITS := -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10
 
