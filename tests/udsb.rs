@@ -972,3 +972,36 @@ fn open_band_files_stay_bounded_without_a_flush() {
     drop(b);
     assert_eq!(bands(&path).len(), n as usize);
 }
+
+#[test]
+fn allocate_reserves_band_space_that_reads_as_zeros() {
+    let t = tempfile::tempdir().unwrap();
+    let bs = 64 * KIB;
+    let (path, b) = new_bundle(t.path(), 4 * bs, bs);
+    b.write_at(&pattern(1, 512), bs + 512).unwrap();
+    b.allocate(bs - 8 * KIB, 16 * KIB).unwrap();
+    assert_eq!(bands(&path), [("0".into(), bs), ("1".into(), 8 * KIB)]);
+    let blocks = |n: &str| fs::metadata(path.join("bands").join(n)).unwrap().blocks() * 512;
+    assert_eq!((blocks("0"), blocks("1")), (8 * KIB, 8 * KIB));
+    let mut want = vec![0u8; 16 * KIB as usize];
+    want[8 * KIB as usize + 512..8 * KIB as usize + 1024].copy_from_slice(&pattern(1, 512));
+    assert_eq!(read(&b, bs - 8 * KIB, 16 * KIB as usize), want);
+    assert_eq!(
+        b.allocate(3 * bs, bs + 1).unwrap_err().to_string(),
+        format!(
+            "range {:#x}+{:#x} is outside the disk ({} bytes)",
+            3 * bs,
+            bs + 1,
+            4 * bs
+        )
+    );
+    let s = b.stats();
+    assert_eq!(
+        (s["writes"].as_u64(), s["bands"].as_u64()),
+        (Some(1), Some(2))
+    );
+    drop(b);
+    let r = SparseBundle::open(&path, &OpenOptions::default()).unwrap();
+    assert!(matches!(r.allocate(0, 512), Err(Error::ReadOnly)));
+    assert!(matches!(r.discard(0, 512), Err(Error::ReadOnly)));
+}
