@@ -30,6 +30,8 @@ pub enum Format {
     /// Apple UDIF (`.dmg`): compressed images (UDZO, UDBZ, ULFO, ULMO,
     /// UDCO) are read-only, read-write ones (UDRW) are written in place.
     Udif,
+    /// Apple sparse bundle (`.sparsebundle`, a directory of band files).
+    Udsb,
 }
 
 impl Format {
@@ -38,6 +40,7 @@ impl Format {
             Format::Asif => "asif",
             Format::Raw => "raw",
             Format::Udif => "udif",
+            Format::Udsb => "udsb",
         }
     }
 }
@@ -168,6 +171,9 @@ pub const IMAGE_EXTENSIONS: [&str; 4] = ["asif", "dmg", "sparseimage", "sparsebu
 pub fn probe(path: &Path) -> Result<Option<Format>> {
     use std::io::Read;
     let md = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    if md.is_dir() {
+        return Ok(crate::udsb::is_bundle(path).then_some(Format::Udsb));
+    }
     if !md.is_file() {
         return Ok(None);
     }
@@ -197,6 +203,7 @@ pub fn open(
     match format {
         Format::Asif => Ok(Box::new(Image::open(path, opts)?)),
         Format::Udif => Ok(Box::new(crate::udif::Udif::open(path, opts)?)),
+        Format::Udsb => Ok(Box::new(crate::udsb::SparseBundle::open(path, opts)?)),
         Format::Raw => Err(Error::Invalid(format!(
             "{}: raw files are served as they are, not opened as images",
             path.display()

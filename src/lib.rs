@@ -19,6 +19,7 @@ pub mod format;
 pub mod fs;
 pub mod nbd;
 pub mod udif;
+pub mod udsb;
 
 pub use engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
 pub use error::{Error, Result};
