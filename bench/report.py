@@ -12,7 +12,8 @@ import os
 import statistics
 import sys
 
-TARGETS = ["native", "asiffs", "qsd"]
+TARGETS = ["native", "asiffs", "nbd", "qsd"]
+DAEMONS = ["asiffs", "nbd", "qsd"]   # targets with a server process whose CPU is counted
 MODES = ["cold", "warm"]
 
 # table rows: (job, figure, unit, description); "higher" unless the unit is a latency
@@ -41,6 +42,12 @@ RATIO_CHECKS = [
     ("warm", "seqread", "bw", "native", ">=", 0.9),
     ("warm", "seqwrite", "bw", "native", ">=", 0.9),
     ("cold", "qd1read", "clat_p99", "native", "<=", 1.5),
+]
+# (mode, job, figure, op, threshold) on nbd/asiffs: the NBD export should beat
+# the FUSE path on 4 KiB random I/O
+NBD_CHECKS = [
+    ("cold", "randread", "iops", ">", 1.0),
+    ("cold", "randwrite", "iops", ">", 1.0),
 ]
 
 MIB = 1024 * 1024
@@ -169,21 +176,25 @@ def main():
                 e[t] = spread([x[fig] for x in per.get((mode, job, t), {}).values()])
             e["asiffs_vs_native"] = paired(mode, job, fig, "asiffs", "native")
             e["asiffs_vs_qsd"] = paired(mode, job, fig, "asiffs", "qsd")
+            e["nbd_vs_native"] = paired(mode, job, fig, "nbd", "native")
+            e["nbd_vs_asiffs"] = paired(mode, job, fig, "nbd", "asiffs")
             table.append(e)
         cpu = []
         for job in dict.fromkeys(j for j, _, _, _ in ROWS):
-            if not any((mode, job, t) in per for t in ("asiffs", "qsd")):
+            if not any((mode, job, t) in per for t in DAEMONS):
                 continue
             c = {"job": job}
-            for t in ("asiffs", "qsd"):
+            for t in DAEMONS:
                 c[t] = spread([x["cpu_s_per_gib"] for x in per.get((mode, job, t), {}).values()])
             c["asiffs_vs_qsd"] = paired(mode, job, "cpu_s_per_gib", "asiffs", "qsd")
+            c["nbd_vs_qsd"] = paired(mode, job, "cpu_s_per_gib", "nbd", "qsd")
             cpu.append(c)
         modes[mode] = {
             "settings": {
                 "native_direct": config.get(f"native_direct_{mode}"),
                 "asiffs_cache": config.get(f"asiffs_cache_{mode}"),
                 "qsd_cache_direct": config.get(f"qsd_cache_direct_{mode}"),
+                "nbd_cache": config.get(f"nbd_cache_{mode}"),
             },
             "jobs": table,
             "cpu_s_per_gib": cpu,
@@ -217,6 +228,8 @@ def main():
     # ---- extras
     rss = [r["vmhwm_kib"] for r in rows if r["kind"] == "rss" and r["vmhwm_kib"] is not None]
     rss_qsd = [r["vmhwm_kib"] for r in rows if r["kind"] == "rss_qsd" and r["vmhwm_kib"] is not None]
+    rss_nbd = [r["vmhwm_kib"] for r in rows if r["kind"] == "rss_nbd" and r["vmhwm_kib"] is not None]
+    nbd_rss_mib = max(rss_nbd) / 1024 if rss_nbd else None
     peak_rss_mib = max(rss) / 1024 if rss else None
     qsd_rss_mib = max(rss_qsd) / 1024 if rss_qsd else None
 
@@ -289,6 +302,8 @@ def main():
             st = "PASS" if value >= threshold else "MISS"
         elif op == "<=":
             st = "PASS" if value <= threshold else "MISS"
+        elif op == ">":
+            st = "PASS" if value > threshold else "MISS"
         else:
             st = "PASS" if value < threshold else "MISS"
         c = {"name": name, "value": value, "op": op, "threshold": threshold,
@@ -313,6 +328,10 @@ def main():
         sp = row(mode, job, fig).get(f"asiffs_vs_{other}")
         check(f"{mode} {job} {labels[fig]} asiffs/{other}", sp and sp["median"], op, thr, "x", sp,
               skipped(mode))
+    for mode, job, fig, op, thr in NBD_CHECKS:
+        sp = row(mode, job, fig).get("nbd_vs_asiffs")
+        check(f"{mode} {job} 4k {labels[fig]} nbd/asiffs (export beats FUSE)", sp and sp["median"], op, thr,
+              "x", sp, skipped(mode))
     for mode in MODES:
         # the worst job decides: CPU per GiB must not exceed qsd's in any of them
         worst = None
@@ -340,6 +359,7 @@ def main():
         "container_final_alloc_bytes": final,
         "asiffs_peak_rss_mib": peak_rss_mib,
         "qsd_peak_rss_mib": qsd_rss_mib,
+        "nbd_peak_rss_mib": nbd_rss_mib,
         "mount_many": mount_many,
         "open_big": open_big,
         "convert": conv,
@@ -378,21 +398,26 @@ def main():
         seen = "/".join(st["asiffs_cache_seen"]) or "not reported"
         title = (f"{how[mode]}; native direct={st['native_direct']}, asiffs cache={st['asiffs_cache']} "
                  f"(asiffs stats: {seen}), "
+                 f"nbd (asiffs serve) cache={st['nbd_cache']}, "
                  f"qsd cache.direct={st['qsd_cache_direct']}; fio opens asiffs and qsd files direct=1 "
-                 f"(bufwrite/bufread: direct=0 everywhere). median (min-max) over runs; "
+                 f"(bufwrite/bufread: direct=0 there), nbd through fio's nbd engine (libnbd, "
+                 f"no client cache; psync jobs run at iodepth 1). median (min-max) over runs; "
                  f"ratios are per-run pairs")
-        hdr = ["job", "unit", "native", "asiffs", "qsd", "asiffs/native", "asiffs/qsd"]
+        hdr = ["job", "unit", "native", "asiffs", "nbd", "qsd", "asiffs/native", "asiffs/qsd",
+               "nbd/native", "nbd/asiffs"]
         body = []
         for e in m["jobs"]:
             name = e["job"] if e["figure"] in ("bw", "iops") else f"{e['job']} {e['figure'].replace('_', ' ')}"
             body.append([name, e["unit"]] + [fmt_sp(e[t]) for t in TARGETS]
-                        + [fmt_sp(e["asiffs_vs_native"], "ratio"), fmt_sp(e["asiffs_vs_qsd"], "ratio")])
+                        + [fmt_sp(e[k], "ratio") for k in ("asiffs_vs_native", "asiffs_vs_qsd",
+                                                           "nbd_vs_native", "nbd_vs_asiffs")])
         sections.append((title, *render(hdr, body)))
         if m["cpu_s_per_gib"]:
-            body = [[c["job"], fmt_sp(c["asiffs"]), fmt_sp(c["qsd"]), fmt_sp(c["asiffs_vs_qsd"], "ratio")]
+            body = [[c["job"]] + [fmt_sp(c[t]) for t in DAEMONS]
+                    + [fmt_sp(c["asiffs_vs_qsd"], "ratio"), fmt_sp(c["nbd_vs_qsd"], "ratio")]
                     for c in m["cpu_s_per_gib"]]
             sections.append((f"{mode}: daemon CPU seconds (utime+stime) per GiB moved (fio io_bytes)",
-                             *render(["job", "asiffs", "qsd", "asiffs/qsd"], body, left=1)))
+                             *render(["job"] + DAEMONS + ["asiffs/qsd", "nbd/qsd"], body, left=1)))
     if discard:
         body = []
         for key, label, unit, scale in (("time_s", "discard 50% time", "s", 1),
@@ -400,11 +425,13 @@ def main():
                                         ("alloc_after_bytes", "discard alloc after", "MiB", MIB)):
             vals = {t: (discard.get(t, {}).get(key)) for t in TARGETS}
             vals = {t: (v / scale if v is not None else None) for t, v in vals.items()}
-            body.append([label, unit, fmt(vals["native"]), fmt(vals["asiffs"]), fmt(vals["qsd"]),
-                         fmt(ratio(vals["asiffs"], vals["native"]), "ratio"),
-                         fmt(ratio(vals["asiffs"], vals["qsd"]), "ratio")])
-        sections.append(("discard (medians; after the last mode's jobs)",
-                         *render(["figure", "unit", "native", "asiffs", "qsd", "asiffs/native", "asiffs/qsd"], body)))
+            body.append([label, unit] + [fmt(vals[t]) for t in TARGETS]
+                        + [fmt(ratio(vals["asiffs"], vals["native"]), "ratio"),
+                           fmt(ratio(vals["asiffs"], vals["qsd"]), "ratio"),
+                           fmt(ratio(vals["nbd"], vals["asiffs"]), "ratio")])
+        sections.append(("discard (medians; after the last mode's jobs; nbd: NBD TRIM via fio)",
+                         *render(["figure", "unit"] + TARGETS + ["asiffs/native", "asiffs/qsd", "nbd/asiffs"],
+                                 body)))
 
     cfg = (f"size={config.get('size')} runs={config.get('runs')} runtime={config.get('runtime')}s "
            f"ramp={config.get('ramp')}s modes={config.get('modes')!r} quick={config.get('quick')} "
@@ -412,7 +439,7 @@ def main():
            f"kernel={config.get('kernel')} nproc={config.get('nproc')}")
     extra = []
     extra.append(f"asiffs peak RSS (VmHWM, max over reps): {fmt(peak_rss_mib)} MiB"
-                 f"   (qsd: {fmt(qsd_rss_mib)} MiB)")
+                 f"   (nbd serve: {fmt(nbd_rss_mib)} MiB, qsd: {fmt(qsd_rss_mib)} MiB)")
     if mount_many:
         extra.append(f"mount {mount_many['images']} images: median {fmt(mount_many['median_ms'])} ms "
                      f"(runs: {', '.join(fmt(x) for x in mount_many['runs_ms'])})")

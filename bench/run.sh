@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# asiffs benchmark harness: native file vs asiffs FUSE mount vs qemu-storage-daemon
-# (qcow2 FUSE export), cold (host cache dropped) and warm, plus daemon CPU per
+# asiffs benchmark harness: native file vs asiffs FUSE mount vs `asiffs serve`
+# (NBD over a unix socket, fio's nbd engine) vs qemu-storage-daemon (qcow2 FUSE
+# export), cold (host cache dropped) and warm, plus daemon CPU per
 # GiB, RSS / mount-1000 / open-10T / convert figures.
 # See bench/README.md.  Called by `make bench`; not part of the tests.
 set -Eeuo pipefail
@@ -31,12 +32,13 @@ BIGCHUNKS=${BENCH_BIG_CHUNKS:-$d_bigchunks}  # 1 MiB chunks touched in it
 CONV=${BENCH_CONVERT_SIZE:-$d_conv}          # convert input size (~50% data)
 OPEN_RUNS=${BENCH_OPEN_RUNS:-$d_open_runs}
 MOUNT_RUNS=${BENCH_MOUNT_RUNS:-$d_mount_runs}
-TARGETS=${BENCH_TARGETS:-native asiffs qsd}
+TARGETS=${BENCH_TARGETS:-native asiffs nbd qsd}
 MODES=${BENCH_MODES:-cold warm}
 COLD_JOBS=${BENCH_COLD_JOBS:-seqwrite seqread randwrite randread qd1read bufwrite bufread mixed}
 WARM_JOBS=${BENCH_WARM_JOBS:-seqwrite seqread randwrite randread qd1read}
 DISCARD=${BENCH_DISCARD:-1}
 ASIFFS_CACHE_OPT=${BENCH_ASIFFS_CACHE_OPT:-auto}  # auto: use -o cache= if `mount --help` has it
+NBD_CACHE_OPT=${BENCH_NBD_CACHE_OPT:-auto}        # auto: use --cache if `serve --help` has it
 EXTRAS=${BENCH_EXTRAS:-mount open convert}
 MIN_FREE_GB=${BENCH_MIN_FREE_GB:-10}
 ASIFFS_MOUNT_OPTS=${BENCH_ASIFFS_MOUNT_OPTS:-}
@@ -256,6 +258,34 @@ timed_mount() {
     TM_RES=$("$TOOL" waitmount "$mnt" "$n" "$to" "$t0" "$ASIFFS_PID" 2>>"$LOGS/waitmount.log")
 }
 
+# asiffs serve: NBD export of DIR on a unix socket; returns once listening
+# (it detaches and writes its pid).  Sets NBD_PID.
+NBD_PID=
+nbd_start() {
+    local dir=$1 sock=$2 extra=${3:-} pidf=$T_NBD/serve.pid
+    rm -f "$sock" "$pidf"
+    # shellcheck disable=SC2086
+    if ! timeout 60 "$ASIFFS" serve --socket "$sock" --pid-file "$pidf" --log "$LOGS/asiffs-serve.log" \
+            $extra "$dir" >>"$LOGS/asiffs-serve.log" 2>&1; then
+        warn "asiffs serve of $dir failed (see $LOGS/asiffs-serve.log)"
+        [[ -s $pidf ]] && kill -TERM "$(cat "$pidf")" 2>/dev/null
+        return 1
+    fi
+    NBD_PID=$(cat "$pidf")
+    CLEAN_PIDS+=("$NBD_PID")
+    [[ -S $sock ]] || { warn "asiffs serve: no socket at $sock"; nbd_stop; return 1; }
+}
+nbd_stop() {
+    local pid=$NBD_PID
+    if [[ -n $pid ]]; then
+        kill -TERM "$pid" 2>/dev/null   # it flushes every image, then exits
+        wait_for 30 not_running "$pid" || { warn "asiffs serve pid $pid still alive, killing"; kill -KILL "$pid" 2>/dev/null; }
+        forget_pid "$pid"
+    fi
+    NBD_PID=
+    return 0
+}
+
 # qemu-storage-daemon FUSE export of a qcow2; MNT must be an existing regular file.
 QSD_PID=
 qsd_start() {
@@ -285,16 +315,18 @@ qsd_stop() {
 }
 
 # ---------------------------------------------------------------- targets
-# Each target has: target_file (what fio hits), container (whose allocation
+# Each target has: target_file (what fio hits; for nbd its NBD URI), container (whose allocation
 # we measure), create (fresh container), serve/unserve (mount or daemon with
 # the cache setting of a mode), remove.
 declare -A TFILE TCONT
 T_NATIVE=$WORK/native
 T_ASIFFS=$WORK/asiffs
 T_QSD=$WORK/qsd
+T_NBD=$WORK/nbd
 TFILE[native]=$T_NATIVE/bench.raw;        TCONT[native]=$T_NATIVE/bench.raw
 TFILE[asiffs]=$T_ASIFFS/mnt/bench.img;    TCONT[asiffs]=$T_ASIFFS/images/bench.asif
 TFILE[qsd]=$T_QSD/export;                 TCONT[qsd]=$T_QSD/bench.qcow2
+TFILE[nbd]="nbd+unix:///bench?socket=$T_NBD/nbd.sock"; TCONT[nbd]=$T_NBD/images/bench.asif
 
 create_target() {
     case $1 in
@@ -305,15 +337,20 @@ create_target() {
         mkdir -p "$T_ASIFFS/images" "$T_ASIFFS/mnt"
         rm -f "$T_ASIFFS"/images/*
         asiffs_create "${TCONT[asiffs]}" "$SIZE" || { warn "asiffs create failed"; return 1; } ;;
+    nbd)
+        mkdir -p "$T_NBD/images"
+        rm -f "$T_NBD"/images/*
+        asiffs_create "${TCONT[nbd]}" "$SIZE" || { warn "asiffs create (nbd) failed"; return 1; } ;;
     qsd)
         mkdir -p "$T_QSD"; rm -f "${TCONT[qsd]}"
         qemu-img create -q -f qcow2 "${TCONT[qsd]}" "$SIZE" ;;
     esac
 }
-# Like with like: cold pairs asiffs cache=none and qsd cache.direct=on with
-# native O_DIRECT; warm pairs asiffs cache=writeback and qsd cache.direct=off
-# with native buffered.  fio opens the asiffs and qsd files O_DIRECT in both,
-# so the only cache in play is the one under the daemon, as for native.
+# Like with like: cold pairs asiffs cache=none, nbd --cache none and qsd
+# cache.direct=on with native O_DIRECT; warm pairs cache=writeback and qsd
+# cache.direct=off with native buffered.  fio opens the asiffs and qsd files
+# O_DIRECT in both, and nbd has no client cache, so the only cache in play is
+# the one under the daemon, as for native.
 ASIFFS_HAS_CACHE=0
 detect_asiffs_cache() {
     case $ASIFFS_CACHE_OPT in
@@ -322,6 +359,32 @@ detect_asiffs_cache() {
     *)   [[ $ASIFFS_OK == 1 ]] && "$ASIFFS" mount --help 2>&1 | grep -qi 'writeback' && ASIFFS_HAS_CACHE=1 ;;
     esac
     return 0
+}
+NBD_HAS_CACHE=0
+detect_nbd_cache() {
+    case $NBD_CACHE_OPT in
+    yes) NBD_HAS_CACHE=1 ;;
+    no)  NBD_HAS_CACHE=0 ;;
+    *)   [[ $ASIFFS_OK == 1 ]] && "$ASIFFS" serve --help 2>&1 | grep -q -- '--cache' && NBD_HAS_CACHE=1 ;;
+    esac
+    return 0
+}
+nbd_cache_args() { # mode -> serve arguments
+    [[ $NBD_HAS_CACHE == 1 ]] || return 0
+    if [[ $1 == cold ]]; then echo "--cache none"; else echo "--cache writeback"; fi
+}
+nbd_cache_label() {
+    if [[ $NBD_HAS_CACHE == 1 ]]; then
+        if [[ $1 == cold ]]; then echo none; else echo writeback; fi
+    elif [[ $1 == cold ]]; then echo "writeback (serve has no --cache)"
+    else echo "writeback (serve has no --cache; the default)"
+    fi
+}
+# fio can drive nbd only with its nbd engine (libnbd)
+nbd_usable() {
+    [[ $ASIFFS_OK == 1 ]] || { warn "target nbd skipped: asiffs binary not usable"; return 1; }
+    has_subcmd serve || { warn "target nbd skipped: asiffs has no 'serve'"; return 1; }
+    fio --enghelp 2>&1 | grep -qw nbd || { warn "target nbd skipped: fio has no nbd engine"; return 1; }
 }
 asiffs_cache_args() { # mode -> mount arguments
     [[ $ASIFFS_HAS_CACHE == 1 ]] || return 0
@@ -341,6 +404,7 @@ serve_target() { # target mode
     native) ;;
     asiffs) asiffs_mount "$T_ASIFFS/images" "$T_ASIFFS/mnt" bench.img "$(asiffs_cache_args "$2")" ;;
     qsd)    qsd_start "${TCONT[qsd]}" "${TFILE[qsd]}" "$(qsd_direct "$2")" ;;
+    nbd)    nbd_start "$T_NBD/images" "$T_NBD/nbd.sock" "$(nbd_cache_args "$2")" ;;
     esac
 }
 unserve_target() {
@@ -348,10 +412,11 @@ unserve_target() {
     native) ;;
     asiffs) asiffs_unmount "$T_ASIFFS/mnt" ;;
     qsd)    qsd_stop "${TFILE[qsd]}" ;;
+    nbd)    nbd_stop ;;
     esac
 }
 remove_target() { [[ $1 != native ]] || rm -f "${TFILE[native]}"; }
-daemon_pid() { case $1 in asiffs) echo "$ASIFFS_PID" ;; qsd) echo "$QSD_PID" ;; esac; }
+daemon_pid() { case $1 in asiffs) echo "$ASIFFS_PID" ;; qsd) echo "$QSD_PID" ;; nbd) echo "$NBD_PID" ;; esac; }
 # cpu_ticks PID: utime + stime of all its threads, in clock ticks (null if none)
 cpu_ticks() {
     local st f
@@ -380,9 +445,28 @@ job_args() { # job direct
     esac
 }
 
+# where fio does I/O: a file, or for nbd its engine and URI (which replaces
+# libaio/psync; `direct` and the page cache have no meaning on the client side)
+fio_target() { # target args...
+    local t=$1; shift
+    if [[ $t == nbd ]]; then
+        local a out=()
+        for a in "$@"; do [[ $a == --ioengine=* || $a == --direct=* ]] || out+=("$a"); done
+        echo "--ioengine=nbd --uri=${TFILE[nbd]} ${out[*]}"
+    else
+        echo "--filename=${TFILE[$t]} $*"
+    fi
+}
+
 # warm: the whole working set read once, through the same kind of open fio will use
 preread() { # target direct
     local flag=; [[ $2 == 1 ]] && flag=iflag=direct
+    if [[ $1 == nbd ]]; then
+        # shellcheck disable=SC2046
+        timeout -k 10 "$FIO_TIMEOUT" fio --name=preread $(fio_target nbd --rw=read --bs=1M --iodepth=16) \
+            --size="$SIZE" --output=/dev/null >>"$LOGS/fio.log" 2>&1
+        return
+    fi
     timeout -k 10 "$FIO_TIMEOUT" dd if="${TFILE[$1]}" of=/dev/null bs=1M $flag status=none
 }
 
@@ -402,8 +486,8 @@ run_fio() { # job target rep mode
     pid=$(daemon_pid "$t")
     c0=$(cpu_ticks "$pid")
     # shellcheck disable=SC2086
-    if ! timeout -k 10 "$FIO_TIMEOUT" fio --name="$job" --filename="${TFILE[$t]}" --size="$SIZE" \
-            --group_reporting --output-format=json --output="$out" $args \
+    if ! timeout -k 10 "$FIO_TIMEOUT" fio --name="$job" $(fio_target "$t" $args) --size="$SIZE" \
+            --group_reporting --output-format=json --output="$out" \
             >>"$LOGS/fio.log" 2>&1; then
         warn "fio $job on $t ($mode) failed (rep $rep), see $out / $LOGS/fio.log"
         record kind='"fio_error"' mode="\"$mode\"" job="\"$job\"" target="\"$t\"" rep="$rep"
@@ -420,12 +504,18 @@ discard_job() { # target rep
     local t=$1 rep=$2 f=${TFILE[$1]} c=${TCONT[$1]} out before after res
     out=$RAW/rep$rep/discard-write.$t.json
     mkdir -p "$RAW/rep$rep"
-    timeout -k 10 "$FIO_TIMEOUT" fio --name=discard-write --filename="$f" --size="$REGION" \
-        --rw=write --bs=1M --iodepth=16 $AIO --end_fsync=1 --output-format=json --output="$out" \
+    # shellcheck disable=SC2046,SC2086
+    timeout -k 10 "$FIO_TIMEOUT" fio --name=discard-write $(fio_target "$t" $AIO) --size="$REGION" \
+        --rw=write --bs=1M --iodepth=16 --end_fsync=1 --output-format=json --output="$out" \
         >>"$LOGS/fio.log" 2>&1 || warn "discard pre-write failed on $t"
     sync
     before=$(alloc_bytes "$c")
-    if res=$(timeout -s KILL 600 "$TOOL" punch "$f" 0 "$REGION" 1M 2>>"$LOGS/punch.log"); then
+    if [[ $t == nbd ]]; then
+        res=$(nbd_punch "$rep") || res=
+    else
+        res=$(timeout -s KILL 600 "$TOOL" punch "$f" 0 "$REGION" 1M 2>>"$LOGS/punch.log") || res=
+    fi
+    if [[ -n $res ]]; then
         sync
         after=$(alloc_bytes "$c")
         record kind='"discard"' target="\"$t\"" rep="$rep" time_s="${res% *}" punched="${res#* }" \
@@ -434,6 +524,25 @@ discard_job() { # target rep
         warn "punch-hole failed on $t: $(tail -1 "$LOGS/punch.log")"
         record kind='"discard"' target="\"$t\"" rep="$rep" error="$(jstr "$(tail -1 "$LOGS/punch.log")")" before="$before"
     fi
+}
+
+# nbd_punch REP: what `benchtool punch F 0 REGION 1M` does, as NBD TRIMs (fio
+# trim:1M trims 1 MiB and skips 1 MiB), then a flush; prints "seconds bytes",
+# the time being fio's job runtime (so not its start-up and connect)
+nbd_punch() {
+    local out=$RAW/rep$1/discard-trim.nbd.json
+    # shellcheck disable=SC2046
+    timeout -k 10 600 fio --name=discard-trim $(fio_target nbd --rw=trim:1M --bs=1M) --size="$REGION" \
+        --end_fsync=1 --output-format=json --output="$out" >>"$LOGS/fio.log" 2>&1 ||
+        { echo "fio trim over nbd failed, see $out" >>"$LOGS/punch.log"; return 1; }
+    python3 - "$out" 2>>"$LOGS/punch.log" <<'PY'
+import json, sys
+t = open(sys.argv[1]).read()
+j = json.loads(t[t.index("{"):])["jobs"][0]
+if j["error"] or not j["trim"]["io_bytes"]:
+    sys.exit(f"fio trim over nbd: error {j['error']}, {j['trim']['io_bytes']} bytes trimmed")
+print(j["job_runtime"] / 1000, j["trim"]["io_bytes"])
+PY
 }
 
 rss_of() { local v; v=$(awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status" 2>/dev/null); echo "${v:-null}"; }
@@ -448,6 +557,7 @@ run_main() {
     local t rep job i n mode last jobs pid filled
     for t in $TARGETS; do
         if [[ $t == asiffs && $ASIFFS_OK != 1 ]]; then continue; fi
+        if [[ $t == nbd ]] && ! nbd_usable; then continue; fi
         targets+=("$t")
     done
     n=${#targets[@]}
@@ -490,6 +600,9 @@ run_main() {
                         record kind='"asiffs_stats"' rep="$rep" mode="\"$mode\"" file="$(jstr "$RAW/rep$rep/asiffs-stats.$mode.json")"
                     record kind='"rss"' rep="$rep" mode="\"$mode\"" pid="$pid" \
                         vmhwm_kib="$(rss_of "$pid" VmHWM)" vmrss_kib="$(rss_of "$pid" VmRSS)"
+                fi
+                if [[ $t == nbd && -n $pid ]]; then
+                    record kind='"rss_nbd"' rep="$rep" mode="\"$mode\"" pid="$pid" vmhwm_kib="$(rss_of "$pid" VmHWM)"
                 fi
                 if [[ $t == qsd && -n $pid ]]; then
                     record kind='"rss_qsd"' rep="$rep" mode="\"$mode\"" pid="$pid" vmhwm_kib="$(rss_of "$pid" VmHWM)"
@@ -643,6 +756,7 @@ main() {
     build_tool
     build_asiffs
     detect_asiffs_cache
+    detect_nbd_cache
     : > "$MEAS"
     # the cold mode needs drop_caches; without it it is skipped, and said so
     local note= m
@@ -667,6 +781,7 @@ main() {
         asiffs_ok="$ASIFFS_OK" asiffs_bin="$(jstr "$ASIFFS_SRC")" asiffs_mount_opts="$(jstr "$ASIFFS_MOUNT_OPTS")" \
         modes="$(jstr "$RUN_MODES")" modes_note="$(jstr "$note")" cold_jobs="$(jstr "$COLD_JOBS")" warm_jobs="$(jstr "$WARM_JOBS")" \
         asiffs_cache_cold="$(jstr "$(asiffs_cache_label cold)")" asiffs_cache_warm="$(jstr "$(asiffs_cache_label warm)")" \
+        nbd_cache_cold="$(jstr "$(nbd_cache_label cold)")" nbd_cache_warm="$(jstr "$(nbd_cache_label warm)")" \
         qsd_cache_direct_cold='"on"' qsd_cache_direct_warm='"off"' native_direct_cold=1 native_direct_warm=0 \
         mem_total_kib="$(awk '$1 == "MemTotal:" {print $2}' /proc/meminfo)" clk_tck="$CLK_TCK" \
         asiffs_rev="$(jstr "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo -dirty)")" \
@@ -675,7 +790,7 @@ main() {
 
     avail_gb=$(( $(stat -f -c '%a * %S' "$WORK") / 1000000000 ))
     log "work dir $WORK ($avail_gb GB free), results $RESULTS, raw $RAW"
-    (( avail_gb > MIN_FREE_GB + 3 * $(to_bytes "$SIZE") / 1000000000 )) || die "not enough free space in $WORK"
+    (( avail_gb > MIN_FREE_GB + $(wc -w <<<"$TARGETS") * $(to_bytes "$SIZE") / 1000000000 )) || die "not enough free space in $WORK"
 
     log "config: size=$SIZE runs=$RUNS runtime=${RUNTIME}s ramp=${RAMP}s targets='$TARGETS' modes='$RUN_MODES' asiffs_ok=$ASIFFS_OK asiffs cold cache: $(asiffs_cache_label cold)"
     t_start=$(date +%s)

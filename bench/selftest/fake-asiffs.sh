@@ -3,11 +3,12 @@
 # while the real mount is not ready:
 #   ASIFFS=bench/selftest/fake-asiffs.sh BENCH_NO_BUILD=1 BENCH_QUICK=1 bench/run.sh
 # "images" are raw sparse files; `mount` bind-mounts the directory (NAME.img
-# are symlinks created next to NAME.asif).  Figures it produces mean nothing.
+# are symlinks created next to NAME.asif); `serve` runs qemu-nbd on the first
+# image of the directory.  Figures it produces mean nothing.
 set -euo pipefail
 cmd=${1:-}; shift || true
 case $cmd in
---help|-h|help) echo "fake asiffs: create|mount|umount|info|convert"; exit 0 ;;
+--help|-h|help) echo "fake asiffs: create|mount|serve|umount|info|convert"; exit 0 ;;
 create)
     [[ ${1:-} == --help ]] && exit 0
     f=$1; shift; [[ $1 == --size ]]; size=$2
@@ -30,6 +31,24 @@ mount)
     mount --bind "$dir" "$mnt"
     trap 'exit 0' TERM
     while mountpoint -q "$mnt"; do sleep 0.05; done ;;
+serve)
+    if [[ ${1:-} == --help ]]; then
+        [[ ${FAKE_ASIFFS_CACHE:-0} == 1 ]] && echo "      --cache <none|writeback>"
+        exit 0
+    fi
+    sock= pidf= cache=writeback
+    while [[ ${1:-} == -* ]]; do
+        case $1 in
+        --socket) sock=$2 ;;
+        --pid-file) pidf=$2 ;;
+        --cache) cache=$2 ;;
+        esac
+        shift 2   # --log FILE and the like
+    done
+    # qemu-nbd serves the first image under its export name; --fork returns once listening
+    img=$(find "$1" -maxdepth 1 -name '*.asif' | sort | head -1)
+    qemu-nbd -f raw --persistent --shared=8 --discard=unmap --cache="$cache" \
+        -x "$(basename "$img" .asif)" --socket="$sock" --pid-file="$pidf" --fork "$img" ;;
 umount)
     [[ ${1:-} == --help ]] && exit 0
     umount "$1" ;;

@@ -26,7 +26,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use crate::disk::{self, Disk};
-use crate::{Error, LockMode, OpenOptions, Result};
+use crate::{CacheMode, Error, LockMode, OpenOptions, Result};
 use server::{Config, Export, Server};
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +46,9 @@ pub struct ServeArgs {
     /// Serve read-only (shared lock; writes get EPERM).
     #[arg(short = 'r', long)]
     pub read_only: bool,
+    /// Host page cache for guest data: none opens it with O_DIRECT (as QEMU's cache.direct=on).
+    #[arg(long, value_name = "none|writeback", default_value = "writeback", value_parser = parse_cache)]
+    pub cache: CacheMode,
     /// Stay in the foreground instead of returning once the server is ready.
     #[arg(short, long)]
     pub foreground: bool,
@@ -73,6 +76,14 @@ pub struct ServeArgs {
     /// Once detached, append log lines to FILE (default: discarded).
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+}
+
+fn parse_cache(s: &str) -> std::result::Result<CacheMode, String> {
+    match s {
+        "none" => Ok(CacheMode::None),
+        "writeback" => Ok(CacheMode::Writeback),
+        _ => Err("takes none or writeback".into()),
+    }
 }
 
 fn io_err(context: impl Into<String>, e: io::Error) -> Error {
@@ -158,8 +169,12 @@ fn find_images(source: &Path, only: Option<&str>) -> Result<Vec<(String, PathBuf
 
 /// Opens every image; those that fail are skipped with a warning, unless
 /// none opens.
-fn open_exports(images: &[(String, PathBuf)], read_only: bool) -> Result<Vec<Export>> {
-    let opts = if read_only {
+fn open_exports(
+    images: &[(String, PathBuf)],
+    read_only: bool,
+    cache: CacheMode,
+) -> Result<Vec<Export>> {
+    let base = if read_only {
         OpenOptions {
             lock: LockMode::Shared,
             ..OpenOptions::default()
@@ -167,6 +182,7 @@ fn open_exports(images: &[(String, PathBuf)], read_only: bool) -> Result<Vec<Exp
     } else {
         OpenOptions::writable()
     };
+    let opts = OpenOptions { cache, ..base };
     let mut exports = Vec::new();
     let mut last_err = None;
     for (name, path) in images {
@@ -328,7 +344,7 @@ fn run(
     tcp: Option<Vec<SocketAddr>>,
     ready: Option<OwnedFd>,
 ) -> Result<i32> {
-    let exports = open_exports(images, a.read_only)?;
+    let exports = open_exports(images, a.read_only, a.cache)?;
     let listener = match (socket, tcp) {
         (Some(p), _) => Listener::Unix(bind_unix(&p)?, p),
         (None, Some(addrs)) => Listener::Tcp(TcpListener::bind(&addrs[..]).map_err(|e| {
@@ -438,5 +454,27 @@ mod tests {
             vec!["0.0.0.0:1".parse().unwrap()]
         );
         assert!(listen_addrs("nohost").is_err());
+    }
+
+    #[test]
+    fn cache_option_reaches_the_image() {
+        assert_eq!(parse_cache("none"), Ok(CacheMode::None));
+        assert_eq!(parse_cache("writeback"), Ok(CacheMode::Writeback));
+        assert_eq!(parse_cache("direct"), Err("takes none or writeback".into()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.asif");
+        let opts = crate::CreateOptions {
+            size: 1 << 20,
+            ..Default::default()
+        };
+        crate::Image::create(&path, &opts).unwrap();
+        let images = vec![("a".to_string(), path)];
+        for (mode, want) in [
+            (CacheMode::None, "none"),
+            (CacheMode::Writeback, "writeback"),
+        ] {
+            let exports = open_exports(&images, false, mode).unwrap();
+            assert_eq!(exports[0].disk.stats()["cache"], want);
+        }
     }
 }
