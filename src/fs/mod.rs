@@ -74,8 +74,9 @@ pub struct MountArgs {
     /// Mount options, comma separated (ro, allow_other, allow_root,
     /// default_permissions, auto_unmount, nodev, nosuid, noexec, noatime,
     /// fsname=, subtype=, direct_io, cache=none|writeback; others go to the
-    /// kernel as they are). cache=none reads and writes guest data with
-    /// O_DIRECT on the container, as QEMU's cache.direct=on.
+    /// kernel as they are). cache=none (the default) reads and writes guest
+    /// data with O_DIRECT on the container, as QEMU's cache.direct=on;
+    /// cache=writeback goes through the host page cache.
     #[arg(short = 'o', value_name = "OPTS", value_delimiter = ',', action = clap::ArgAction::Append)]
     pub options: Vec<String>,
     /// Index cache size per image, in chunk-groups.
@@ -147,7 +148,9 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
         acl: SessionACL::Owner,
         readonly: false,
         direct_io: None,
-        cache: crate::CacheMode::default(),
+        // See the README: cold random reads 1.6x faster, QD1 p99 latency a
+        // fifth, and nothing cached twice.
+        cache: crate::CacheMode::None,
     };
     let mut fsname = false;
     let mut subtype = false;

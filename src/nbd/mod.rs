@@ -47,7 +47,7 @@ pub struct ServeArgs {
     #[arg(short = 'r', long)]
     pub read_only: bool,
     /// Host page cache for guest data: none opens it with O_DIRECT (as QEMU's cache.direct=on).
-    #[arg(long, value_name = "none|writeback", default_value = "writeback", value_parser = parse_cache)]
+    #[arg(long, value_name = "none|writeback", default_value = "none", value_parser = parse_cache)]
     pub cache: CacheMode,
     /// Stay in the foreground instead of returning once the server is ready.
     #[arg(short, long)]
