@@ -2,6 +2,7 @@
 
 mod convert;
 mod docs;
+mod formats;
 mod lifecycle;
 mod progress;
 pub mod size;
@@ -67,6 +68,12 @@ struct CreateArgs {
     /// Replace an existing file.
     #[arg(long)]
     force: bool,
+    /// Container format (default: from FILE's extension).
+    #[arg(long, value_enum, value_name = "FMT")]
+    format: Option<formats::CreateFormat>,
+    /// Band size of a sparse image (default 1M) or bundle (default 8M).
+    #[arg(long, value_name = "SIZE")]
+    band_size: Option<String>,
     #[command(flatten)]
     geometry: GeometryArgs,
 }
@@ -218,6 +225,18 @@ impl GeometryArgs {
 }
 
 fn create(a: CreateArgs) -> Result<i32> {
+    let format = formats::create_format(&a.file, a.format)?;
+    if format != formats::CreateFormat::Asif {
+        let band = formats::band_size(format, a.band_size.as_deref())?;
+        formats::create_other(&a.file, format, a.size, band, a.force)?;
+        let name = format!("{format:?}").to_ascii_lowercase();
+        println!(
+            "Formatting '{}', fmt={name} size={}",
+            a.file.display(),
+            a.size
+        );
+        return Ok(0);
+    }
     let (chunk_size, block_size) = a.geometry.sizes()?;
     let opts = CreateOptions {
         size: a.size,
@@ -380,7 +399,7 @@ fn repair(a: &ImageArgs, mode: Repair) -> Result<i32> {
     };
     let before = allocated(&a.file)?;
     if let Some(f) = crate::disk::probe(&a.file)?.filter(|&f| f != Format::Asif) {
-        return Err(not_checked(&a.file, f));
+        return Err(formats::not_supported(&a.file, "check -r (repair)", f));
     }
     let mut img = Image::open(&a.file, &OpenOptions::writable())?;
     let mut entries = Vec::new();
@@ -426,6 +445,13 @@ fn check(c: CheckArgs) -> Result<i32> {
     let a = c.image;
     if let Some(mode) = c.repair {
         return repair(&a, mode);
+    }
+    match crate::disk::probe(&a.file) {
+        Ok(Some(f @ (Format::Udif | Format::Udsb))) => {
+            return formats::check_other(&a.file, f, a.json())
+        }
+        Err(e) if !a.json() => return Err(e),
+        _ => {}
     }
     let disk = match open_for_reading(&a) {
         Ok(disk) => disk,
