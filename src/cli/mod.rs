@@ -5,6 +5,7 @@ mod docs;
 mod formats;
 mod lifecycle;
 mod progress;
+mod qemu_out;
 pub mod size;
 #[cfg(test)]
 mod tests;
