@@ -36,15 +36,15 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create an empty image, laid out as macOS lays out its own.
+    /// Create an empty image (asif, udrw, udsb; from the extension or --format).
     Create(CreateArgs),
     /// Show an image's sizes, identity and index figures.
     Info(ImageArgs),
     /// Show which ranges of the virtual disk hold data.
     Map(ImageArgs),
-    /// Check every structure of an image; exit 0 clean, 2 corrupt, 3 leaks only.
+    /// Check an image (asif, udif, udsb); exit 0 clean, 2 corrupt, 3 leaks only.
     Check(CheckArgs),
-    /// Convert between ASIF and raw (and other formats through qemu-img).
+    /// Convert between asif, raw, udrw, udsb (and qcow2/vmdk/vhdx through qemu-img).
     Convert(convert::ConvertArgs),
     /// Change an image's virtual size (SIZE, +SIZE or -SIZE; shrinking needs --shrink).
     Resize(lifecycle::ResizeArgs),
