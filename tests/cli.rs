@@ -430,7 +430,7 @@ fn hostile_header_values_are_refused() {
 #[test]
 fn bad_magic_is_shown_as_text_or_hex() {
     let tmp = tempfile::tempdir().unwrap();
-    let p = fresh(tmp.path(), "x.bin");
+    let p = fresh(tmp.path(), "x.asif");
     write_bytes(&p, 0x03, b"x");
     let r = run(["info", s(&p)]);
     assert_eq!(r.code, 2, "{r:?}");

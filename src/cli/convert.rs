@@ -20,11 +20,51 @@ use crate::error::{Error, Result};
 pub enum OutputFormat {
     Raw,
     Asif,
+    /// Read-write UDIF (`.dmg`).
+    Udrw,
+    /// Sparse bundle (`.sparsebundle`).
+    Udsb,
+    /// Sparse image (`.sparseimage`).
+    Udsp,
+    /// Written by qemu-img from an NBD export of the source.
+    Qcow2,
+    Vmdk,
+    Vhdx,
+}
+
+impl OutputFormat {
+    /// The format DST's extension names; raw for any other name.
+    fn of(dst: &Path) -> OutputFormat {
+        use super::formats::CreateFormat as C;
+        let ext = dst
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match (super::formats::by_extension(dst), ext.as_deref()) {
+            (Some(C::Asif), _) => OutputFormat::Asif,
+            (Some(C::Udrw), _) => OutputFormat::Udrw,
+            (Some(C::Udsb), _) => OutputFormat::Udsb,
+            (Some(C::Udsp), _) => OutputFormat::Udsp,
+            (None, Some("qcow2")) => OutputFormat::Qcow2,
+            (None, Some("vmdk")) => OutputFormat::Vmdk,
+            (None, Some("vhdx")) => OutputFormat::Vhdx,
+            _ => OutputFormat::Raw,
+        }
+    }
+
+    fn qemu_name(self) -> Option<&'static str> {
+        match self {
+            OutputFormat::Qcow2 => Some("qcow2"),
+            OutputFormat::Vmdk => Some("vmdk"),
+            OutputFormat::Vhdx => Some("vhdx"),
+            _ => None,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    src: PathBuf,
+    pub(super) src: PathBuf,
     dst: PathBuf,
     /// Source format: asif, raw, another format asiffs opens, or any format
     /// qemu-img reads (default: probed).
@@ -55,9 +95,9 @@ const READ_STEPS: u64 = 4;
 const WORKERS: usize = 4;
 
 /// Where the virtual disk comes from.
-enum Source {
+pub(super) enum Source {
     /// A format asiffs opens itself.
-    Disk(Box<dyn Disk>),
+    Disk(std::sync::Arc<dyn Disk>),
     Raw(File, u64),
     /// Any other format qemu-img reads, exported by qemu-nbd.
     Qemu(qemu::Export),
@@ -161,10 +201,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// What keeps an existing DST locked until it is replaced.
+enum Held {
+    File(File),
+    /// Open for writing, so that its exclusive lock is held.
+    Bundle {
+        _lock: Box<dyn Disk>,
+    },
+}
+
 /// Refuses DST unless it may be replaced, and if it exists takes its
 /// exclusive lock (as a writable open does), held until it is replaced: an
-/// image in use is never touched.
-fn hold_destination(dst: &Path, force: bool) -> Result<Option<File>> {
+/// image in use is never touched. A directory may only be replaced by a
+/// bundle, and only if it is one.
+fn hold_destination(dst: &Path, force: bool, out: OutputFormat) -> Result<Option<Held>> {
     let ctx = |e| Error::io(dst.display().to_string(), e);
     match std::fs::symlink_metadata(dst) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -173,6 +223,10 @@ fn hold_destination(dst: &Path, force: bool) -> Result<Option<File>> {
             "{}: file exists (use --force to replace it)",
             dst.display()
         ))),
+        Ok(m) if m.is_dir() && out == OutputFormat::Udsb && crate::udsb::is_bundle(dst) => {
+            let b = disk::open(dst, Some(disk::Format::Udsb), &OpenOptions::writable())?;
+            Ok(Some(Held::Bundle { _lock: b }))
+        }
         Ok(m) if !m.is_file() => Err(Error::Invalid(format!(
             "{}: not a regular file",
             dst.display()
@@ -180,7 +234,7 @@ fn hold_destination(dst: &Path, force: bool) -> Result<Option<File>> {
         Ok(_) => {
             let f = File::open(dst).map_err(ctx)?;
             crate::engine::lock_file(&f, LockMode::Exclusive, dst)?;
-            Ok(Some(f))
+            Ok(Some(Held::File(f)))
         }
     }
 }
@@ -197,8 +251,10 @@ fn temp_path(dst: &Path) -> PathBuf {
 
 /// Gives the output the replaced DST's permissions, as rewriting it in
 /// place used to keep them.
-fn keep_mode(held: Option<&File>, tmp: &Path) -> Result<()> {
-    let Some(f) = held else { return Ok(()) };
+fn keep_mode(held: Option<&Held>, tmp: &Path) -> Result<()> {
+    let Some(Held::File(f)) = held else {
+        return Ok(());
+    };
     let ctx = |e| Error::io(tmp.display().to_string(), e);
     std::fs::set_permissions(tmp, f.metadata().map_err(ctx)?.permissions()).map_err(ctx)
 }
@@ -206,7 +262,9 @@ fn keep_mode(held: Option<&File>, tmp: &Path) -> Result<()> {
 /// Moves the finished output into place and makes the new name durable.
 fn install(tmp: &Path, dst: &Path, force: bool) -> Result<()> {
     let ctx = |e| Error::io(dst.display().to_string(), e);
-    if force {
+    if tmp.is_dir() {
+        install_dir(tmp, dst)?;
+    } else if force {
         std::fs::rename(tmp, dst).map_err(ctx)?;
     } else {
         // Fails if DST appeared meanwhile: without --force, never clobber.
@@ -220,22 +278,43 @@ fn install(tmp: &Path, dst: &Path, force: bool) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(ctx)
 }
 
+/// Moves a finished bundle into place: swapped atomically with the bundle
+/// it replaces (then removed), or renamed where nothing is.
+fn install_dir(tmp: &Path, dst: &Path) -> Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let ctx = |e: rustix::io::Errno| Error::io(dst.display().to_string(), e.into());
+    if dst.symlink_metadata().is_ok() {
+        renameat_with(CWD, tmp, CWD, dst, RenameFlags::EXCHANGE).map_err(ctx)?;
+        return remove_any(tmp);
+    }
+    renameat_with(CWD, tmp, CWD, dst, RenameFlags::NOREPLACE).map_err(ctx)
+}
+
+/// Removes a file or a whole directory.
+fn remove_any(p: &Path) -> Result<()> {
+    let r = if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    };
+    r.map_err(|e| Error::io(p.display().to_string(), e))
+}
+
 pub fn run(a: ConvertArgs) -> Result<i32> {
     if same_file(&a.src, &a.dst) {
         return Err(Error::Invalid(
             "source and destination are the same file".into(),
         ));
     }
-    let out = a.output_format.unwrap_or(if has_asif_name(&a.dst) {
-        OutputFormat::Asif
-    } else {
-        OutputFormat::Raw
-    });
-    let held = hold_destination(&a.dst, a.force)?;
+    let out = a.output_format.unwrap_or_else(|| OutputFormat::of(&a.dst));
+    if out == OutputFormat::Udsp {
+        return Err(super::formats::udsp_missing(&a.dst));
+    }
+    let held = hold_destination(&a.dst, a.force, out)?;
     let src = open_source(&a.src, a.source_format.as_deref())?;
     let tmp = temp_path(&a.dst);
     // Only a run of ours with this pid, killed, can have left one.
-    let _ = std::fs::remove_file(&tmp);
+    let _ = remove_any(&tmp);
     interrupt::remove_on_signal(&tmp);
     // Made first so that a missing or read-only directory is reported
     // against DST, the name the user gave, not the temporary one.
@@ -249,7 +328,7 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
         .and_then(|()| install(&tmp, &a.dst, a.force));
     if done.is_err() {
         // Half a disk is worse than none; DST itself was never touched.
-        let _ = std::fs::remove_file(&tmp);
+        let _ = remove_any(&tmp);
     }
     interrupt::forget();
     drop(held);
@@ -307,7 +386,12 @@ mod interrupt {
 }
 
 /// Writes the whole output, synced, over `to` (an empty file of ours).
-fn write_output(a: &ConvertArgs, out: OutputFormat, src: &Source, to: &Path) -> Result<()> {
+pub(super) fn write_output(
+    a: &ConvertArgs,
+    out: OutputFormat,
+    src: &Source,
+    to: &Path,
+) -> Result<()> {
     match out {
         OutputFormat::Asif => {
             let (chunk_size, block_size) = a.geometry.sizes()?;
@@ -331,6 +415,28 @@ fn write_output(a: &ConvertArgs, out: OutputFormat, src: &Source, to: &Path) -> 
             f.set_len(src.size()).map_err(ctx)?;
             copy(src, STEP, |buf, off| f.write_all_at(buf, off).map_err(ctx))?;
             f.sync_all().map_err(ctx)?;
+        }
+        OutputFormat::Udrw | OutputFormat::Udsb => {
+            // The format's own create wants the name free.
+            remove_any(to)?;
+            let dst = if out == OutputFormat::Udrw {
+                crate::udif::create_udrw(to, src.size())?;
+                disk::open(to, Some(disk::Format::Udif), &OpenOptions::writable())?
+            } else {
+                let b = crate::udsb::SparseBundle::create(
+                    to,
+                    src.size(),
+                    crate::udsb::DEFAULT_BAND_SIZE,
+                )?;
+                Box::new(b)
+            };
+            copy(src, STEP, |buf, off| dst.write_at(buf, off))?;
+            dst.flush()?;
+        }
+        OutputFormat::Udsp => return Err(super::formats::udsp_missing(to)),
+        OutputFormat::Qcow2 | OutputFormat::Vmdk | OutputFormat::Vhdx => {
+            let fmt = out.qemu_name().expect("a qemu format");
+            super::qemu_out::convert(a, src, fmt, to)?;
         }
     }
     Ok(())
@@ -356,11 +462,9 @@ fn is_format_name(f: &str) -> bool {
 fn open_source(path: &Path, format: Option<&str>) -> Result<Source> {
     use clap::ValueEnum;
     let open = |f| {
-        Ok(Source::Disk(disk::open(
-            path,
-            Some(f),
-            &OpenOptions::default(),
-        )?))
+        Ok(Source::Disk(
+            disk::open(path, Some(f), &OpenOptions::default())?.into(),
+        ))
     };
     match format {
         Some(f) if !is_format_name(f) => {
@@ -507,7 +611,7 @@ fn is_zero(b: &[u8]) -> bool {
 /// its last client disconnects, including when asiffs dies. A control
 /// connection is held open from start to end so that the workers, which
 /// connect later, always find it running.
-mod qemu {
+pub(super) mod qemu {
     use std::io::{Read, Write};
     use std::os::unix::fs::DirBuilderExt;
     use std::os::unix::net::UnixStream;
@@ -600,8 +704,8 @@ mod qemu {
     /// A read-only qemu-nbd export of one image.
     pub struct Export {
         pub size: u64,
-        format: String,
-        path: PathBuf,
+        pub format: String,
+        pub path: PathBuf,
         dir: PathBuf,
         socket: PathBuf,
         /// Held open so the server outlives the gaps between worker connections.
@@ -865,7 +969,7 @@ mod tests {
     fn converts_any_disk() {
         let disk = PlainDisk::new();
         let want = disk.bytes();
-        let src = Source::Disk(Box::new(disk));
+        let src = Source::Disk(std::sync::Arc::new(disk));
         let written = Mutex::new(Vec::new());
         copy(&src, STEP, |buf, off| {
             written.lock().push((off, buf.to_vec()));

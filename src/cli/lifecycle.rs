@@ -73,6 +73,12 @@ fn target(spec: SizeSpec, old: u64) -> Result<u64> {
 pub fn resize(a: ResizeArgs) -> Result<i32> {
     // Parse before opening, so that a typo never takes the lock.
     let spec = parse_spec(&a.size)?;
+    let format = super::formats::format_of(&a.file)?;
+    if format != crate::disk::Format::Asif {
+        let (old, new) =
+            super::formats::resize_other(&a.file, format, |old| target(spec, old), a.shrink)?;
+        return Ok(resized(old, new, a.json));
+    }
     let img = Image::open(&a.file, &OpenOptions::writable())?;
     let old = img.size();
     let wanted = target(spec, old)?;
@@ -100,7 +106,11 @@ pub fn resize(a: ResizeArgs) -> Result<i32> {
         img.resize(new)?;
     }
     img.close()?;
-    if a.json {
+    Ok(resized(old, new, a.json))
+}
+
+fn resized(old: u64, new: u64, json: bool) -> i32 {
+    if json {
         super::print_json(&serde_json::json!({ "old_size": old, "new_size": new }));
     } else {
         println!(
@@ -109,10 +119,21 @@ pub fn resize(a: ResizeArgs) -> Result<i32> {
             human(new)
         );
     }
-    Ok(0)
+    0
 }
 
 pub fn compact(a: CompactArgs) -> Result<i32> {
+    // Dispatch point for UDSP compaction (branch h-udsp).
+    match super::formats::format_of(&a.file)? {
+        crate::disk::Format::Asif => {}
+        f => {
+            return Err(super::formats::not_supported(
+                &a.file,
+                "compact (ASIF images only)",
+                f,
+            ))
+        }
+    }
     let img = Image::open(&a.file, &OpenOptions::writable())?;
     let cs = img.geometry().chunk_size;
     let pb = progress::bar(0, "compacting");

@@ -2,8 +2,10 @@
 
 mod convert;
 mod docs;
+mod formats;
 mod lifecycle;
 mod progress;
+mod qemu_out;
 pub mod size;
 #[cfg(test)]
 mod tests;
@@ -34,15 +36,15 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create an empty image, laid out as macOS lays out its own.
+    /// Create an empty image (asif, udrw, udsb; from the extension or --format).
     Create(CreateArgs),
     /// Show an image's sizes, identity and index figures.
     Info(ImageArgs),
     /// Show which ranges of the virtual disk hold data.
     Map(ImageArgs),
-    /// Check every structure of an image; exit 0 clean, 2 corrupt, 3 leaks only.
+    /// Check an image (asif, udif, udsb); exit 0 clean, 2 corrupt, 3 leaks only.
     Check(CheckArgs),
-    /// Convert between ASIF and raw (and other formats through qemu-img).
+    /// Convert between asif, raw, udrw, udsb (and qcow2/vmdk/vhdx through qemu-img).
     Convert(convert::ConvertArgs),
     /// Change an image's virtual size (SIZE, +SIZE or -SIZE; shrinking needs --shrink).
     Resize(lifecycle::ResizeArgs),
@@ -67,6 +69,12 @@ struct CreateArgs {
     /// Replace an existing file.
     #[arg(long)]
     force: bool,
+    /// Container format (default: from FILE's extension).
+    #[arg(long, value_enum, value_name = "FMT")]
+    format: Option<formats::CreateFormat>,
+    /// Band size of a sparse image (default 1M) or bundle (default 8M).
+    #[arg(long, value_name = "SIZE")]
+    band_size: Option<String>,
     #[command(flatten)]
     geometry: GeometryArgs,
 }
@@ -218,6 +226,18 @@ impl GeometryArgs {
 }
 
 fn create(a: CreateArgs) -> Result<i32> {
+    let format = formats::create_format(&a.file, a.format)?;
+    if format != formats::CreateFormat::Asif {
+        let band = formats::band_size(format, a.band_size.as_deref())?;
+        formats::create_other(&a.file, format, a.size, band, a.force)?;
+        let name = format!("{format:?}").to_ascii_lowercase();
+        println!(
+            "Formatting '{}', fmt={name} size={}",
+            a.file.display(),
+            a.size
+        );
+        return Ok(0);
+    }
     let (chunk_size, block_size) = a.geometry.sizes()?;
     let opts = CreateOptions {
         size: a.size,
@@ -380,7 +400,7 @@ fn repair(a: &ImageArgs, mode: Repair) -> Result<i32> {
     };
     let before = allocated(&a.file)?;
     if let Some(f) = crate::disk::probe(&a.file)?.filter(|&f| f != Format::Asif) {
-        return Err(not_checked(&a.file, f));
+        return Err(formats::not_supported(&a.file, "check -r (repair)", f));
     }
     let mut img = Image::open(&a.file, &OpenOptions::writable())?;
     let mut entries = Vec::new();
@@ -426,6 +446,13 @@ fn check(c: CheckArgs) -> Result<i32> {
     let a = c.image;
     if let Some(mode) = c.repair {
         return repair(&a, mode);
+    }
+    match crate::disk::probe(&a.file) {
+        Ok(Some(f @ (Format::Udif | Format::Udsb))) => {
+            return formats::check_other(&a.file, f, a.json())
+        }
+        Err(e) if !a.json() => return Err(e),
+        _ => {}
     }
     let disk = match open_for_reading(&a) {
         Ok(disk) => disk,

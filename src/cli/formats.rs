@@ -1,0 +1,176 @@
+//! The CLI's per-format dispatch: which container `create` makes, how
+//! `check` checks each format, and what `resize` and `compact` refuse.
+//!
+//! A format is named by `--format`/`-O` or taken from the file's extension
+//! (`.asif`, `.dmg` = UDRW, `.sparseimage` = UDSP, `.sparsebundle`), as
+//! hdiutil and diskutil do.
+
+use std::path::Path;
+
+use super::size::parse_size;
+use crate::disk::Format;
+use crate::engine::OpenOptions;
+use crate::error::{Error, Result};
+
+/// What `create` makes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateFormat {
+    Asif,
+    /// A read-write UDIF `.dmg`.
+    Udrw,
+    /// A sparse image (`.sparseimage`).
+    Udsp,
+    /// A sparse bundle (`.sparsebundle` directory).
+    Udsb,
+}
+
+/// Sparse images use 1 MiB bands, as hdiutil writes them.
+pub const UDSP_BAND_SIZE: u64 = 1 << 20;
+
+/// The format an image name stands for, from its extension.
+pub fn by_extension(path: &Path) -> Option<CreateFormat> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    Some(match ext.as_str() {
+        "asif" => CreateFormat::Asif,
+        "dmg" => CreateFormat::Udrw,
+        "sparseimage" => CreateFormat::Udsp,
+        "sparsebundle" => CreateFormat::Udsb,
+        _ => return None,
+    })
+}
+
+/// `--format`, else the extension, else a one-line refusal.
+pub fn create_format(path: &Path, given: Option<CreateFormat>) -> Result<CreateFormat> {
+    given.or_else(|| by_extension(path)).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: cannot tell the format from the name (use .asif, .dmg, .sparseimage or .sparsebundle, or --format)",
+            path.display()
+        ))
+    })
+}
+
+/// The band size `create` uses: `--band-size`, else the format's default.
+pub fn band_size(format: CreateFormat, given: Option<&str>) -> Result<u64> {
+    match given {
+        Some(s) => parse_size(s).map_err(Error::Invalid),
+        None => Ok(match format {
+            CreateFormat::Udsb => crate::udsb::DEFAULT_BAND_SIZE,
+            _ => UDSP_BAND_SIZE,
+        }),
+    }
+}
+
+/// Creates an empty UDRW, UDSP or UDSB image (ASIF is made by the caller).
+/// `force` replaces an existing file (never a directory).
+pub fn create_other(
+    path: &Path,
+    format: CreateFormat,
+    size: u64,
+    band: u64,
+    force: bool,
+) -> Result<()> {
+    if force && format != CreateFormat::Udsb {
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if m.is_file() {
+                std::fs::remove_file(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+            }
+        }
+    }
+    match format {
+        CreateFormat::Asif => unreachable!("ASIF is created by the caller"),
+        CreateFormat::Udrw => crate::udif::create_udrw(path, size),
+        CreateFormat::Udsb => crate::udsb::SparseBundle::create(path, size, band)?.close(),
+        // Dispatch point for the UDSP module (branch h-udsp).
+        CreateFormat::Udsp => Err(udsp_missing(path)),
+    }
+}
+
+pub fn udsp_missing(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{}: sparse images (.sparseimage, UDSP) are not supported by this build",
+        path.display()
+    ))
+}
+
+/// `check` of a format other than ASIF: its report as lines, and the exit
+/// code (0 clean, 2 corrupt).
+pub fn check_other(path: &Path, format: Format, json: bool) -> Result<i32> {
+    let (lines, clean, report) = match format {
+        Format::Udif => {
+            let r = crate::udif::check(path)?;
+            let v = serde_json::to_value(&r).expect("serialising plain data");
+            (r.lines(), r.is_clean(), v)
+        }
+        Format::Udsb => {
+            let problems = crate::udsb::check(path)?;
+            let mut lines: Vec<String> = problems.iter().map(|p| format!("corrupt: {p}")).collect();
+            let clean = problems.is_empty();
+            lines.insert(0, format!("{}: sparse bundle", path.display()));
+            lines.push(if clean { "clean" } else { "corrupt" }.to_string());
+            let v = serde_json::json!({ "path": path.display().to_string(), "problems": problems });
+            (lines, clean, v)
+        }
+        f => return Err(not_supported(path, "check", f)),
+    };
+    let code = if clean { 0 } else { 2 };
+    if json {
+        let mut v = report;
+        v["format"] = format.name().into();
+        v["exit_code"] = code.into();
+        super::print_json(&v);
+    } else {
+        for l in lines {
+            println!("{l}");
+        }
+    }
+    Ok(code)
+}
+
+pub fn not_supported(path: &Path, what: &str, format: Format) -> Error {
+    Error::Invalid(format!(
+        "{}: {what} is not supported for {} images",
+        path.display(),
+        format.name()
+    ))
+}
+
+/// The format of an existing image, as `resize`, `compact` and `check -r`
+/// dispatch on it; a file no format claims is taken as ASIF, whose errors
+/// say what is wrong with it.
+pub fn format_of(path: &Path) -> Result<Format> {
+    Ok(crate::disk::probe(path)?.unwrap_or(Format::Asif))
+}
+
+/// `resize` of a bundle (the one other format that can change size): the
+/// size rounded up to whole sectors, as the bundle stores it.
+pub fn resize_other(
+    path: &Path,
+    format: Format,
+    wanted: impl Fn(u64) -> Result<u64>,
+    shrink: bool,
+) -> Result<(u64, u64)> {
+    if format != Format::Udsb {
+        return Err(Error::Invalid(format!(
+            "{}: resizing {} images is not supported (sparse bundles and ASIF images can be resized)",
+            path.display(),
+            format.name()
+        )));
+    }
+    let disk = crate::disk::open(path, Some(format), &OpenOptions::writable())?;
+    let old = disk.size();
+    let want = wanted(old)?;
+    let new = want
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::Invalid(format!("size {want} is too large")))?;
+    if new < old && !shrink {
+        return Err(Error::Invalid(format!(
+            "shrinking {} from {old} to {new} bytes discards the data past the new end; use --shrink to do it",
+            path.display()
+        )));
+    }
+    if new != old {
+        disk.resize(new)?;
+    }
+    disk.flush()?;
+    Ok((old, new))
+}
