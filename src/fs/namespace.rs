@@ -87,6 +87,24 @@ fn fingerprint(md: &std::fs::Metadata) -> Fingerprint {
     (md.dev(), md.ino(), md.mtime(), md.mtime_nsec(), md.len())
 }
 
+/// What must change before a failed container is tried again. A bundle's
+/// directory stays the same when its Info.plist is repaired in place, so
+/// the plist's own stat stands in for it.
+fn container_fingerprint(path: &Path, md: &std::fs::Metadata) -> Fingerprint {
+    if md.is_dir() {
+        if let Ok(plist) = std::fs::metadata(path.join(crate::udsb::INFO)) {
+            return (
+                md.dev(),
+                md.ino() ^ plist.ino(),
+                plist.mtime(),
+                plist.mtime_nsec(),
+                plist.len(),
+            );
+        }
+    }
+    fingerprint(md)
+}
+
 /// `NAME.img` -> `NAME`, for names the mount can show.
 pub(crate) fn stem_of_shown(name: &OsStr) -> Option<&OsStr> {
     let b = name.as_bytes();
@@ -388,7 +406,7 @@ impl Namespace {
             info!("{}: container replaced; reopening", path.display());
             self.forget_name(name);
         }
-        let fp = fingerprint(&md);
+        let fp = container_fingerprint(path, &md);
         if let Some((old, locked)) = self.inner.read().failed.get(path) {
             // A corrupt file is retried only once it changes; a locked one every time.
             if *old == fp && !*locked {
