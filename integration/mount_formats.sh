@@ -77,6 +77,18 @@ assert_eq "$want" "$(ls mnt | LC_ALL=C sort)" "listing after adding two more bad
 [[ ! -e mnt/trunc2.img && ! -e mnt/badinfo2.img ]] || fail "a bad image added later is shown"
 echo "PASS bad images added while mounted are skipped, logged in --log:"
 assert_skipped mount1.log 2
+# Repaired in place (the bundle directory itself unchanged), it is served.
+cat src/bundle.sparsebundle/Info.plist >src/badinfo2.sparsebundle/Info.plist
+assert_eq $((GiB)) "$(stat -c %s mnt/badinfo2.img)" "size of badinfo2.img once its Info.plist is repaired"
+rm -rf src/badinfo2.sparsebundle
+[[ ! -e mnt/badinfo2.img ]] || fail "badinfo2.img still shown after its bundle was removed"
+# A bundle directory's search bits do not show; chmod keeps it searchable.
+assert_eq "-rw-r--r--" "$(stat -c %A mnt/bundle.img)" "mode of bundle.img"
+chmod 640 mnt/bundle.img
+assert_eq "-rw-r-----" "$(stat -c %A mnt/bundle.img)" "mode of bundle.img after chmod 640"
+assert_eq "drwxr-x---" "$(stat -c %A src/bundle.sparsebundle)" "mode of the bundle directory after chmod 640"
+chmod 644 mnt/bundle.img
+echo "PASS a bundle repaired in place is served; bundle.img mode -rw-r--r--, chmod keeps the directory searchable"
 
 # --- the real compressed vectors: content, read-only ------------------------
 assert_eq 399bfcc39637bde7e43eb86fcc8565ae "$(md5sum <mnt/hfsplus_zlib.img | cut -d' ' -f1)" "MD5 of hfsplus_zlib.img"
