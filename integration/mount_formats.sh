@@ -10,7 +10,8 @@
 #   (bundle: its band file is removed) and SEEK_DATA / SEEK_HOLE report it,
 #   also after another remount; ls -l shows the nominal size;
 # - the shared stem shows disk.asif.img and disk.dmg.img, never disk.img;
-# - the bad images are skipped with a reason in the --log file;
+# - the bad images are skipped with a reason (at mount on stderr, later in
+#   the --log file); a bundle repaired in place is then served;
 # - a second writable mount of SOURCE skips every image as locked.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
