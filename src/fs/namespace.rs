@@ -87,6 +87,24 @@ fn fingerprint(md: &std::fs::Metadata) -> Fingerprint {
     (md.dev(), md.ino(), md.mtime(), md.mtime_nsec(), md.len())
 }
 
+/// What must change before a failed container is tried again. A bundle's
+/// directory stays the same when its Info.plist is repaired in place, so
+/// the plist's own stat stands in for it.
+fn container_fingerprint(path: &Path, md: &std::fs::Metadata) -> Fingerprint {
+    if md.is_dir() {
+        if let Ok(plist) = std::fs::metadata(path.join(crate::udsb::INFO)) {
+            return (
+                md.dev(),
+                md.ino() ^ plist.ino(),
+                plist.mtime(),
+                plist.mtime_nsec(),
+                plist.len(),
+            );
+        }
+    }
+    fingerprint(md)
+}
+
 /// `NAME.img` -> `NAME`, for names the mount can show.
 pub(crate) fn stem_of_shown(name: &OsStr) -> Option<&OsStr> {
     let b = name.as_bytes();
@@ -144,7 +162,16 @@ fn shown_names(names: &[OsString]) -> HashMap<OsString, OsString> {
 type Opened = (Arc<dyn Disk>, Option<Arc<Image>>);
 
 fn open_disk(path: &Path, opts: &OpenOptions) -> Result<Opened, Error> {
-    match crate::disk::probe(path)? {
+    // Unrecognised content is opened as the format its extension names, so
+    // the skip reason says what is wrong (a `.dmg` cut short has no trailer)
+    // rather than only "not a disk image".
+    let by_ext = || match path.extension().and_then(OsStr::to_str) {
+        Some("asif") => Some(Format::Asif),
+        Some("dmg") => Some(Format::Udif),
+        Some("sparsebundle") => Some(Format::Udsb),
+        _ => None,
+    };
+    match crate::disk::probe(path)?.or_else(by_ext) {
         Some(Format::Asif) => {
             let image = Arc::new(Image::open(path, opts)?);
             Ok((image.clone(), Some(image)))
@@ -379,7 +406,7 @@ impl Namespace {
             info!("{}: container replaced; reopening", path.display());
             self.forget_name(name);
         }
-        let fp = fingerprint(&md);
+        let fp = container_fingerprint(path, &md);
         if let Some((old, locked)) = self.inner.read().failed.get(path) {
             // A corrupt file is retried only once it changes; a locked one every time.
             if *old == fp && !*locked {
@@ -641,5 +668,29 @@ mod tests {
             ("solo.img", "solo.sparseimage"),
         ];
         assert_eq!(shown, want.map(|(a, b)| (a.to_string(), b.to_string())));
+    }
+
+    #[test]
+    fn unrecognised_containers_fail_as_their_extension_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let why = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, vec![0u8; 1000]).unwrap();
+            match open_disk(&p, &OpenOptions::default()) {
+                Ok(_) => panic!("{name} opened"),
+                Err(e) => e.to_string(),
+            }
+        };
+        let dmg = why("cut.dmg");
+        assert!(
+            dmg.ends_with(
+                "cut.dmg: no koly trailer in the last 512 bytes (not a UDIF image, or truncated)"
+            ),
+            "{dmg}"
+        );
+        assert_eq!(
+            why("z.asif"),
+            "not an ASIF image (magic 0x00000000, expected \"shdw\")"
+        );
     }
 }

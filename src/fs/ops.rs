@@ -123,6 +123,10 @@ impl AsifFs {
             &md,
             nlink,
         );
+        // A bundle is a directory; its search bits do not make the disk executable.
+        if md.is_dir() {
+            attr.perm &= !0o111;
+        }
         // What the container holds on the host (`du`); for a bundle, its bands.
         if let Ok(bytes) = node.disk.allocated_bytes() {
             attr.blocks = bytes.div_ceil(512);
@@ -544,7 +548,12 @@ impl Filesystem for AsifFs {
             let path = node.path();
             if let Some(mode) = mode {
                 use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))
+                let mut mode = mode & 0o7777;
+                if path.is_dir() {
+                    // A bundle directory stays searchable by whoever may read it.
+                    mode |= (mode & 0o444) >> 2;
+                }
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
                     .map_err(io_errno)?;
             }
             if uid.is_some() || gid.is_some() {
