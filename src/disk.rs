@@ -27,6 +27,8 @@ pub enum Format {
     Asif,
     /// A plain raw disk file.
     Raw,
+    /// Apple sparse image (`.sparseimage`).
+    Udsp,
 }
 
 impl Format {
@@ -34,6 +36,7 @@ impl Format {
         match self {
             Format::Asif => "asif",
             Format::Raw => "raw",
+            Format::Udsp => "udsp",
         }
     }
 }
@@ -162,7 +165,12 @@ pub fn probe(path: &Path) -> Result<Option<Format>> {
     let n = f
         .read(&mut magic)
         .map_err(|e| Error::io(path.display().to_string(), e))?;
-    Ok((n == 4 && magic == crate::format::MAGIC).then_some(Format::Asif))
+    Ok(match magic {
+        _ if n < 4 => None,
+        crate::format::MAGIC => Some(Format::Asif),
+        crate::udsp::header::MAGIC => Some(Format::Udsp),
+        _ => None,
+    })
 }
 
 /// Opens the image at `path` as `format` (probed when `None`).
@@ -179,6 +187,7 @@ pub fn open(
     };
     match format {
         Format::Asif => Ok(Box::new(Image::open(path, opts)?)),
+        Format::Udsp => Ok(Box::new(crate::udsp::SparseImage::open(path, opts)?)),
         Format::Raw => Err(Error::Invalid(format!(
             "{}: raw files are served as they are, not opened as images",
             path.display()

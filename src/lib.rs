@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod fs;
+pub mod udsp;
 
 pub use engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
 pub use error::{Error, Result};
