@@ -107,6 +107,8 @@ impl SparseImage {
             self.sync()?;
         }
         self.layout.write().next_slot = u;
+        // Nothing past the new end is prepared any more.
+        *self.alloc.lock() = 0;
         report.new_file_size = self.file_len()?;
         Ok(report)
     }

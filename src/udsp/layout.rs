@@ -247,6 +247,17 @@ impl Layout {
         area_end(self.nodes[last].offset, capacity(last), self.band_size)
     }
 
+    /// End of the last band in use of the last node (of the last node
+    /// itself when it has none): where the file may end.
+    pub fn used_end(&self) -> u64 {
+        let last = self.nodes.len() - 1;
+        let node = self.nodes[last].offset.saturating_add(NODE_SIZE);
+        match self.next_slot.checked_sub(first_slot(last)) {
+            Some(k) if k > 0 => node.saturating_add(k.saturating_mul(self.band_size)),
+            _ => node,
+        }
+    }
+
     /// Slots in use.
     pub fn used(&self) -> u64 {
         self.map.len() as u64

@@ -98,13 +98,18 @@ pub struct SparseImage {
     /// Shared by I/O, exclusive for compact and resize.
     exclusive: RwLock<()>,
     layout: RwLock<Layout>,
-    /// Held while a new band or node is taken.
-    alloc: Mutex<()>,
+    /// Held while a new band or node is taken; holds the end of the area
+    /// past the last band known to read as zeros durably (see
+    /// `prepare_area`).
+    alloc: Mutex<u64>,
     flush_lock: Mutex<()>,
     /// Set by every change; a flush with nothing to do skips its sync.
     dirty: AtomicBool,
     counters: Counters,
 }
+
+/// How far ahead the file grows for new bands.
+const GROW: u64 = 16 << 20;
 
 /// One band's share of a request: logical band, offset in it, bytes of
 /// the request before it, length.
@@ -190,7 +195,7 @@ impl SparseImage {
             writable: opts.writable,
             exclusive: RwLock::new(()),
             layout: RwLock::new(survey.layout),
-            alloc: Mutex::new(()),
+            alloc: Mutex::new(0),
             flush_lock: Mutex::new(()),
             dirty: AtomicBool::new(false),
             counters: Counters::default(),
@@ -301,8 +306,14 @@ impl SparseImage {
     }
 
     /// Makes `start..end` of the file read as zeros durably, growing it
-    /// when it ends before `end`.
-    fn prepare_area(&self, start: u64, end: u64) -> Result<()> {
+    /// when it ends before `end`. The file grows [`GROW`] bytes ahead at a
+    /// time, one durable length change for many new bands; `prepared` (the
+    /// `alloc` guard) remembers how far, and close trims what is unused.
+    fn prepare_area(&self, prepared: &mut u64, start: u64, end: u64) -> Result<()> {
+        if start < *prepared && end <= *prepared {
+            return Ok(());
+        }
+        let end = end.max(start.saturating_add(GROW));
         let len = self.storage.len().map_err(|e| self.io_err("stat", e))?;
         let r = if start >= len {
             self.storage.extend(end)
@@ -319,12 +330,14 @@ impl SparseImage {
                 })
                 .and_then(|()| self.storage.sync())
         };
-        r.map_err(|e| self.io_err("growing the file", e))
+        r.map_err(|e| self.io_err("growing the file", e))?;
+        *prepared = end;
+        Ok(())
     }
 
     /// Appends an empty index node after the last node's bands and links
     /// it. Called with `alloc` held.
-    fn add_node(&self) -> Result<()> {
+    fn add_node(&self, prepared: &mut u64) -> Result<()> {
         let (at, number, prev) = {
             let l = self.layout.read();
             let at = l
@@ -337,7 +350,7 @@ impl SparseImage {
             .ok_or_else(|| Error::Corrupt("the next index node lies past 2^64".into()))?;
         let number =
             u32::try_from(number).map_err(|_| Error::Corrupt("too many index nodes".into()))?;
-        self.prepare_area(at, end)?;
+        self.prepare_area(prepared, at, end)?;
         self.write_raw(
             &IndexNode::new(number).encode(),
             at,
@@ -367,14 +380,14 @@ impl SparseImage {
     /// Writes `data` at `within` of logical band `band`, giving the band a
     /// slot first if it has none.
     fn write_new_band(&self, band: u32, within: u64, data: &[u8]) -> Result<()> {
-        let _alloc = self.alloc.lock();
+        let mut prepared = self.alloc.lock();
         if let Some(host) = self.lookup(band) {
             // Another writer gave it a slot meanwhile.
             return self.write_data(data, host + within);
         }
         let g = self.layout.read().next_slot;
         if locate(g).0 >= self.layout.read().nodes.len() {
-            self.add_node()?;
+            self.add_node(&mut prepared)?;
         }
         let host = self
             .layout
@@ -384,9 +397,15 @@ impl SparseImage {
         let end = host
             .checked_add(self.band_size)
             .ok_or_else(|| Error::Corrupt(format!("slot {g} lies past 2^64")))?;
-        self.prepare_area(host, end)?;
-        self.write_data(data, host + within)?;
-        self.write_slot(g, band + 1)?;
+        self.prepare_area(&mut prepared, host, end)?;
+        let written = self
+            .write_data(data, host + within)
+            .and_then(|()| self.write_slot(g, band + 1));
+        if written.is_err() {
+            // The area may hold bytes now: the next band punches it again.
+            *prepared = 0;
+        }
+        written?;
         {
             let mut l = self.layout.write();
             l.set_slot(g, band + 1);
@@ -714,13 +733,36 @@ impl SparseImage {
 
     /// Flushes and closes, reporting a failure that `Drop` would only log.
     pub fn close(self) -> Result<()> {
-        self.flush()
+        self.shutdown()
+    }
+
+    /// Flushes, then gives back the room the file grew by but no band
+    /// took. A second call finds nothing to do.
+    fn shutdown(&self) -> Result<()> {
+        self.flush()?;
+        if !self.writable {
+            return Ok(());
+        }
+        let mut prepared = self.alloc.lock();
+        if *prepared == 0 {
+            return Ok(());
+        }
+        let used_end = self.layout.read().used_end();
+        let len = self.storage.len().map_err(|e| self.io_err("stat", e))?;
+        if len > used_end {
+            self.storage
+                .set_len(used_end)
+                .and_then(|()| self.storage.sync())
+                .map_err(|e| self.io_err("trimming the file", e))?;
+        }
+        *prepared = 0;
+        Ok(())
     }
 }
 
 impl Drop for SparseImage {
     fn drop(&mut self) {
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.shutdown() {
             tracing::error!(path = %self.path.display(), "flush on close failed: {e}");
         }
     }
