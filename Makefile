@@ -41,6 +41,7 @@ $(DEPS_STAMP): tests/interop/requirements.txt Makefile
 	fi
 	$(VPY) -m pip install --disable-pip-version-check -q -r tests/interop/requirements.txt
 	$(VPY) -c 'from dissect.hypervisor.disk.asif import ASIF'
+	$(VPY) -c 'import pymodi'
 	@touch $@
 
 # Install the Debian packages only when one is missing (apt-get update only then).
@@ -82,19 +83,21 @@ integration: deps build
 # take 10 minutes here. There is no nightly toolchain: RUSTC_BOOTSTRAP=1
 # lets stable rustc take the flags cargo-fuzz passes. The fuzz crate has
 # its own target dir.
-FUZZ_TARGETS      := header directory entries metadata image
+FUZZ_TARGETS      := header directory entries metadata image udsp_parse
 FUZZ_SECONDS      ?= 300
 FUZZ_TEST_SECONDS ?= 20
 .PHONY: $(addprefix fuzz-run-,$(FUZZ_TARGETS)) $(addprefix fuzz-test-,$(FUZZ_TARGETS))
 FUZZ_SANITIZER    ?= none
 CARGO_FUZZ        := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 # Largest input per target: a header sector; a directory slice; a group
-# and its bitmap bytes; a 64 KiB plist; an image of a few small chunks.
+# and its bitmap bytes; a 64 KiB plist; an image of a few small chunks;
+# a .sparseimage of 512-byte bands with one index node.
 FUZZ_MAX_LEN_header    := 1024
 FUZZ_MAX_LEN_directory := 4096
 FUZZ_MAX_LEN_entries   := 20000
 FUZZ_MAX_LEN_metadata  := 70000
 FUZZ_MAX_LEN_image     := 262144
+FUZZ_MAX_LEN_udsp_parse := 600000
 # A run fails on a panic, an input slower than 10 s, or more than 2 GiB.
 FUZZ_LIMITS := -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10
 
