@@ -1222,3 +1222,58 @@ fn the_replay_detects_a_lost_flushed_write() {
         "the checker accepted a state missing a flushed write"
     );
 }
+
+#[test]
+fn an_interrupted_band_move_opens_and_a_writer_finishes_it() {
+    // What a crash between naming the new slot and clearing the old one
+    // leaves: band id 1 in slots 0 and 2 with the same bytes, the move
+    // (2 -> 0) recorded in the header's reserved bytes.
+    let d = tempfile::tempdir().unwrap();
+    let (p, img) = fresh(d.path(), "i.sparseimage", 64 * KIB, 4 * KIB);
+    img.write_at(&[0xAB; 100], 2 * 4 * KIB).unwrap(); // band 2, slot 0
+    img.write_at(&[0xCD; 100], 4 * KIB).unwrap(); // band 1, slot 1
+    img.write_at(&[0xEF; 100], 0).unwrap(); // band 0, slot 2
+    img.close().unwrap();
+    let mut f = std::fs::read(&p).unwrap();
+    let band0 = f[(NODE + 2 * 4 * KIB) as usize..(NODE + 3 * 4 * KIB) as usize].to_vec();
+    f[NODE as usize..(NODE + 4 * KIB) as usize].copy_from_slice(&band0);
+    f[HEADER_IDS as usize..HEADER_IDS as usize + 4].copy_from_slice(&1u32.to_be_bytes());
+    f[0x24..0x28].copy_from_slice(b"asmv");
+    f[0x28..0x30].copy_from_slice(&2u64.to_be_bytes());
+    f[0x30..0x38].copy_from_slice(&0u64.to_be_bytes());
+    std::fs::write(&p, &f).unwrap();
+    // Band 2 lost its slot to the move in this made-up state.
+    let mut want = vec![0u8; 64 * KIB as usize];
+    want[..100].fill(0xEF);
+    want[4 * KIB as usize..4 * KIB as usize + 100].fill(0xCD);
+
+    let r = SparseImage::open(&p, &OpenOptions::default()).unwrap();
+    assert_eq!(r.band_offset(0), Some(NODE));
+    assert_same_bytes("read-only", &read_all(&r), &want);
+    drop(r);
+    assert_eq!(std::fs::read(&p).unwrap(), f, "a reader changed the file");
+    assert_eq!(udsp::check(&p).unwrap(), Vec::<String>::new());
+
+    let w = reopen(&p);
+    assert_same_bytes("writable", &read_all(&w), &want);
+    drop(w);
+    let g = std::fs::read(&p).unwrap();
+    assert_eq!(
+        (0..3)
+            .map(|k| be32(&g, HEADER_IDS + 4 * k))
+            .collect::<Vec<_>>(),
+        [1, 2, 0]
+    );
+    assert!(g[0x24..0x40].iter().all(|&b| b == 0));
+
+    // Without the record the same pair is corrupt.
+    f[0x24..0x40].fill(0);
+    std::fs::write(&p, &f).unwrap();
+    assert_eq!(
+        SparseImage::open(&p, &OpenOptions::writable())
+            .err()
+            .unwrap()
+            .to_string(),
+        "corrupt image: band id 1 is named by two slots: node 0 slot 0 and node 0 slot 2"
+    );
+}
