@@ -2,6 +2,8 @@
 #
 #   make deps        install system packages and the Python venv (idempotent, stamped)
 #   make build       cargo build --release --locked
+#   make install     binary, man pages and completions under $(DESTDIR)$(PREFIX)
+#   make uninstall   remove what install put there
 #   make test        fmt-check + clippy + cargo tests + Python oracle tests
 #                    + a short fuzz run of each target + integration/*.sh
 #   make bench       bench/run.sh
@@ -22,6 +24,8 @@ VPY     := $(VENV)/bin/python
 ASIFFS  := target/release/asiffs
 
 APT_PACKAGES := fuse3 e2fsprogs fio util-linux python3-venv qemu-utils
+# NBD clients (nbdinfo, nbdcopy) and certificates for integration/nbd_serve.sh.
+APT_PACKAGES += libnbd-bin openssl
 DEPS_STAMP   := $(VENV)/.deps-stamp
 
 # Run apt as root, or through sudo when we are not root.
@@ -61,6 +65,38 @@ apt-deps:
 build:
 	$(CARGO) build --release --locked
 
+# `make && sudo make install`: installing builds only when there is no
+# binary yet, so that root need not run cargo. The man pages and
+# completions come from the binary itself (asiffs manpages / completions).
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR   = $(DESTDIR)$(PREFIX)/bin
+MAN1DIR  = $(DESTDIR)$(PREFIX)/share/man/man1
+BASHDIR  = $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+ZSHDIR   = $(DESTDIR)$(PREFIX)/share/zsh/site-functions
+FISHDIR  = $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+.PHONY: install uninstall
+
+$(ASIFFS):
+	$(CARGO) build --release --locked
+
+install: $(ASIFFS)
+	gen="$$(mktemp -d)"; trap 'rm -rf "$$gen"' EXIT; \
+	$(ASIFFS) manpages "$$gen/man"; \
+	$(ASIFFS) completions bash >"$$gen/asiffs.bash"; \
+	$(ASIFFS) completions zsh >"$$gen/_asiffs"; \
+	$(ASIFFS) completions fish >"$$gen/asiffs.fish"; \
+	install -d "$(BINDIR)" "$(MAN1DIR)" "$(BASHDIR)" "$(ZSHDIR)" "$(FISHDIR)"; \
+	install -m 755 $(ASIFFS) "$(BINDIR)/asiffs"; \
+	install -m 644 "$$gen"/man/*.1 "$(MAN1DIR)/"; \
+	install -m 644 "$$gen/asiffs.bash" "$(BASHDIR)/asiffs"; \
+	install -m 644 "$$gen/_asiffs" "$(ZSHDIR)/_asiffs"; \
+	install -m 644 "$$gen/asiffs.fish" "$(FISHDIR)/asiffs.fish"
+
+uninstall:
+	rm -f "$(BINDIR)/asiffs" "$(MAN1DIR)/asiffs.1" "$(MAN1DIR)"/asiffs-*.1 \
+		"$(BASHDIR)/asiffs" "$(ZSHDIR)/_asiffs" "$(FISHDIR)/asiffs.fish"
+
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
@@ -83,7 +119,7 @@ integration: deps build
 # take 10 minutes here. There is no nightly toolchain: RUSTC_BOOTSTRAP=1
 # lets stable rustc take the flags cargo-fuzz passes. The fuzz crate has
 # its own target dir.
-FUZZ_TARGETS      := header directory entries metadata image udsp_parse
+FUZZ_TARGETS      := header directory entries metadata image udif_parse udsb_info udsp_parse
 FUZZ_SECONDS      ?= 300
 FUZZ_TEST_SECONDS ?= 20
 .PHONY: $(addprefix fuzz-run-,$(FUZZ_TARGETS)) $(addprefix fuzz-test-,$(FUZZ_TARGETS))
@@ -91,12 +127,15 @@ FUZZ_SANITIZER    ?= none
 CARGO_FUZZ        := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 # Largest input per target: a header sector; a directory slice; a group
 # and its bitmap bytes; a 64 KiB plist; an image of a few small chunks;
-# a .sparseimage of 512-byte bands with one index node.
+# a small .dmg; a bundle's Info.plist; a .sparseimage of 512-byte bands
+# with one index node.
 FUZZ_MAX_LEN_header    := 1024
 FUZZ_MAX_LEN_directory := 4096
 FUZZ_MAX_LEN_entries   := 20000
 FUZZ_MAX_LEN_metadata  := 70000
 FUZZ_MAX_LEN_image     := 262144
+FUZZ_MAX_LEN_udif_parse := 262144
+FUZZ_MAX_LEN_udsb_info := 70000
 FUZZ_MAX_LEN_udsp_parse := 600000
 # A run fails on a panic, an input slower than 10 s, or more than 2 GiB.
 FUZZ_LIMITS := -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10

@@ -111,6 +111,9 @@ def main():
     seed("image", "small-32k", small_image(32768, True))
     seed("image", "small-16k", small_image(16896, True))
 
+    for name in ("hfsplus_zlib", "hfsplus_bzip2"):
+        seed("udif_parse", name, (VECTORS / "udif" / f"{name}.dmg").read_bytes())
+
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,11 @@ pub enum Format {
     Asif,
     /// A plain raw disk file.
     Raw,
+    /// Apple UDIF (`.dmg`): compressed images (UDZO, UDBZ, ULFO, ULMO,
+    /// UDCO) are read-only, read-write ones (UDRW) are written in place.
+    Udif,
+    /// Apple sparse bundle (`.sparsebundle`, a directory of band files).
+    Udsb,
     /// Apple sparse image (`.sparseimage`).
     Udsp,
 }
@@ -36,6 +41,8 @@ impl Format {
         match self {
             Format::Asif => "asif",
             Format::Raw => "raw",
+            Format::Udif => "udif",
+            Format::Udsb => "udsb",
             Format::Udsp => "udsp",
         }
     }
@@ -47,6 +54,10 @@ pub trait Disk: Send + Sync {
     fn path(&self) -> &Path;
     /// Nominal size in bytes.
     fn size(&self) -> u64;
+    /// Largest size `resize` accepts; the size itself when it cannot grow.
+    fn max_size(&self) -> u64 {
+        self.size()
+    }
     /// Whether changes are accepted now.
     fn is_writable(&self) -> bool;
     /// Why changes are refused, when the disk was opened for writing but
@@ -105,6 +116,9 @@ impl Disk for Image {
     fn size(&self) -> u64 {
         Image::size(self)
     }
+    fn max_size(&self) -> u64 {
+        Image::max_size(self)
+    }
     fn is_writable(&self) -> bool {
         Image::is_writable(self)
     }
@@ -152,11 +166,17 @@ impl Disk for Image {
     }
 }
 
+/// The extensions of the containers a mount serves from a directory.
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["asif", "dmg", "sparseimage", "sparsebundle"];
+
 /// The format of the image at `path`, from its magic (and, for bundles,
 /// its layout); `None` for anything asiffs does not serve as an image.
 pub fn probe(path: &Path) -> Result<Option<Format>> {
     use std::io::Read;
     let md = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    if md.is_dir() {
+        return Ok(crate::udsb::is_bundle(path).then_some(Format::Udsb));
+    }
     if !md.is_file() {
         return Ok(None);
     }
@@ -165,12 +185,13 @@ pub fn probe(path: &Path) -> Result<Option<Format>> {
     let n = f
         .read(&mut magic)
         .map_err(|e| Error::io(path.display().to_string(), e))?;
-    Ok(match magic {
-        _ if n < 4 => None,
-        crate::format::MAGIC => Some(Format::Asif),
-        crate::udsp::header::MAGIC => Some(Format::Udsp),
-        _ => None,
-    })
+    if n == 4 && magic == crate::format::MAGIC {
+        return Ok(Some(Format::Asif));
+    }
+    if n == 4 && magic == crate::udsp::header::MAGIC {
+        return Ok(Some(Format::Udsp));
+    }
+    crate::udif::probe(path)
 }
 
 /// Opens the image at `path` as `format` (probed when `None`).
@@ -187,6 +208,8 @@ pub fn open(
     };
     match format {
         Format::Asif => Ok(Box::new(Image::open(path, opts)?)),
+        Format::Udif => Ok(Box::new(crate::udif::Udif::open(path, opts)?)),
+        Format::Udsb => Ok(Box::new(crate::udsb::SparseBundle::open(path, opts)?)),
         Format::Udsp => Ok(Box::new(crate::udsp::SparseImage::open(path, opts)?)),
         Format::Raw => Err(Error::Invalid(format!(
             "{}: raw files are served as they are, not opened as images",

@@ -4,7 +4,9 @@
 //! - [`format`]: pure encode/decode of the on-disk structures (no I/O);
 //! - [`engine`]: the sparse block translator ([`Image`]);
 //! - [`disk`]: the [`Disk`](disk::Disk) trait every format implements;
+//! - [`udif`]: Apple UDIF (`.dmg`) images behind the same trait;
 //! - [`fs`]: a thin FUSE adapter over the engine;
+//! - [`nbd`]: an NBD server over the [`Disk`](disk::Disk) trait;
 //! - [`cli`]: the `asiffs` command line.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -15,6 +17,9 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod fs;
+pub mod nbd;
+pub mod udif;
+pub mod udsb;
 pub mod udsp;
 
 pub use engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};

@@ -524,6 +524,11 @@ fn resize_grows_with_zeros_and_shrinks() {
         img.resize(MIB + 1).unwrap_err().to_string(),
         "size 1048577 is not a multiple of 512 bytes"
     );
+    assert_eq!(img.max_size(), u64::from(u32::MAX) * MIB);
+    assert_eq!(
+        img.resize(img.max_size() + MIB).unwrap_err().to_string(),
+        "size 4503599627370496 needs 4294967296 bands of 1048576 bytes, more than 32-bit band ids allow"
+    );
     img.close().unwrap();
     let f = std::fs::read(&p).unwrap();
     assert_eq!(be32(&f, 0x10), (6 * MIB / SECTOR) as u32);

@@ -1,8 +1,7 @@
-//! `asiffs convert`: raw <-> ASIF, ASIF -> ASIF (compact rewrite), and any
-//! format qemu-img reads, streamed through it.
+//! `asiffs convert`: any format [`crate::disk::open`] opens, raw, or any
+//! format qemu-img reads (streamed through it), into ASIF or raw.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -11,12 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 
 use super::progress;
+use crate::disk::{self, Disk};
 use crate::engine::{CreateOptions, Image, LockMode, OpenOptions};
 use crate::error::{Error, Result};
-use crate::format::MAGIC;
 
+/// What `convert` writes (`-O`); sources are whatever [`disk::open`] or
+/// qemu-img reads.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+pub enum OutputFormat {
     Raw,
     Asif,
 }
@@ -25,12 +26,14 @@ pub enum Format {
 pub struct ConvertArgs {
     src: PathBuf,
     dst: PathBuf,
-    /// Source format: asif, raw or any format qemu-img reads (default: probed).
+    /// Source format: asif, raw, another format asiffs opens, or any format
+    /// qemu-img reads (default: probed).
     #[arg(short = 'f', long = "source-format", value_name = "FMT")]
     source_format: Option<String>,
-    /// Output format (default: from DST's extension, .asif or raw).
-    #[arg(short = 'O', value_enum)]
-    output_format: Option<Format>,
+    /// Output format, as qemu-img convert -O (default: from DST's
+    /// extension, .asif or raw).
+    #[arg(short = 'O', value_enum, value_name = "FMT")]
+    output_format: Option<OutputFormat>,
     /// Replace DST if it exists.
     #[arg(long)]
     force: bool,
@@ -52,9 +55,9 @@ const READ_STEPS: u64 = 4;
 const WORKERS: usize = 4;
 
 /// Where the virtual disk comes from.
-#[allow(clippy::large_enum_variant)] // one per run
 enum Source {
-    Asif(Image),
+    /// A format asiffs opens itself.
+    Disk(Box<dyn Disk>),
     Raw(File, u64),
     /// Any other format qemu-img reads, exported by qemu-nbd.
     Qemu(qemu::Export),
@@ -79,7 +82,7 @@ impl Reader<'_> {
 impl Source {
     fn size(&self) -> u64 {
         match self {
-            Source::Asif(i) => i.size(),
+            Source::Disk(d) => d.size(),
             Source::Raw(_, n) => *n,
             Source::Qemu(q) => q.size,
         }
@@ -88,7 +91,7 @@ impl Source {
     /// Ranges that may hold data, in order.
     fn data_ranges(&self) -> Result<Vec<(u64, u64)>> {
         match self {
-            Source::Asif(i) => Ok(i
+            Source::Disk(d) => Ok(d
                 .extents()?
                 .into_iter()
                 .filter(|e| e.data)
@@ -108,7 +111,7 @@ impl Source {
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         match self {
-            Source::Asif(i) => i.read_at(buf, off),
+            Source::Disk(d) => d.read_at(buf, off),
             Source::Raw(f, _) => {
                 let mut done = 0;
                 while done < buf.len() {
@@ -148,16 +151,6 @@ fn raw_data_ranges(f: &File, size: u64) -> Result<Vec<(u64, u64)>> {
         at = h;
     }
     Ok(out)
-}
-
-fn is_asif(path: &Path) -> Result<bool> {
-    let mut f = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
-    let mut m = [0u8; 4];
-    match f.read_exact(&mut m) {
-        Ok(()) => Ok(m == MAGIC),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(Error::io(path.display().to_string(), e)),
-    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -234,9 +227,9 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
         ));
     }
     let out = a.output_format.unwrap_or(if has_asif_name(&a.dst) {
-        Format::Asif
+        OutputFormat::Asif
     } else {
-        Format::Raw
+        OutputFormat::Raw
     });
     let held = hold_destination(&a.dst, a.force)?;
     let src = open_source(&a.src, a.source_format.as_deref())?;
@@ -314,9 +307,9 @@ mod interrupt {
 }
 
 /// Writes the whole output, synced, over `to` (an empty file of ours).
-fn write_output(a: &ConvertArgs, out: Format, src: &Source, to: &Path) -> Result<()> {
+fn write_output(a: &ConvertArgs, out: OutputFormat, src: &Source, to: &Path) -> Result<()> {
     match out {
-        Format::Asif => {
+        OutputFormat::Asif => {
             let (chunk_size, block_size) = a.geometry.sizes()?;
             let opts = CreateOptions {
                 size: src.size(),
@@ -329,7 +322,7 @@ fn write_output(a: &ConvertArgs, out: Format, src: &Source, to: &Path) -> Result
             copy(src, step, |buf, off| dst.write_at(buf, off))?;
             dst.close()?;
         }
-        Format::Raw => {
+        OutputFormat::Raw => {
             let ctx = |e| Error::io(to.display().to_string(), e);
             let f = std::fs::OpenOptions::new()
                 .write(true)
@@ -356,21 +349,35 @@ fn is_format_name(f: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// Opens the source as `format` says, else as what it looks like. A file
-/// named `.asif` is opened as ASIF whatever its magic, so a damaged image
-/// is refused rather than copied as if it were a raw disk.
+/// Opens the source as `format` says, else as what it looks like: a
+/// format [`disk::probe`] knows is opened by [`disk::open`]. A file named
+/// `.asif` is opened as ASIF whatever its magic, so a damaged image is
+/// refused rather than copied as if it were a raw disk.
 fn open_source(path: &Path, format: Option<&str>) -> Result<Source> {
-    let asif = || Ok(Source::Asif(Image::open(path, &OpenOptions::default())?));
+    use clap::ValueEnum;
+    let open = |f| {
+        Ok(Source::Disk(disk::open(
+            path,
+            Some(f),
+            &OpenOptions::default(),
+        )?))
+    };
     match format {
-        Some("asif") => return asif(),
         Some(f) if !is_format_name(f) => {
             return Err(Error::Invalid(format!(
                 "unknown source format {f:?}: expected raw, asif or a qemu-img format name"
             )))
         }
-        Some(_) => {}
-        None if has_asif_name(path) || is_asif(path)? => return asif(),
-        None => {}
+        // Raw sources are read as plain files, below.
+        Some(f) => match disk::Format::from_str(f, false) {
+            Ok(disk::Format::Raw) | Err(_) => {}
+            Ok(known) => return open(known),
+        },
+        None if has_asif_name(path) => return open(disk::Format::Asif),
+        None => match disk::probe(path)? {
+            None | Some(disk::Format::Raw) => {}
+            Some(known) => return open(known),
+        },
     }
     let f = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
     let m = f
@@ -836,6 +843,63 @@ mod qemu {
     impl Drop for Nbd {
         fn drop(&mut self) {
             let _ = self.request(NBD_CMD_DISC, 0, 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::tests::{PlainDisk, PLAIN_SIZE};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        a: ConvertArgs,
+    }
+
+    /// A source of another format is copied through the Disk trait, its
+    /// holes skipped, into either output format.
+    #[test]
+    fn converts_any_disk() {
+        let disk = PlainDisk::new();
+        let want = disk.bytes();
+        let src = Source::Disk(Box::new(disk));
+        let written = Mutex::new(Vec::new());
+        copy(&src, STEP, |buf, off| {
+            written.lock().push((off, buf.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        let written = written.into_inner();
+        assert_eq!(
+            written
+                .iter()
+                .map(|(o, b)| (*o, b.len()))
+                .collect::<Vec<_>>(),
+            [(0, STEP as usize)],
+            "only the data extent is written"
+        );
+        assert!(written[0].1 == want[..STEP as usize]);
+
+        let tmp = tempfile::tempdir().unwrap();
+        for out in ["asif", "raw"] {
+            let to = tmp.path().join(format!("out.{out}"));
+            File::create(&to).unwrap();
+            let a = Args::parse_from(["t", "src", "dst", "-O", out]).a;
+            write_output(&a, a.output_format.unwrap(), &src, &to).unwrap();
+            let got = match out {
+                "asif" => {
+                    let img = Image::open(&to, &OpenOptions::default()).unwrap();
+                    assert_eq!(img.size(), PLAIN_SIZE);
+                    let mut b = vec![0u8; PLAIN_SIZE as usize];
+                    img.read_at(&mut b, 0).unwrap();
+                    b
+                }
+                _ => std::fs::read(&to).unwrap(),
+            };
+            assert!(got == want, "{out}: contents differ");
         }
     }
 }

@@ -1,15 +1,19 @@
 //! The `asiffs` command line.
 
 mod convert;
+mod docs;
 mod lifecycle;
 mod progress;
 pub mod size;
+#[cfg(test)]
+mod tests;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::disk::{Disk, Format};
 use crate::engine::{CreateOptions, Image, LockMode, OpenOptions};
 use crate::error::{Error, Result};
 use crate::format::{DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE};
@@ -19,7 +23,9 @@ use size::{human, parse_size};
 #[command(
     name = "asiffs",
     version,
-    about = "Apple Sparse Image Format (ASIF) disk images on Linux"
+    about = "Apple Sparse Image Format (ASIF) disk images on Linux",
+    after_help = "`asiffs SOURCE MOUNTPOINT [-o OPTS]`, without a command, is `asiffs mount`: \
+                  the form mount(8) runs for `mount -t fuse.asiffs` and fstab lines."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -48,6 +54,8 @@ enum Command {
     Umount(crate::fs::UmountArgs),
     /// Per-image counters of a running mount, as JSON.
     Stats(crate::fs::StatsArgs),
+    /// Serve images over NBD (a Unix socket or TCP, optionally with TLS).
+    Serve(crate::nbd::ServeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -119,9 +127,16 @@ impl ImageArgs {
 
 /// Runs the command line and returns the exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    let args: Vec<_> = std::env::args_os().collect();
+    let result = match docs::parse(&args) {
+        Some(d) => docs::run(d),
+        None => {
+            let cli = Cli::parse_from(mount_by_default(args));
+            init_logging();
+            run(cli)
+        }
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("asiffs: {e}");
@@ -132,6 +147,29 @@ pub fn main() -> i32 {
             }
         }
     }
+}
+
+/// `asiffs SOURCE MOUNTPOINT ...` means `asiffs mount SOURCE MOUNTPOINT
+/// ...`: mount.fuse3 runs the program named by `-t fuse.TYPE` that way.
+/// Taken so only when the first word is no command and no option, and a
+/// second word follows that is no option either; the first must also be a
+/// path (exist or hold a '/'), so a mistyped command still gets clap's hint.
+fn mount_by_default(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    use clap::CommandFactory;
+    let word = |i: usize| {
+        args.get(i)
+            .filter(|a| !a.as_encoded_bytes().starts_with(b"-"))
+    };
+    let (Some(first), Some(_)) = (word(1), word(2)) else {
+        return args;
+    };
+    let cmd = Cli::command();
+    let is_command = first == "help" || cmd.find_subcommand(first).is_some();
+    let is_path = first.as_encoded_bytes().contains(&b'/') || PathBuf::from(first).exists();
+    if !is_command && is_path {
+        args.insert(1, "mount".into());
+    }
+    args
 }
 
 fn init_logging() {
@@ -156,6 +194,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Mount(a) => crate::fs::cmd_mount(&a),
         Command::Umount(a) => crate::fs::cmd_umount(&a),
         Command::Stats(a) => crate::fs::cmd_stats(&a),
+        Command::Serve(a) => crate::nbd::cmd_serve(&a),
     }
 }
 
@@ -196,19 +235,40 @@ fn create(a: CreateArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn open_for_reading(a: &ImageArgs) -> Result<Image> {
+/// Opens FILE in whatever format [`crate::disk::probe`] finds; a file no
+/// format claims is opened as ASIF, whose errors say what is wrong with it.
+fn open_for_reading(a: &ImageArgs) -> Result<Box<dyn Disk>> {
     let lock = if a.force_share {
         LockMode::None
     } else {
         LockMode::Shared
     };
-    Image::open(
+    let format = crate::disk::probe(&a.file)?.unwrap_or(Format::Asif);
+    crate::disk::open(
         &a.file,
+        Some(format),
         &OpenOptions {
             lock,
             ..OpenOptions::default()
         },
     )
+}
+
+/// `info --json`: the format first, then what the format has to say.
+#[derive(serde::Serialize)]
+struct InfoJson<T> {
+    format: Format,
+    #[serde(flatten)]
+    info: T,
+}
+
+/// What `info` says of any disk; the ASIF translator says more.
+#[derive(serde::Serialize)]
+struct DiskInfo {
+    path: String,
+    virtual_size: u64,
+    /// Bytes the host has allocated to the container.
+    actual_size: u64,
 }
 
 fn print_json(v: &impl serde::Serialize) {
@@ -219,45 +279,73 @@ fn print_json(v: &impl serde::Serialize) {
 }
 
 fn info(a: ImageArgs) -> Result<i32> {
-    let img = open_for_reading(&a)?;
-    let i = img.info()?;
-    if a.json() {
-        print_json(&i);
-        return Ok(0);
-    }
-    println!("image: {}", i.path);
-    println!("file format: asif");
-    println!(
-        "virtual size: {} ({} bytes)",
-        human(i.virtual_size),
-        i.virtual_size
-    );
-    println!("disk size: {}", human(i.actual_size));
-    println!("file length: {}", human(i.file_size));
-    println!("chunk size: {}", i.chunk_size);
-    println!("block size: {}", i.block_size);
-    println!("max size: {} ({} bytes)", human(i.max_size), i.max_size);
-    println!("uuid: {}", i.uuid);
-    println!(
-        "stable uuid: {}",
-        i.stable_uuid.as_deref().unwrap_or("(unreadable)")
-    );
-    println!(
-        "active directory: {} (version {})",
-        i.active_directory, i.directory_version
-    );
-    println!("tables: {}", i.tables);
-    println!(
-        "data chunks: {} ({} partially valid)",
-        i.data_chunks, i.partial_chunks
-    );
+    let disk = open_for_reading(&a)?;
+    print!("{}", info_text(&*disk, a.json())?);
     Ok(0)
 }
 
+fn json_text(v: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(v).expect("serialising plain data") + "\n"
+}
+
+/// What `info` prints: the figures every format has, then the ASIF
+/// translator's own.
+fn info_text(disk: &dyn Disk, json: bool) -> Result<String> {
+    let format = disk.format();
+    let summary = |path: &str, virtual_size: u64, actual_size: u64| {
+        format!(
+            "image: {path}\nfile format: {}\nvirtual size: {} ({virtual_size} bytes)\ndisk size: {}\n",
+            format.name(),
+            human(virtual_size),
+            human(actual_size)
+        )
+    };
+    let Some(img) = disk.as_asif() else {
+        let info = DiskInfo {
+            path: disk.path().display().to_string(),
+            virtual_size: disk.size(),
+            actual_size: disk.allocated_bytes()?,
+        };
+        if json {
+            return Ok(json_text(&InfoJson { format, info }));
+        }
+        return Ok(summary(&info.path, info.virtual_size, info.actual_size));
+    };
+    let i = img.info()?;
+    if json {
+        return Ok(json_text(&InfoJson { format, info: &i }));
+    }
+    Ok(summary(&i.path, i.virtual_size, i.actual_size)
+        + &format!(
+            "file length: {}\nchunk size: {}\nblock size: {}\nmax size: {} ({} bytes)\n\
+             uuid: {}\nstable uuid: {}\nactive directory: {} (version {})\ntables: {}\n\
+             data chunks: {} ({} partially valid)\n",
+            human(i.file_size),
+            i.chunk_size,
+            i.block_size,
+            human(i.max_size),
+            i.max_size,
+            i.uuid,
+            i.stable_uuid.as_deref().unwrap_or("(unreadable)"),
+            i.active_directory,
+            i.directory_version,
+            i.tables,
+            i.data_chunks,
+            i.partial_chunks
+        ))
+}
+
 fn map(a: ImageArgs) -> Result<i32> {
-    let img = open_for_reading(&a)?;
-    let extents = img.extents()?;
-    if a.json() {
+    let disk = open_for_reading(&a)?;
+    print!("{}", map_text(&*disk, &a.file, a.json())?);
+    Ok(0)
+}
+
+/// What `map` prints: every extent as JSON, or the data extents as
+/// qemu-img map does.
+fn map_text(disk: &dyn Disk, file: &std::path::Path, json: bool) -> Result<String> {
+    let extents = disk.extents()?;
+    if json {
         let v: Vec<_> = extents
             .iter()
             .map(|e| {
@@ -267,20 +355,19 @@ fn map(a: ImageArgs) -> Result<i32> {
                 })
             })
             .collect();
-        print_json(&v);
-        return Ok(0);
+        return Ok(json_text(&v));
     }
-    println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
+    let mut t = format!("{:<20}{:<20}{:<20}File\n", "Offset", "Length", "Mapped to");
     for e in extents.iter().filter(|e| e.data) {
-        println!(
-            "{:<20}{:<20}{:<20}{}",
+        t += &format!(
+            "{:<20}{:<20}{:<20}{}\n",
             format!("{:#x}", e.start),
             format!("{:#x}", e.length),
             format!("{:#x}", e.offset.unwrap_or(0)),
-            a.file.display()
+            file.display()
         );
     }
-    Ok(0)
+    Ok(t)
 }
 
 /// `check -r`: repairs, then checks again and reports both.
@@ -292,6 +379,9 @@ fn repair(a: &ImageArgs, mode: Repair) -> Result<i32> {
             .map_err(|e| Error::io(p.display().to_string(), e))
     };
     let before = allocated(&a.file)?;
+    if let Some(f) = crate::disk::probe(&a.file)?.filter(|&f| f != Format::Asif) {
+        return Err(not_checked(&a.file, f));
+    }
     let mut img = Image::open(&a.file, &OpenOptions::writable())?;
     let mut entries = Vec::new();
     if img.write_refusal().is_some() || img.check()?.is_corrupt() {
@@ -337,8 +427,8 @@ fn check(c: CheckArgs) -> Result<i32> {
     if let Some(mode) = c.repair {
         return repair(&a, mode);
     }
-    let img = match open_for_reading(&a) {
-        Ok(img) => img,
+    let disk = match open_for_reading(&a) {
+        Ok(disk) => disk,
         // A script asking for JSON gets it for an image too broken to open.
         Err(e @ (Error::Format(_) | Error::Corrupt(_))) if a.json() => {
             eprintln!("asiffs: {e}");
@@ -353,6 +443,7 @@ fn check(c: CheckArgs) -> Result<i32> {
         }
         Err(e) => return Err(e),
     };
+    let img = checkable(&a.file, &*disk)?;
     let r = img.check()?;
     if a.json() {
         let mut v = serde_json::to_value(&r).expect("serialising plain data");
@@ -360,8 +451,22 @@ fn check(c: CheckArgs) -> Result<i32> {
         print_json(&v);
         return Ok(r.exit_code());
     }
-    print_check(&img, &r);
+    print_check(img, &r);
     Ok(r.exit_code())
+}
+
+/// `check` knows the structures of ASIF images only.
+fn checkable<'a>(file: &std::path::Path, disk: &'a dyn Disk) -> Result<&'a Image> {
+    disk.as_asif()
+        .ok_or_else(|| not_checked(file, disk.format()))
+}
+
+fn not_checked(file: &std::path::Path, format: Format) -> Error {
+    Error::Invalid(format!(
+        "{}: asiffs checks ASIF images only, not {}",
+        file.display(),
+        format.name()
+    ))
 }
 
 fn print_check(img: &Image, r: &crate::engine::CheckReport) {

@@ -313,13 +313,28 @@ impl IoGate {
     }
 
     pub fn enter(&self) -> GateGuard<'_> {
+        GateGuard {
+            gate: self,
+            slot: self.enter_slot(),
+        }
+    }
+
+    /// As [`IoGate::enter`], for I/O that completes on another thread.
+    pub fn enter_owned(self: &std::sync::Arc<Self>) -> OwnedGateGuard {
+        OwnedGateGuard {
+            gate: self.clone(),
+            slot: self.enter_slot(),
+        }
+    }
+
+    fn enter_slot(&self) -> usize {
         loop {
             let slot = self.epoch.load(Ordering::SeqCst) & 1;
             self.active[slot].fetch_add(1, Ordering::SeqCst);
             // If the epoch moved between the load and the increment, the
             // waiter may already have seen this slot empty: go again.
             if self.epoch.load(Ordering::SeqCst) & 1 == slot {
-                return GateGuard { gate: self, slot };
+                return slot;
             }
             self.active[slot].fetch_sub(1, Ordering::SeqCst);
         }
@@ -343,6 +358,18 @@ impl Default for IoGate {
 }
 
 impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        self.gate.active[self.slot].fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A [`GateGuard`] that keeps its gate alive.
+pub struct OwnedGateGuard {
+    gate: std::sync::Arc<IoGate>,
+    slot: usize,
+}
+
+impl Drop for OwnedGateGuard {
     fn drop(&mut self) {
         self.gate.active[self.slot].fetch_sub(1, Ordering::SeqCst);
     }

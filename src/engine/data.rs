@@ -10,15 +10,15 @@ use crate::error::{Error, Result};
 use crate::format::{bitmap_span, BitmapEntry, ChunkState, Location, SectorState};
 
 /// One piece of a request that stays inside a single chunk.
-struct Piece {
-    loc: Location,
+pub(super) struct Piece {
+    pub loc: Location,
     /// Offset of the piece within the request.
-    at: usize,
-    len: usize,
+    pub at: usize,
+    pub len: usize,
 }
 
 impl Image {
-    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
+    pub(super) fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = Piece> + '_ {
         let cs = self.geo.chunk_size;
         let mut done = 0u64;
         std::iter::from_fn(move || {

@@ -27,6 +27,7 @@
 //!
 //! See `docs/design.md` for the reasoning and the crash-replay tests.
 
+pub mod aio;
 mod alloc;
 mod cache;
 mod compact;
@@ -181,14 +182,14 @@ pub struct Image {
     /// Shared by every read, write, discard and flush; exclusive for the
     /// operations that move chunks or tables (compact, resize, repair), so
     /// the engine itself keeps them apart from I/O.
-    exclusive: RwLock<()>,
+    exclusive: Arc<RwLock<()>>,
     /// The index scan of a writable open: free chunks, and whether the
     /// image may be written at all.
     open_scan: OpenScan,
     dir: RwLock<DirState>,
     cache: GroupCache,
     alloc: Allocator,
-    gate: IoGate,
+    gate: Arc<IoGate>,
     flush_lock: Mutex<()>,
     /// Set by every data change; a flush with nothing to do skips its sync.
     data_dirty: AtomicBool,
@@ -349,12 +350,12 @@ impl Image {
             storage,
             header: Mutex::new(header),
             writable: opts.writable,
-            exclusive: RwLock::new(()),
+            exclusive: Arc::new(RwLock::new(())),
             open_scan,
             dir: RwLock::new(dir),
             cache: GroupCache::new(cache_groups),
             alloc: Allocator::new(cs, end),
-            gate: IoGate::new(),
+            gate: Arc::new(IoGate::new()),
             flush_lock: Mutex::new(()),
             data_dirty: AtomicBool::new(false),
             counters: Counters::default(),

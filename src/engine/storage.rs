@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 
 use rustix::fs::FallocateFlags;
@@ -43,6 +44,19 @@ pub trait Storage: Send + Sync {
     fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)
     }
+    /// Descriptors for asynchronous guest-data I/O (`engine::aio`): the
+    /// buffered one and, when the page cache is bypassed, the `O_DIRECT`
+    /// one. `None`: this store is used only through its methods.
+    fn async_fds(&self) -> Option<AsyncFds> {
+        None
+    }
+}
+
+/// See [`Storage::async_fds`].
+#[derive(Clone, Copy, Debug)]
+pub struct AsyncFds {
+    pub buffered: RawFd,
+    pub direct: Option<RawFd>,
 }
 
 /// A container that is a regular file.
@@ -55,7 +69,7 @@ pub struct FileStorage {
 
 /// Alignment of `O_DIRECT` offsets, lengths and buffers: 4 KiB suits every
 /// common host filesystem and device.
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 impl FileStorage {
     pub fn new(file: File) -> FileStorage {
@@ -200,6 +214,13 @@ impl Storage for FileStorage {
         }
     }
 
+    fn async_fds(&self) -> Option<AsyncFds> {
+        Some(AsyncFds {
+            buffered: self.file.as_raw_fd(),
+            direct: self.direct.as_ref().map(|d| d.as_raw_fd()),
+        })
+    }
+
     fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match &self.direct {
             // A FUSE payload is not aligned in memory: copy it into a
@@ -213,7 +234,7 @@ impl Storage for FileStorage {
     }
 }
 
-fn aligned(offset: u64, len: usize) -> bool {
+pub(crate) fn aligned(offset: u64, len: usize) -> bool {
     offset % DIRECT_ALIGN as u64 == 0 && len % DIRECT_ALIGN == 0 && len > 0
 }
 
@@ -254,7 +275,7 @@ fn with_bounce<T>(len: usize, f: impl FnOnce(&mut [u8]) -> io::Result<T>) -> io:
 
 /// A zeroed heap buffer aligned for `O_DIRECT`, built from whole aligned
 /// blocks.
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     blocks: Vec<Block>,
     len: usize,
 }
@@ -264,16 +285,21 @@ struct AlignedBuf {
 struct Block([u8; DIRECT_ALIGN]);
 
 impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
+    pub(crate) fn new(len: usize) -> AlignedBuf {
         AlignedBuf {
             blocks: vec![Block([0; DIRECT_ALIGN]); len.div_ceil(DIRECT_ALIGN)],
             len,
         }
     }
 
+    /// Bytes the allocation holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.blocks.len() * DIRECT_ALIGN
+    }
+
     /// Makes the buffer `len` bytes long, keeping its allocation when it
     /// is big enough already.
-    fn resize(&mut self, len: usize) {
+    pub(crate) fn resize(&mut self, len: usize) {
         let blocks = len.div_ceil(DIRECT_ALIGN);
         if self.blocks.len() < blocks {
             self.blocks.resize(blocks, Block([0; DIRECT_ALIGN]));
@@ -281,7 +307,14 @@ impl AlignedBuf {
         self.len = len;
     }
 
-    fn as_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        debug_assert!(self.len <= self.blocks.len() * DIRECT_ALIGN);
+        // SAFETY: as in `as_mut`, without the exclusivity: a shared borrow
+        // of initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         debug_assert!(self.len <= self.blocks.len() * DIRECT_ALIGN);
         // SAFETY: `Block` is `repr(C)` around a byte array whose size equals
         // its alignment, so the vector is `blocks.len() * DIRECT_ALIGN`

@@ -39,6 +39,18 @@ pub enum Dispatch {
     Pool,
 }
 
+/// How container I/O is issued.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aio {
+    /// io_uring: a request's container I/O is submitted and the serving
+    /// thread goes on; as many requests reach the host as the kernel sends.
+    /// Falls back to `threads`, with a logged reason, where io_uring is
+    /// unavailable.
+    Uring,
+    /// Blocking reads and writes on the serving threads.
+    Threads,
+}
+
 /// When the kernel page cache is bypassed (`FOPEN_DIRECT_IO`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirectIo {
@@ -77,6 +89,9 @@ pub struct MountArgs {
     /// Threading model.
     #[arg(long, value_enum, default_value_t = Dispatch::Fuser)]
     pub dispatch: Dispatch,
+    /// How container I/O is issued.
+    #[arg(long, value_enum, default_value_t = Aio::Uring)]
+    pub aio: Aio,
     /// Page-cache bypass policy.
     #[arg(long, value_enum, default_value_t = DirectIo::Auto)]
     pub direct_io: DirectIo,
@@ -192,6 +207,17 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
             }
             // libfuse-only knobs with no meaning here.
             "kernel_cache" | "auto_cache" | "big_writes" => continue,
+            // fstab words for mount(8) and systemd, not for the file
+            // system; mount.fuse3 drops some of them, not all.
+            "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "users" | "nouser"
+            | "owner" | "group" => {
+                debug!("ignoring fstab option {opt}");
+                continue;
+            }
+            x if x.starts_with("x-") || x.starts_with("X-") || x.starts_with("comment=") => {
+                debug!("ignoring fstab option {x}");
+                continue;
+            }
             x if x.starts_with("fsname=") => {
                 fsname = true;
                 MountOption::FSName(x[7..].to_string())
@@ -251,7 +277,11 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
     let src_md = std::fs::metadata(&source).map_err(|e| io_err(source.display().to_string(), e))?;
     let mp_md =
         std::fs::metadata(&mountpoint).map_err(|e| io_err(mountpoint.display().to_string(), e))?;
-    let source_kind = if src_md.is_dir() {
+    // A sparse bundle is a directory but one image.
+    let is_bundle = src_md.is_dir()
+        && source.extension().is_some_and(|e| e == "sparsebundle")
+        && source.join("Info.plist").is_file();
+    let source_kind = if src_md.is_dir() && !is_bundle {
         if !mp_md.is_dir() {
             return Err(Error::Invalid(format!(
                 "{}: a directory source needs a directory mountpoint",
@@ -259,7 +289,7 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
             )));
         }
         Source::Dir(source.clone())
-    } else if src_md.is_file() {
+    } else if src_md.is_file() || is_bundle {
         if !mp_md.is_dir() && !mp_md.is_file() {
             return Err(Error::Invalid(format!(
                 "{}: mountpoint must be a directory or a regular file",
@@ -272,7 +302,7 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
         }
     } else {
         return Err(Error::Invalid(format!(
-            "{}: not a directory or an .asif file",
+            "{}: not a directory or a disk image",
             source.display()
         )));
     };
@@ -365,7 +395,26 @@ fn serve(
         )),
         Dispatch::Fuser => None,
     };
-    let fs = AsifFs::new(ns.clone(), pool.clone(), direct_io, root_md);
+    let ring = match args.aio {
+        Aio::Threads => None,
+        Aio::Uring => match crate::engine::aio::Ring::new() {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                warn!(
+                    "{}: container I/O falls back to blocking calls on {} threads",
+                    crate::engine::aio::unavailable_reason(&e),
+                    args.threads
+                );
+                None
+            }
+        },
+    };
+    let aio = if ring.is_some() {
+        "io_uring"
+    } else {
+        "blocking"
+    };
+    let fs = AsifFs::new(ns.clone(), pool.clone(), ring, direct_io, root_md);
     let mut config = Config::default();
     config.mount_options = opts.mount.clone();
     config.acl = opts.acl;
@@ -377,7 +426,7 @@ fn serve(
     let session = Session::new(fs, mountpoint, &config)
         .map_err(|e| io_err(format!("mounting on {}", mountpoint.display()), e))?;
     info!(
-        "mounted {} images on {} ({:?}, {} threads, direct_io {:?}{})",
+        "mounted {} images on {} ({:?}, {} threads, {aio} I/O, direct_io {:?}{})",
         ns.listing().len(),
         mountpoint.display(),
         args.dispatch,
@@ -416,8 +465,8 @@ fn serve(
     }
     let mut failed = false;
     for n in ns.all() {
-        if n.image.is_writable() {
-            if let Err(e) = n.image.flush() {
+        if n.disk.is_writable() {
+            if let Err(e) = n.disk.flush() {
                 error!("{}: final flush failed: {e}", n.path().display());
                 failed = true;
             }
@@ -469,7 +518,7 @@ fn mountinfo_escape(p: &Path) -> Vec<u8> {
 }
 
 /// Points stdin/stdout at /dev/null and stderr (the log) at `log` or /dev/null.
-fn detach_stdio(log: Option<&Path>) {
+pub(crate) fn detach_stdio(log: Option<&Path>) {
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -671,5 +720,24 @@ mod tests {
             cache("cache=unsafe").unwrap_err().to_string(),
             "bad mount option \"cache=unsafe\": cache= takes none or writeback"
         );
+    }
+
+    /// What an fstab line hands over beside the file system's own options
+    /// leaves the mount exactly as without it.
+    #[test]
+    fn fstab_options_are_ignored() {
+        let plain = parse_options(&["rw,cache=none".into()], Path::new("/s")).unwrap();
+        let fstab = parse_options(
+            &[
+                "defaults,rw,auto,noauto,nofail,_netdev,user,users,nouser,owner,group,\
+               x-systemd.automount,X-mount.mkdir,comment=systemd.x,cache=none"
+                    .into(),
+            ],
+            Path::new("/s"),
+        )
+        .unwrap();
+        assert_eq!(fstab.mount, plain.mount);
+        assert_eq!(fstab.cache, crate::CacheMode::None);
+        assert_eq!((fstab.readonly, fstab.acl), (false, SessionACL::Owner));
     }
 }

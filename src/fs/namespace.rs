@@ -1,4 +1,10 @@
-//! The names the mount shows: one flat file `NAME.img` per `SOURCE/NAME.asif`.
+//! The names the mount shows: one flat file per image in SOURCE.
+//!
+//! `NAME.asif`, `NAME.dmg`, `NAME.sparseimage` and the directory
+//! `NAME.sparsebundle` each appear as `NAME.img`. When several share a
+//! stem, none is `NAME.img`: each appears under its full name plus `.img`
+//! (`disk.asif.img`, `disk.dmg.img`), so no name ever depends on which was
+//! seen first.
 //!
 //! Images are opened when first seen and stay open (and locked) until they
 //! vanish from SOURCE and no handle is left. Inode numbers are never reused
@@ -15,6 +21,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, info, warn};
 
+use crate::disk::{Disk, Format, IMAGE_EXTENSIONS};
 use crate::{CreateOptions, Error, Image, LockMode, OpenOptions};
 
 pub(crate) const ROOT_INO: u64 = 1;
@@ -25,7 +32,9 @@ pub(crate) struct Node {
     pub ino: u64,
     /// Shown name and container path; both change on rename.
     loc: Mutex<(OsString, PathBuf)>,
-    pub image: Arc<Image>,
+    pub disk: Arc<dyn Disk>,
+    /// The same disk when it is ASIF, for the asynchronous data path.
+    pub asif: Option<Arc<Image>>,
     /// Identity of the container when it was opened, to notice replacement.
     dev_ino: (u64, u64),
     /// Open file handles.
@@ -89,20 +98,69 @@ pub(crate) fn stem_of_shown(name: &OsStr) -> Option<&OsStr> {
     }
 }
 
-fn stem_of_container(name: &OsStr) -> Option<&OsStr> {
+/// `NAME.EXT` -> (`NAME`, `EXT`) for the container extensions.
+fn stem_of_container(name: &OsStr) -> Option<(&OsStr, &'static str)> {
     let b = name.as_bytes();
-    let suffix = b".asif";
-    if b.len() > suffix.len() && b.ends_with(suffix) {
-        Some(OsStr::from_bytes(&b[..b.len() - suffix.len()]))
+    IMAGE_EXTENSIONS.iter().find_map(|ext| {
+        let n = b.len().checked_sub(ext.len() + 1)?;
+        (n > 0 && b[n] == b'.' && &b[n + 1..] == ext.as_bytes())
+            .then(|| (OsStr::from_bytes(&b[..n]), *ext))
+    })
+}
+
+/// What a directory entry must be to be served: a file, or a directory
+/// for bundles.
+fn is_container(ext: &str, md: &std::fs::Metadata) -> bool {
+    if ext == "sparsebundle" {
+        md.is_dir()
     } else {
-        None
+        md.is_file()
+    }
+}
+
+/// The shown name of each container among `names` (file names in SOURCE).
+fn shown_names(names: &[OsString]) -> HashMap<OsString, OsString> {
+    let mut by_stem: HashMap<&OsStr, Vec<&OsString>> = HashMap::new();
+    for n in names {
+        if let Some((stem, _)) = stem_of_container(n) {
+            by_stem.entry(stem).or_default().push(n);
+        }
+    }
+    let mut shown = HashMap::new();
+    for (stem, containers) in by_stem {
+        if let [only] = containers[..] {
+            shown.insert(with_ext(stem, SHOWN_EXT), only.clone());
+        } else {
+            for c in containers {
+                shown.insert(with_ext(c, SHOWN_EXT), c.clone());
+            }
+        }
+    }
+    shown
+}
+
+/// Opens a container as whatever format it holds.
+/// An open disk, and the same disk as ASIF when it is one.
+type Opened = (Arc<dyn Disk>, Option<Arc<Image>>);
+
+fn open_disk(path: &Path, opts: &OpenOptions) -> Result<Opened, Error> {
+    match crate::disk::probe(path)? {
+        Some(Format::Asif) => {
+            let image = Arc::new(Image::open(path, opts)?);
+            Ok((image.clone(), Some(image)))
+        }
+        format => Ok((Arc::from(crate::disk::open(path, format, opts)?), None)),
     }
 }
 
 /// Logs why an image is served read-only in a writable mount (a large
 /// image's scan, still running, logs it itself when it finishes).
-fn note_refusal(path: &Path, image: &Image) {
-    if let Some(why) = image.refusal_now() {
+fn note_refusal(path: &Path, disk: &dyn Disk) {
+    let why = match disk.as_asif() {
+        Some(image) => image.refusal_now(),
+        None => disk.write_refusal(),
+    };
+    if let Some(why) = why {
         warn!("{}: serving read-only: {why}", path.display());
     }
 }
@@ -163,8 +221,8 @@ impl Namespace {
         let Source::File { path, root_is_file } = &self.source else {
             return Ok(());
         };
-        let image = Image::open(path, &self.open_options())?;
-        note_refusal(path, &image);
+        let (disk, asif) = open_disk(path, &self.open_options())?;
+        note_refusal(path, &*disk);
         let md = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
         let stem = path.file_stem().unwrap_or(OsStr::new("image"));
         let mut inner = self.inner.write();
@@ -177,7 +235,7 @@ impl Namespace {
             ino,
             with_ext(stem, SHOWN_EXT),
             path.clone(),
-            image,
+            (disk, asif),
             &md,
         ));
         Ok(())
@@ -204,11 +262,37 @@ impl Namespace {
         v
     }
 
+    /// Where a new image shown as `STEM.img` is created.
     fn container_path(&self, stem: &OsStr) -> Option<PathBuf> {
         match &self.source {
             Source::Dir(dir) => Some(dir.join(with_ext(stem, IMAGE_EXT))),
             Source::File { .. } => None,
         }
+    }
+
+    /// The container in SOURCE shown as `name` now, with its stat.
+    fn resolve(&self, name: &OsStr) -> Option<(PathBuf, std::fs::Metadata)> {
+        let Source::Dir(dir) = &self.source else {
+            return None;
+        };
+        let stem = stem_of_shown(name)?;
+        // Only containers sharing `stem`, or the stem of `stem`, decide it.
+        let mut candidates: Vec<OsString> =
+            IMAGE_EXTENSIONS.iter().map(|e| with_ext(stem, e)).collect();
+        if let Some((inner, _)) = stem_of_container(stem) {
+            candidates.extend(IMAGE_EXTENSIONS.iter().map(|e| with_ext(inner, e)));
+        }
+        let present: Vec<OsString> = candidates
+            .into_iter()
+            .filter(|c| {
+                let md = std::fs::metadata(dir.join(c));
+                md.is_ok_and(|md| stem_of_container(c).is_some_and(|(_, e)| is_container(e, &md)))
+            })
+            .collect();
+        let container = shown_names(&present).remove(name)?;
+        let path = dir.join(container);
+        let md = std::fs::metadata(&path).ok()?;
+        Some((path, md))
     }
 
     /// Finds `name` (a shown `NAME.img`), checking SOURCE so that images
@@ -217,10 +301,11 @@ impl Namespace {
         if let Source::File { .. } = self.source {
             return self.node_named(name);
         }
-        let stem = stem_of_shown(name)?;
-        let path = self.container_path(stem)?;
         let _scan = self.scan_lock.lock();
-        self.refresh(name, &path, std::fs::metadata(&path).ok());
+        match self.resolve(name) {
+            Some((path, md)) => self.refresh(name, &path, Some(md)),
+            None => self.forget_name(name),
+        }
         self.node_named(name)
     }
 
@@ -240,27 +325,30 @@ impl Namespace {
             return;
         };
         let _scan = self.scan_lock.lock();
-        let mut seen: HashMap<OsString, (PathBuf, std::fs::Metadata)> = HashMap::new();
+        let mut present = Vec::new();
         match std::fs::read_dir(dir) {
             Ok(entries) => {
                 for e in entries.flatten() {
                     let fname = e.file_name();
-                    let Some(stem) = stem_of_container(&fname) else {
+                    let Some((_, ext)) = stem_of_container(&fname) else {
                         continue;
                     };
-                    let path = e.path();
                     // Follows symlinks: a link to an image is an image.
-                    let Ok(md) = std::fs::metadata(&path) else {
-                        continue;
-                    };
-                    if md.is_file() {
-                        seen.insert(with_ext(stem, SHOWN_EXT), (path, md));
+                    if std::fs::metadata(e.path()).is_ok_and(|md| is_container(ext, &md)) {
+                        present.push(fname);
                     }
                 }
             }
             Err(e) => {
                 warn!("cannot read {}: {e}", dir.display());
                 return;
+            }
+        }
+        let mut seen: HashMap<OsString, (PathBuf, std::fs::Metadata)> = HashMap::new();
+        for (shown, container) in shown_names(&present) {
+            let path = dir.join(container);
+            if let Ok(md) = std::fs::metadata(&path) {
+                seen.insert(shown, (path, md));
             }
         }
         let known: Vec<OsString> = self.inner.read().by_name.keys().cloned().collect();
@@ -277,7 +365,7 @@ impl Namespace {
     /// Brings one name in line with what SOURCE holds at `path` (`md` = its stat).
     fn refresh(&self, name: &OsStr, path: &Path, md: Option<std::fs::Metadata>) {
         let md = match md {
-            Some(md) if md.is_file() => md,
+            Some(md) if md.is_file() || md.is_dir() => md,
             _ => {
                 self.forget_name(name);
                 return;
@@ -285,7 +373,7 @@ impl Namespace {
         };
         let existing = self.node_named(name);
         if let Some(node) = existing {
-            if node.dev_ino == (md.dev(), md.ino()) {
+            if node.dev_ino == (md.dev(), md.ino()) && node.path() == path {
                 return;
             }
             info!("{}: container replaced; reopening", path.display());
@@ -298,9 +386,9 @@ impl Namespace {
                 return;
             }
         }
-        match Image::open(path, &self.open_options()) {
+        match open_disk(path, &self.open_options()) {
             Ok(image) => {
-                note_refusal(path, &image);
+                note_refusal(path, &*image.0);
                 let mut inner = self.inner.write();
                 inner.failed.remove(path);
                 let ino = inner.alloc_ino();
@@ -379,13 +467,21 @@ impl Namespace {
         if path.symlink_metadata().is_ok() {
             return Err(libc::EEXIST);
         }
-        let image = Image::create(&path, &CreateOptions::default()).map_err(|e| {
-            warn!("{}: create failed: {e}", path.display());
-            e.errno()
-        })?;
+        let image = Image::create(&path, &CreateOptions::default())
+            .map(Arc::new)
+            .map_err(|e| {
+                warn!("{}: create failed: {e}", path.display());
+                e.errno()
+            })?;
         let md = std::fs::metadata(&path).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         info!("created {}", path.display());
-        let node = Node::new(0, name.to_os_string(), path, image, &md);
+        let node = Node::new(
+            0,
+            name.to_os_string(),
+            path,
+            (image.clone(), Some(image)),
+            &md,
+        );
         let mut inner = self.inner.write();
         let ino = inner.alloc_ino();
         let node = Arc::new(Node { ino, ..node });
@@ -404,7 +500,13 @@ impl Namespace {
         }
         let node = self.lookup(name).ok_or(libc::ENOENT)?;
         let _scan = self.scan_lock.lock();
-        std::fs::remove_file(node.path()).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let path = node.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         info!("removed {}", node.path().display());
         drop(_scan);
         self.forget_name(name);
@@ -422,7 +524,16 @@ impl Namespace {
         let new_stem = stem_of_shown(new).ok_or(libc::EINVAL)?;
         let node = self.lookup(old).ok_or(libc::ENOENT)?;
         let target = self.lookup(new);
-        let new_path = self.container_path(new_stem).ok_or(libc::EPERM)?;
+        // The container keeps its extension: a rename never converts.
+        let ext = node
+            .path()
+            .file_name()
+            .and_then(|n| stem_of_container(n).map(|(_, e)| e))
+            .unwrap_or(IMAGE_EXT);
+        let Source::Dir(dir) = &self.source else {
+            return Err(libc::EPERM);
+        };
+        let new_path = dir.join(with_ext(new_stem, ext));
         if noreplace && (target.is_some() || new_path.symlink_metadata().is_ok()) {
             return Err(libc::EEXIST);
         }
@@ -457,11 +568,18 @@ impl Inner {
 }
 
 impl Node {
-    fn new(ino: u64, name: OsString, path: PathBuf, image: Image, md: &std::fs::Metadata) -> Node {
+    fn new(
+        ino: u64,
+        name: OsString,
+        path: PathBuf,
+        (disk, asif): Opened,
+        md: &std::fs::Metadata,
+    ) -> Node {
         Node {
             ino,
             loc: Mutex::new((name, path)),
-            image: Arc::new(image),
+            disk,
+            asif,
             dev_ino: (md.dev(), md.ino()),
             open: AtomicU32::new(0),
             detached: AtomicBool::new(false),
@@ -471,8 +589,8 @@ impl Node {
 }
 
 pub(crate) fn flush_logged(node: &Node) {
-    if node.image.is_writable() {
-        if let Err(e) = node.image.flush() {
+    if node.disk.is_writable() {
+        if let Err(e) = node.disk.flush() {
             warn!("{}: flush failed: {e}", node.path().display());
         }
     }
@@ -483,14 +601,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shown_names() {
+    fn shown_and_container_suffixes() {
         assert_eq!(stem_of_shown(OsStr::new("a.img")), Some(OsStr::new("a")));
         assert_eq!(stem_of_shown(OsStr::new(".img")), None);
         assert_eq!(stem_of_shown(OsStr::new("a.raw")), None);
         assert_eq!(
             stem_of_container(OsStr::new("disk.v2.asif")),
-            Some(OsStr::new("disk.v2"))
+            Some((OsStr::new("disk.v2"), "asif"))
+        );
+        assert_eq!(
+            stem_of_container(OsStr::new("b.sparsebundle")),
+            Some((OsStr::new("b"), "sparsebundle"))
         );
         assert_eq!(stem_of_container(OsStr::new("x.asif.gz")), None);
+        assert_eq!(stem_of_container(OsStr::new(".dmg")), None);
+    }
+
+    #[test]
+    fn stems_shared_by_two_containers_show_full_names() {
+        let names: Vec<OsString> = [
+            "disk.asif",
+            "disk.dmg",
+            "solo.sparseimage",
+            "b.sparsebundle",
+            "notes.txt",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        let mut shown: Vec<(String, String)> = shown_names(&names)
+            .into_iter()
+            .map(|(k, v)| (k.to_string_lossy().into(), v.to_string_lossy().into()))
+            .collect();
+        shown.sort();
+        let want = [
+            ("b.img", "b.sparsebundle"),
+            ("disk.asif.img", "disk.asif"),
+            ("disk.dmg.img", "disk.dmg"),
+            ("solo.img", "solo.sparseimage"),
+        ];
+        assert_eq!(shown, want.map(|(a, b)| (a.to_string(), b.to_string())));
     }
 }

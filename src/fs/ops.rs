@@ -22,6 +22,8 @@ use tracing::{debug, warn};
 use super::namespace::{flush_logged, Namespace, Node, ROOT_INO};
 use super::pool::Pool;
 use super::DirectIo;
+use crate::disk::Disk;
+use crate::engine::aio::Ring;
 
 /// Attribute cache lifetime.
 const TTL: Duration = Duration::from_secs(1);
@@ -40,6 +42,8 @@ type Listing = Vec<(u64, FileType, std::ffi::OsString)>;
 pub(crate) struct AsifFs {
     pub ns: Arc<Namespace>,
     pool: Option<Arc<Pool>>,
+    /// io_uring for container I/O; `None`: blocking calls.
+    ring: Option<Arc<Ring>>,
     direct_io: DirectIo,
     /// Directory listings taken at opendir, served by readdir.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
@@ -89,12 +93,14 @@ impl AsifFs {
     pub fn new(
         ns: Arc<Namespace>,
         pool: Option<Arc<Pool>>,
+        ring: Option<Arc<Ring>>,
         direct_io: DirectIo,
         root_md: std::fs::Metadata,
     ) -> AsifFs {
         AsifFs {
             ns,
             pool,
+            ring,
             direct_io,
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
@@ -103,22 +109,25 @@ impl AsifFs {
     }
 
     fn node_attr(&self, node: &Node) -> Result<FileAttr, Errno> {
-        let md = node
-            .image
-            .container_metadata()
-            .map_err(|e| errno(e.errno()))?;
+        let md = std::fs::metadata(node.path())
+            .map_err(|e| errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
         let nlink = if node.detached.load(Ordering::SeqCst) {
             0
         } else {
             1
         };
-        Ok(attr_from(
+        let mut attr = attr_from(
             node.ino,
             FileType::RegularFile,
-            node.image.size(),
+            node.disk.size(),
             &md,
             nlink,
-        ))
+        );
+        // What the container holds on the host (`du`); for a bundle, its bands.
+        if let Ok(bytes) = node.disk.allocated_bytes() {
+            attr.blocks = bytes.div_ceil(512);
+        }
+        Ok(attr)
     }
 
     fn root_attr(&self) -> FileAttr {
@@ -176,13 +185,25 @@ impl AsifFs {
             self.ns.rescan();
             let mut map = serde_json::Map::new();
             for n in self.ns.listing() {
-                let v = serde_json::to_value(n.image.stats()).map_err(|_| Errno::EIO)?;
-                map.insert(n.name().to_string_lossy().into_owned(), v);
+                map.insert(n.name().to_string_lossy().into_owned(), self.stats(&n)?);
             }
             return serde_json::to_vec(&map).map_err(|_| Errno::EIO);
         }
         let node = self.ns.get(ino).ok_or(Errno::ENOENT)?;
-        serde_json::to_vec(&node.image.stats()).map_err(|_| Errno::EIO)
+        serde_json::to_vec(&self.stats(&node)?).map_err(|_| Errno::EIO)
+    }
+
+    /// The image's counters, and how the mount issues its container I/O.
+    fn stats(&self, node: &Node) -> Result<serde_json::Value, Errno> {
+        let mut v = node.disk.stats();
+        v["format"] = node.disk.format().name().into();
+        let io = if self.ring.is_some() && node.asif.is_some() {
+            "io_uring"
+        } else {
+            "blocking"
+        };
+        v["io"] = io.into();
+        Ok(v)
     }
 
     fn xattr_names(&self, ino: u64) -> Vec<u8> {
@@ -199,22 +220,22 @@ impl AsifFs {
 
 /// Grows the image so that `end` fits (rounded up to a sector); never shrinks.
 fn grow_to(node: &Node, end: u64) -> Result<(), i32> {
-    if end <= node.image.size() {
+    if end <= node.disk.size() {
         return Ok(());
     }
     let _g = node.resize_lock.lock();
     let target = end.checked_add(511).ok_or(libc::EFBIG)? & !511;
-    if target > node.image.max_size() {
+    if target > node.disk.max_size() {
         return Err(libc::EFBIG);
     }
-    if node.image.size() < target {
-        node.image.resize(target).map_err(|e| e.errno())?;
+    if node.disk.size() < target {
+        node.disk.resize(target).map_err(|e| e.errno())?;
     }
     Ok(())
 }
 
 fn do_read(node: &Node, offset: u64, size: u32, reply: ReplyData) {
-    let disk = node.image.size();
+    let disk = node.disk.size();
     if offset >= disk {
         return reply.data(&[]);
     }
@@ -224,7 +245,7 @@ fn do_read(node: &Node, offset: u64, size: u32, reply: ReplyData) {
         if buf.len() < len {
             buf.resize(len, 0);
         }
-        match node.image.read_at(&mut buf[..len], offset) {
+        match node.disk.read_at(&mut buf[..len], offset) {
             Ok(()) => reply.data(&buf[..len]),
             Err(e) => {
                 debug!("read {offset}+{len}: {e}");
@@ -234,8 +255,31 @@ fn do_read(node: &Node, offset: u64, size: u32, reply: ReplyData) {
     });
 }
 
-fn do_write(node: &Node, offset: u64, data: &[u8], reply: ReplyWrite) {
-    if !node.image.is_writable() {
+fn read_async(node: &Node, ring: &Ring, offset: u64, size: u32, reply: ReplyData) {
+    let disk = node.disk.size();
+    if offset >= disk {
+        return reply.data(&[]);
+    }
+    let len = (u64::from(size)).min(disk - offset) as usize;
+    let Some(image) = &node.asif else {
+        return reply.error(Errno::EIO);
+    };
+    image.read_async(
+        ring,
+        offset,
+        len,
+        Box::new(move |r| match r {
+            Ok(buf) => reply.data(buf.as_slice()),
+            Err(e) => {
+                debug!("read {offset}+{len}: {e}");
+                reply.error(errno(e.errno()))
+            }
+        }),
+    );
+}
+
+fn write_async(node: &Node, ring: &Ring, offset: u64, data: &[u8], reply: ReplyWrite) {
+    if !node.disk.is_writable() {
         return reply.error(Errno::EROFS);
     }
     let Some(end) = offset.checked_add(data.len() as u64) else {
@@ -244,7 +288,35 @@ fn do_write(node: &Node, offset: u64, data: &[u8], reply: ReplyWrite) {
     if let Err(e) = grow_to(node, end) {
         return reply.error(errno(e));
     }
-    match node.image.write_at(data, offset) {
+    let len = data.len();
+    let Some(image) = &node.asif else {
+        return reply.error(Errno::EIO);
+    };
+    image.write_async(
+        ring,
+        data,
+        offset,
+        Box::new(move |r| match r {
+            Ok(()) => reply.written(len as u32),
+            Err(e) => {
+                warn!("write {offset}+{len}: {e}");
+                reply.error(errno(e.errno()))
+            }
+        }),
+    );
+}
+
+fn do_write(node: &Node, offset: u64, data: &[u8], reply: ReplyWrite) {
+    if !node.disk.is_writable() {
+        return reply.error(Errno::EROFS);
+    }
+    let Some(end) = offset.checked_add(data.len() as u64) else {
+        return reply.error(Errno::EFBIG);
+    };
+    if let Err(e) = grow_to(node, end) {
+        return reply.error(errno(e));
+    }
+    match node.disk.write_at(data, offset) {
         Ok(()) => reply.written(data.len() as u32),
         Err(e) => {
             warn!("write {offset}+{}: {e}", data.len());
@@ -254,10 +326,10 @@ fn do_write(node: &Node, offset: u64, data: &[u8], reply: ReplyWrite) {
 }
 
 fn do_flush(node: &Node) -> Result<(), Errno> {
-    if !node.image.is_writable() {
+    if !node.disk.is_writable() {
         return Ok(());
     }
-    node.image.flush().map_err(|e| {
+    node.disk.flush().map_err(|e| {
         warn!("{}: flush failed: {e}", node.path().display());
         errno(e.errno())
     })
@@ -267,13 +339,13 @@ fn do_fallocate(node: &Node, offset: u64, length: u64, mode: i32) -> Result<(), 
     use libc::{
         FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH, FALLOC_FL_ZERO_RANGE as ZERO,
     };
-    let img = &node.image;
+    let img = &*node.disk;
     if !img.is_writable() {
         return Err(libc::EROFS);
     }
     let end = offset.checked_add(length).ok_or(libc::EFBIG)?;
     // The part of [offset, end) inside the disk once any growth is done.
-    let clamp = |img: &crate::Image| -> Option<(u64, u64)> {
+    let clamp = |img: &dyn Disk| -> Option<(u64, u64)> {
         let size = img.size();
         (offset < size).then(|| (offset, end.min(size) - offset))
     };
@@ -309,17 +381,17 @@ fn do_fallocate(node: &Node, offset: u64, length: u64, mode: i32) -> Result<(), 
 }
 
 fn do_lseek(node: &Node, offset: i64, whence: i32) -> Result<i64, i32> {
-    let size = node.image.size();
+    let size = node.disk.size();
     if offset < 0 || offset as u64 >= size {
         return Err(libc::ENXIO);
     }
     let off = offset as u64;
     match whence {
-        libc::SEEK_DATA => match node.image.seek_data(off).map_err(|e| e.errno())? {
+        libc::SEEK_DATA => match node.disk.seek_data(off).map_err(|e| e.errno())? {
             Some(o) if o < size => Ok(o as i64),
             _ => Err(libc::ENXIO),
         },
-        libc::SEEK_HOLE => Ok(node.image.seek_hole(off).map_err(|e| e.errno())?.min(size) as i64),
+        libc::SEEK_HOLE => Ok(node.disk.seek_hole(off).map_err(|e| e.errno())?.min(size) as i64),
         // The kernel resolves the other kinds itself; never say ENOSYS here.
         _ => Err(libc::EINVAL),
     }
@@ -387,8 +459,10 @@ impl Filesystem for AsifFs {
         if let Err(max) = config.set_max_readahead(MAX_WRITE) {
             let _ = config.set_max_readahead(max);
         }
-        let _ = config.set_max_background(64);
-        let _ = config.set_congestion_threshold(48);
+        // Requests the kernel keeps in flight: with io_uring each can be a
+        // host I/O in flight, so well above a guest's usual queue depth.
+        let _ = config.set_max_background(128);
+        let _ = config.set_congestion_threshold(96);
         for cap in [
             // Lets the kernel keep several requests of one direct/AIO read or write in flight.
             InitFlags::FUSE_ASYNC_DIO,
@@ -458,11 +532,11 @@ impl Filesystem for AsifFs {
         };
         let r = (|| -> Result<(), Errno> {
             if let Some(size) = size {
-                if !node.image.is_writable() {
+                if !node.disk.is_writable() {
                     return Err(Errno::EROFS);
                 }
                 let _g = node.resize_lock.lock();
-                node.image.resize(size).map_err(|e| {
+                node.disk.resize(size).map_err(|e| {
                     warn!("{}: resize to {size}: {e}", node.path().display());
                     errno(e.errno())
                 })?;
@@ -593,7 +667,7 @@ impl Filesystem for AsifFs {
             Err(e) => return reply.error(e),
         };
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        if write && !node.image.is_writable() {
+        if write && !node.disk.is_writable() {
             return reply.error(Errno::EROFS);
         }
         node.open.fetch_add(1, Ordering::SeqCst);
@@ -614,9 +688,12 @@ impl Filesystem for AsifFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.node(ino) {
-            Ok(node) => self.exec(move || do_read(&node, offset, size, reply)),
-            Err(e) => reply.error(e),
+        match (self.node(ino), &self.ring) {
+            (Ok(node), Some(ring)) if node.asif.is_some() => {
+                read_async(&node, ring, offset, size, reply)
+            }
+            (Ok(node), _) => self.exec(move || do_read(&node, offset, size, reply)),
+            (Err(e), _) => reply.error(e),
         }
     }
 
@@ -636,7 +713,9 @@ impl Filesystem for AsifFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        if self.pool.is_some() {
+        if let (Some(ring), Some(_)) = (&self.ring, &node.asif) {
+            write_async(&node, ring, offset, data, reply);
+        } else if self.pool.is_some() {
             // The request buffer is reused for the next request: the pool needs a copy.
             let data = data.to_vec();
             self.exec(move || do_write(&node, offset, &data, reply));

@@ -220,6 +220,12 @@ impl SparseImage {
         self.size.load(Ordering::Acquire)
     }
 
+    /// Largest size [`SparseImage::resize`] accepts: as many bands as
+    /// 32-bit band ids can name.
+    pub fn max_size(&self) -> u64 {
+        (u64::from(u32::MAX).saturating_mul(self.band_size) / SECTOR) * SECTOR
+    }
+
     pub fn band_size(&self) -> u64 {
         self.band_size
     }
@@ -813,6 +819,9 @@ impl Disk for SparseImage {
     }
     fn size(&self) -> u64 {
         SparseImage::size(self)
+    }
+    fn max_size(&self) -> u64 {
+        SparseImage::max_size(self)
     }
     fn is_writable(&self) -> bool {
         SparseImage::is_writable(self)

@@ -1,0 +1,93 @@
+//! Arbitrary bytes as a whole `.dmg` in memory: parsed, and when it
+//! parses, read (within a budget), walked, checked and, when it is raw
+//! throughout, written. Nothing may panic, hang or allocate without bound;
+//! holes must read as zeros and a write must read back.
+
+#![no_main]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use asiffs::disk::Disk;
+use asiffs::engine::memory::MemStorage;
+use asiffs::udif::blkx::MAX_RUN_BYTES;
+use asiffs::udif::Udif;
+use libfuzzer_sys::fuzz_target;
+
+/// Virtual bytes read per open: some data, a little of the holes.
+const DATA_BUDGET: u64 = 4 << 20;
+const HOLE_BUDGET: u64 = 256 << 10;
+/// `check` expands every compressed run: only when they add up to this.
+const CHECK_BUDGET: u64 = 256 << 20;
+
+fn open(data: &[u8], writable: bool) -> Option<Udif> {
+    let s = MemStorage::with_limit(data.to_vec(), data.len() as u64);
+    Udif::from_storage(Path::new("fuzz.dmg"), Arc::new(s), writable).ok()
+}
+
+fn read_all(u: &Udif) {
+    let extents = u.extents().expect("extents of a parsed image");
+    let mut at = 0;
+    for e in &extents {
+        assert_eq!(e.start, at, "extents leave a gap or overlap");
+        at += e.length;
+    }
+    assert_eq!(at, u.size(), "extents do not cover the disk");
+    let (mut data, mut holes) = (DATA_BUDGET, HOLE_BUDGET);
+    let mut buf = Vec::new();
+    for e in &extents {
+        let budget = if e.data { &mut data } else { &mut holes };
+        let n = e.length.min(*budget);
+        *budget -= n;
+        if n == 0 {
+            continue;
+        }
+        buf.clear();
+        buf.resize(n as usize, 0xA5);
+        if u.read_at(&mut buf, e.start).is_ok() && !e.data {
+            assert!(buf.iter().all(|&b| b == 0), "hole at {:#x} reads as data", e.start);
+        }
+    }
+    let _ = u.seek_data(0);
+    if u.size() > 0 {
+        let _ = u.seek_hole(0);
+    }
+    let expand: u64 = u
+        .layout()
+        .map
+        .runs
+        .iter()
+        .filter(|r| r.kind.is_compressed())
+        .map(|r| (r.sectors * 512).min(MAX_RUN_BYTES))
+        .sum();
+    if expand <= CHECK_BUDGET {
+        let _ = u.check().map(|r| r.lines());
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some(u) = open(data, false) else {
+        return;
+    };
+    read_all(&u);
+    drop(u);
+    let Some(w) = open(data, true) else {
+        return;
+    };
+    let size = w.size();
+    if !w.is_writable() || size == 0 {
+        assert!(w.write_at(b"x", 0).is_err() || size == 0);
+        return;
+    }
+    let len = 1 + (data.len() as u64 % 4096).min(size - 1);
+    let off = (data.len() as u64 * 7919) % (size - len + 1);
+    let pattern: Vec<u8> = (0..len).map(|i| (i as u8 & 0x7F) | 0x80).collect();
+    w.write_at(&pattern, off).expect("a write to a writable image");
+    let mut back = vec![0u8; len as usize];
+    w.read_at(&mut back, off).expect("reading back a write");
+    assert_eq!(back, pattern, "a write did not read back");
+    w.discard(off, len).expect("a discard");
+    w.read_at(&mut back, off).expect("reading back a discard");
+    assert!(back.iter().all(|&b| b == 0), "a discard left data");
+    w.flush().expect("a flush");
+});

@@ -1,0 +1,609 @@
+//! Asynchronous guest-data I/O through io_uring.
+//!
+//! The mount translates a request on the thread that received it, hands
+//! the container reads and writes to a [`Ring`] and goes back for the next
+//! request; the ring's reaper thread finishes it. The host then sees as
+//! many requests in flight as the kernel sends, not one per serving thread.
+//!
+//! Invariants:
+//! - an operation holds the image shared (`exclusive`) and inside the I/O
+//!   gate from translation until its last host I/O completes, as the
+//!   synchronous path does: compact and resize wait for it, and no chunk it
+//!   touches is handed out again under it;
+//! - a buffer given to the kernel belongs to its [`Op`], which stays alive
+//!   (in the ring's table of pieces) until every piece has been reaped;
+//! - only requests whose chunks are all fully mapped take this path; the
+//!   rest (allocation, partially valid chunks, stores without descriptors)
+//!   run synchronously on the calling thread, as before.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use io_uring::{opcode, types, IoUring};
+use parking_lot::lock_api::ArcRwLockReadGuard;
+use parking_lot::{Mutex, RawRwLock};
+use slab::Slab;
+
+use super::alloc::OwnedGateGuard;
+use super::storage::{aligned, AlignedBuf, AsyncFds, DIRECT_ALIGN};
+use super::{bump, Image};
+use crate::error::Result;
+use crate::format::ChunkState;
+
+/// Called once with the bytes read.
+pub type ReadDone = Box<dyn FnOnce(Result<ReadBuf>) + Send>;
+/// Called once when the write is complete (or failed).
+pub type WriteDone = Box<dyn FnOnce(Result<()>) + Send>;
+/// See [`Ring::set_before_submit`].
+pub type Hook = Arc<dyn Fn() + Send + Sync>;
+
+/// Bytes read by [`Image::read_async`].
+pub struct ReadBuf {
+    /// `None` only once dropped.
+    buf: Option<AlignedBuf>,
+    pool: Option<Arc<BufPool>>,
+}
+
+impl ReadBuf {
+    pub fn as_slice(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], |b| b.as_slice())
+    }
+}
+
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        if let (Some(pool), Some(buf)) = (&self.pool, self.buf.take()) {
+            pool.give(buf);
+        }
+    }
+}
+
+/// Buffers kept for reuse, at most this many bytes in all. Allocating
+/// on the serving threads and freeing on the ring's thread left every
+/// thread's malloc arena holding megabytes (200 MiB resident under fio).
+const POOL_BYTES: usize = 32 << 20;
+/// Buffers larger than this are not kept.
+const POOL_LARGEST: usize = 1 << 20;
+
+/// Aligned buffers by size class (powers of two from 4 KiB).
+struct BufPool {
+    classes: Vec<Mutex<Vec<AlignedBuf>>>,
+    kept: AtomicUsize,
+}
+
+impl BufPool {
+    fn new() -> BufPool {
+        let n = (POOL_LARGEST / DIRECT_ALIGN).trailing_zeros() as usize + 1;
+        BufPool {
+            classes: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+            kept: AtomicUsize::new(0),
+        }
+    }
+
+    fn class(len: usize) -> Option<(usize, usize)> {
+        let size = len.max(DIRECT_ALIGN).checked_next_power_of_two()?;
+        (size <= POOL_LARGEST).then(|| ((size / DIRECT_ALIGN).trailing_zeros() as usize, size))
+    }
+
+    /// A buffer of `len` bytes; its contents are whatever it last held.
+    fn take(&self, len: usize) -> AlignedBuf {
+        let Some((c, size)) = Self::class(len) else {
+            return AlignedBuf::new(len);
+        };
+        let mut buf = match self.classes[c].lock().pop() {
+            Some(b) => {
+                self.kept.fetch_sub(size, Ordering::Relaxed);
+                b
+            }
+            None => AlignedBuf::new(size),
+        };
+        buf.resize(len);
+        buf
+    }
+
+    fn give(&self, buf: AlignedBuf) {
+        let Some((c, size)) = Self::class(buf.capacity()) else {
+            return;
+        };
+        if size != buf.capacity()
+            || self.kept.fetch_add(size, Ordering::Relaxed) + size > POOL_BYTES
+        {
+            if size == buf.capacity() {
+                self.kept.fetch_sub(size, Ordering::Relaxed);
+            }
+            return;
+        }
+        self.classes[c].lock().push(buf);
+    }
+}
+
+/// Ring slots; the completion queue is twice as large and the kernel keeps
+/// overflowing completions (IORING_FEAT_NODROP), so this bounds batching,
+/// not the requests in flight.
+const ENTRIES: u32 = 256;
+const STOP: u64 = u64::MAX;
+
+/// An io_uring instance with a reaper thread.
+pub struct Ring {
+    shared: Arc<Shared>,
+    reaper: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    ring: IoUring,
+    /// Held while pushing submission entries: one pusher at a time.
+    sq: Mutex<()>,
+    pieces: Mutex<Slab<Piece>>,
+    buffers: Arc<BufPool>,
+    stopping: AtomicBool,
+    /// Runs between translating a request and submitting it: tests use it
+    /// to hold requests in flight while other operations run.
+    before_submit: Mutex<Option<Hook>>,
+    /// Host I/Os submitted so far.
+    submitted: AtomicU64,
+}
+
+/// One host read or write of an operation.
+struct Piece {
+    op: Arc<Op>,
+    fd: i32,
+    host: u64,
+    /// Offset within the operation's buffer.
+    at: usize,
+    len: usize,
+}
+
+enum Done {
+    Read(ReadDone),
+    Write(WriteDone),
+}
+
+/// The image held shared and the I/O gate entered, for one request.
+/// Only dropping it matters.
+struct Held {
+    _shared: ArcRwLockReadGuard<RawRwLock, ()>,
+    _gate: OwnedGateGuard,
+}
+
+/// One request: its buffer, the guards it holds and how to finish it.
+struct Op {
+    image: Arc<Image>,
+    _held: Held,
+    /// Start of `buf`'s bytes; the heap block does not move while `buf`
+    /// lives, and `buf` is taken out only once no piece is in flight.
+    base: usize,
+    buf: Mutex<Option<AlignedBuf>>,
+    remaining: AtomicUsize,
+    error: Mutex<Option<io::Error>>,
+    done: Mutex<Option<Done>>,
+    len: usize,
+    write: bool,
+    pool: Arc<BufPool>,
+}
+
+impl Ring {
+    /// Sets up a ring and checks that the kernel runs requests on it (a
+    /// seccomp filter or `io_uring_disabled` shows up here, not later).
+    pub fn new() -> io::Result<Ring> {
+        let ring = IoUring::new(ENTRIES)?;
+        // SAFETY: a NOP names no memory; nothing else uses the ring yet.
+        unsafe {
+            ring.submission_shared()
+                .push(&opcode::Nop::new().build().user_data(0))
+        }
+        .map_err(|_| io::Error::other("io_uring submission queue full at start"))?;
+        ring.submit_and_wait(1)?;
+        // SAFETY: no other completion queue handle exists yet.
+        let probe: Vec<i32> = unsafe { ring.completion_shared() }
+            .map(|c| c.result())
+            .collect();
+        if let Some(&res) = probe.first() {
+            if res < 0 {
+                return Err(io::Error::from_raw_os_error(-res));
+            }
+        }
+        let shared = Arc::new(Shared {
+            ring,
+            sq: Mutex::new(()),
+            pieces: Mutex::new(Slab::new()),
+            buffers: Arc::new(BufPool::new()),
+            stopping: AtomicBool::new(false),
+            before_submit: Mutex::new(None),
+            submitted: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        let reaper = std::thread::Builder::new()
+            .name("asiffs-ring".into())
+            .spawn(move || s.reap())?;
+        Ok(Ring {
+            shared,
+            reaper: Mutex::new(Some(reaper)),
+        })
+    }
+
+    /// Host reads and writes submitted since the ring was set up.
+    pub fn submitted(&self) -> u64 {
+        self.shared.submitted.load(Ordering::Relaxed)
+    }
+
+    /// Pieces in flight now (for tests and stats).
+    pub fn in_flight(&self) -> usize {
+        self.shared.pieces.lock().len()
+    }
+
+    /// Runs `hook` on the requesting thread between translating each
+    /// request and submitting it, with the request's locks held: tests race
+    /// other operations against requests in flight with it.
+    pub fn set_before_submit(&self, hook: Option<Hook>) {
+        *self.shared.before_submit.lock() = hook;
+    }
+
+    /// Waits for every piece in flight, then stops the reaper. Later
+    /// submissions are refused.
+    pub fn shutdown(&self) {
+        let Some(reaper) = self.reaper.lock().take() else {
+            return;
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.shared
+            .push(&opcode::Nop::new().build().user_data(STOP));
+        let _ = reaper.join();
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Shared {
+    /// Pushes one entry and submits it.
+    fn push(&self, entry: &io_uring::squeue::Entry) {
+        let _one = self.sq.lock();
+        loop {
+            // SAFETY: the `sq` lock makes this the only submission queue
+            // handle; every buffer an entry names is owned by an `Op` kept
+            // in `pieces` until its completion is reaped.
+            let pushed = unsafe { self.ring.submission_shared().push(entry) }.is_ok();
+            if pushed {
+                break;
+            }
+            // Full: hand what is queued to the kernel, which frees the slots.
+            self.enter();
+        }
+        self.enter();
+    }
+
+    /// Submits what is queued. The kernel's errors here (EAGAIN, EBUSY
+    /// while completions overflow, EINTR) are transient: retry.
+    fn enter(&self) {
+        while let Err(e) = self.ring.submit() {
+            tracing::debug!("io_uring submit: {e}");
+            std::thread::yield_now();
+        }
+    }
+
+    fn submit(&self, p: Piece, write: bool) {
+        let ptr = (p.op.base + p.at) as *mut u8;
+        let (fd, host, len) = (types::Fd(p.fd), p.host, p.len as u32);
+        let key = self.pieces.lock().insert(p) as u64;
+        self.submitted.fetch_add(1, Ordering::Relaxed);
+        let entry = if write {
+            opcode::Write::new(fd, ptr, len).offset(host).build()
+        } else {
+            opcode::Read::new(fd, ptr, len).offset(host).build()
+        };
+        self.push(&entry.user_data(key));
+    }
+
+    fn reap(&self) {
+        let mut stop = false;
+        loop {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::debug!("io_uring wait: {e}");
+                    std::thread::yield_now();
+                }
+            }
+            // SAFETY: this thread is the only one that reads completions.
+            let done: Vec<(u64, i32)> = unsafe { self.ring.completion_shared() }
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (key, res) in done {
+                if key == STOP {
+                    stop = true;
+                    continue;
+                }
+                let Some(p) = self.pieces.lock().try_remove(key as usize) else {
+                    continue;
+                };
+                self.finish_piece(p, res);
+            }
+            if stop && self.pieces.lock().is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn finish_piece(&self, mut p: Piece, res: i32) {
+        let write = p.op.write;
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            if e.kind() == io::ErrorKind::Interrupted {
+                return self.submit(p, write);
+            }
+            p.op.error.lock().get_or_insert(e);
+        } else if (res as usize) < p.len {
+            if res == 0 {
+                // End of file: only a read gets here (a write of 0 bytes
+                // would be an error). Chunks lie inside the file, but a
+                // shorter file reads as zeros, as `Storage::read_at` says.
+                if !write {
+                    return self.piece_done(p.op);
+                }
+                p.op.error
+                    .lock()
+                    .get_or_insert(io::ErrorKind::WriteZero.into());
+            } else {
+                let n = res as usize;
+                p.at += n;
+                p.host += n as u64;
+                p.len -= n;
+                return self.submit(p, write);
+            }
+        }
+        self.piece_done(p.op)
+    }
+
+    fn piece_done(&self, op: Arc<Op>) {
+        if op.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            op.complete();
+        }
+    }
+}
+
+impl Op {
+    fn complete(&self) {
+        let error = self.error.lock().take();
+        let buf = self.buf.lock().take();
+        let Some(done) = self.done.lock().take() else {
+            return;
+        };
+        let image = &self.image;
+        match done {
+            Done::Read(f) => match (error, buf) {
+                (None, Some(buf)) => {
+                    bump(&image.counters.reads, 1);
+                    bump(&image.counters.bytes_read, self.len as u64);
+                    f(Ok(ReadBuf {
+                        buf: Some(buf),
+                        pool: Some(self.pool.clone()),
+                    }))
+                }
+                (e, _) => f(Err(image.io_err(
+                    "reading a data chunk",
+                    e.unwrap_or_else(|| io::Error::other("buffer lost")),
+                ))),
+            },
+            Done::Write(f) => {
+                if let Some(buf) = buf {
+                    self.pool.give(buf);
+                }
+                match error {
+                    None => {
+                        bump(&image.counters.writes, 1);
+                        bump(&image.counters.bytes_written, self.len as u64);
+                        f(Ok(()))
+                    }
+                    Some(e) => f(Err(image.io_err("writing a data chunk", e))),
+                }
+            }
+        }
+    }
+}
+
+/// A request's pieces in the container: (offset in the request, host
+/// offset, length).
+type Segments = Vec<(usize, u64, usize)>;
+
+impl Image {
+    /// Where each fully mapped piece of `offset..offset+len` lies in the
+    /// container; `None` when some piece needs the synchronous path (not
+    /// mapped, or partially valid). Unmapped pieces of a read are left to
+    /// the zeroed buffer when `zeros_ok`.
+    fn segments(&self, offset: u64, len: u64, zeros_ok: bool) -> Result<Option<Segments>> {
+        let cs = self.geo.chunk_size;
+        let mut segs = Vec::new();
+        for p in self.pieces(offset, len) {
+            let state = match self.group(&p.loc, false)? {
+                None => None,
+                Some(g) => match g.state(p.loc.index as usize) {
+                    None => return Err(self.corrupt_entry(&p.loc)),
+                    Some(s) => Some(s),
+                },
+            };
+            match state {
+                Some(ChunkState::Full(n)) => segs.push((p.at, n * cs + p.loc.within, p.len)),
+                None | Some(ChunkState::Unwritten | ChunkState::Unmapped) if zeros_ok => {}
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(segs))
+    }
+
+    /// Which descriptor serves these segments: the `O_DIRECT` one when the
+    /// page cache is bypassed and every piece is aligned.
+    fn data_fd(&self, fds: AsyncFds, segs: &Segments) -> i32 {
+        match fds.direct {
+            Some(d)
+                if self.direct_data
+                    && segs
+                        .iter()
+                        .all(|&(at, host, len)| aligned(host, len) && aligned(at as u64, len)) =>
+            {
+                d
+            }
+            _ => fds.buffered,
+        }
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        ring: &Ring,
+        held: Held,
+        mut buf: AlignedBuf,
+        segs: Segments,
+        fd: i32,
+        done: Done,
+    ) {
+        let write = matches!(done, Done::Write(_));
+        let hook = ring.shared.before_submit.lock().clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+        let base = buf.as_mut().as_mut_ptr() as usize;
+        let op = Arc::new(Op {
+            image: self.clone(),
+            _held: held,
+            base,
+            len: buf.as_slice().len(),
+            buf: Mutex::new(Some(buf)),
+            // One extra count, dropped below, so that a fast completion
+            // cannot finish the op before every piece is submitted.
+            remaining: AtomicUsize::new(segs.len() + 1),
+            error: Mutex::new(None),
+            done: Mutex::new(Some(done)),
+            write,
+            pool: ring.shared.buffers.clone(),
+        });
+        for (at, host, len) in segs {
+            ring.shared.submit(
+                Piece {
+                    op: op.clone(),
+                    fd,
+                    host,
+                    at,
+                    len,
+                },
+                write,
+            );
+        }
+        ring.shared.piece_done(op);
+    }
+
+    /// Reads `len` bytes at `offset` and calls `done` with them, from the
+    /// ring's thread when the container is read asynchronously, else
+    /// before returning.
+    pub fn read_async(self: &Arc<Self>, ring: &Ring, offset: u64, len: usize, done: ReadDone) {
+        let sync = |done: ReadDone| {
+            let mut buf = ring.shared.buffers.take(len);
+            let r = self.read_at(buf.as_mut(), offset);
+            let buf = ReadBuf {
+                buf: Some(buf),
+                pool: Some(ring.shared.buffers.clone()),
+            };
+            done(r.map(|()| buf))
+        };
+        let Some(fds) = self.storage.async_fds() else {
+            return sync(done);
+        };
+        if ring.shared.stopping.load(Ordering::Relaxed) {
+            return sync(done);
+        }
+        if let Err(e) = self.check_range(offset, len as u64) {
+            return done(Err(e));
+        }
+        let shared = self.exclusive.read_arc();
+        let gate = self.gate.enter_owned();
+        let segs = match self.segments(offset, len as u64, true) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                drop((shared, gate));
+                return sync(done);
+            }
+            Err(e) => return done(Err(e)),
+        };
+        let fd = self.data_fd(fds, &segs);
+        let mut buf = ring.shared.buffers.take(len);
+        zero_gaps(buf.as_mut(), &segs);
+        self.start(
+            ring,
+            Held {
+                _shared: shared,
+                _gate: gate,
+            },
+            buf,
+            segs,
+            fd,
+            Done::Read(done),
+        );
+    }
+
+    /// Writes `data` at `offset` and calls `done`, from the ring's thread
+    /// when every chunk it touches is already mapped, else before
+    /// returning (the synchronous path allocates).
+    pub fn write_async(self: &Arc<Self>, ring: &Ring, data: &[u8], offset: u64, done: WriteDone) {
+        let sync = |done: WriteDone| done(self.write_at(data, offset));
+        let Some(fds) = self.storage.async_fds() else {
+            return sync(done);
+        };
+        if !self.writable || ring.shared.stopping.load(Ordering::Relaxed) {
+            return sync(done);
+        }
+        let shared = self.exclusive.read_arc();
+        if let Err(e) = self
+            .open_scan
+            .wait(&self.alloc)
+            .and_then(|()| self.check_range(offset, data.len() as u64))
+        {
+            return done(Err(e));
+        }
+        let gate = self.gate.enter_owned();
+        let segs = match self.segments(offset, data.len() as u64, false) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                drop((shared, gate));
+                return sync(done);
+            }
+            Err(e) => return done(Err(e)),
+        };
+        // Before the reply: a flush that follows it must sync this data.
+        self.note_data_change();
+        let fd = self.data_fd(fds, &segs);
+        let mut buf = ring.shared.buffers.take(data.len());
+        buf.as_mut().copy_from_slice(data);
+        self.start(
+            ring,
+            Held {
+                _shared: shared,
+                _gate: gate,
+            },
+            buf,
+            segs,
+            fd,
+            Done::Write(done),
+        );
+    }
+}
+
+/// Zeroes what no segment will fill (holes), in a reused buffer.
+fn zero_gaps(buf: &mut [u8], segs: &Segments) {
+    let mut at = 0;
+    for &(start, _, len) in segs {
+        buf[at..start].fill(0);
+        at = start + len;
+    }
+    buf[at..].fill(0);
+}
+
+/// Why the mount serves without io_uring, when it does.
+pub fn unavailable_reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => "the kernel has no io_uring".into(),
+        Some(libc::EPERM) => "io_uring is not permitted here (io_uring_disabled or seccomp)".into(),
+        _ => format!("io_uring setup failed: {e}"),
+    }
+}

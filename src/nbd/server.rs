@@ -1,0 +1,932 @@
+//! The NBD server: listeners, and one thread per client session.
+//!
+//! Invariants:
+//! - every client of an image shares that image's one `Arc<dyn Disk>`, so a
+//!   flush (or FUA) on any connection covers the writes of all of them,
+//!   which is what `NBD_FLAG_CAN_MULTI_CONN` promises;
+//! - a session answers requests in order, one at a time; a request's reply
+//!   is sent only after the disk call returned (and, with FUA, after the
+//!   flush), so an acknowledged flush survives the client vanishing;
+//! - hostile input never panics: sizes are checked before any allocation
+//!   (options over [`MAX_OPTION_LEN`], payloads over [`MAX_PAYLOAD`]), bad
+//!   magic or a broken handshake closes only that connection, and a peer
+//!   that stalls during the handshake or a write payload is dropped after
+//!   the handshake timeout.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+use tracing::{debug, info, warn};
+
+use super::proto::*;
+use crate::disk::Disk;
+use crate::Error;
+
+/// Longest option data accepted; longer options are answered with
+/// `NBD_REP_ERR_TOO_BIG` and the connection is closed.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Largest read or write payload, advertised as the maximum block size.
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+/// Preferred block size advertised to clients.
+const PREFERRED_BLOCK: u32 = 4096;
+/// Most `base:allocation` descriptors in one reply.
+const MAX_EXTENTS: usize = 4096;
+/// Holes shorter than this inside a read are sent as data, not as a chunk
+/// of their own.
+const MIN_HOLE_CHUNK: u64 = 4096;
+/// The id of `base:allocation` once selected.
+const CONTEXT_ID: u32 = 1;
+/// What the server offers in the handshake flags.
+const HANDSHAKE_FLAGS: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
+/// A client that stops reading replies for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One served image.
+pub struct Export {
+    pub name: String,
+    pub disk: Arc<dyn Disk>,
+    pub read_only: bool,
+}
+
+/// How the server treats its clients.
+#[derive(Clone)]
+pub struct Config {
+    /// With TLS, every option but `STARTTLS` and `ABORT` is refused until
+    /// the client has started TLS (the spec's FORCEDTLS mode).
+    pub tls: Option<Arc<ServerConfig>>,
+    /// Time a client may take for the whole handshake, and for each write
+    /// payload.
+    pub handshake_timeout: Duration,
+    /// Connections served at once; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            tls: None,
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 256,
+        }
+    }
+}
+
+pub struct Server {
+    exports: BTreeMap<String, Arc<Export>>,
+    config: Config,
+    active: AtomicUsize,
+}
+
+/// A connected client socket.
+pub enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(t),
+            Sock::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_write_timeout(t),
+            Sock::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn peer(&self) -> String {
+        match self {
+            Sock::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp peer".into()),
+            Sock::Unix(_) => "unix peer".into(),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The byte stream of a session: the socket, or TLS over it after STARTTLS.
+enum Conn {
+    Plain(Sock),
+    Tls(Box<StreamOwned<ServerConnection, Sock>>),
+    /// Only while switching to TLS.
+    Gone,
+}
+
+impl Conn {
+    fn sock(&self) -> Option<&Sock> {
+        match self {
+            Conn::Plain(s) => Some(s),
+            Conn::Tls(t) => Some(&t.sock),
+            Conn::Gone => None,
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self.sock() {
+            Some(s) => s.set_read_timeout(t),
+            None => Ok(()),
+        }
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
+            Conn::Gone => Err(gone()),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
+            Conn::Gone => Err(gone()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
+            Conn::Gone => Err(gone()),
+        }
+    }
+}
+
+/// Why a session ended early: logged, never sent.
+#[derive(Debug)]
+struct Stop(String);
+
+impl From<io::Error> for Stop {
+    fn from(e: io::Error) -> Self {
+        Stop(e.to_string())
+    }
+}
+
+type Step<T> = std::result::Result<T, Stop>;
+
+/// The NBD error value for a disk error.
+fn errno_of(e: &Error) -> u32 {
+    match e {
+        Error::OutOfRange { .. } | Error::Invalid(_) => EINVAL,
+        Error::ReadOnly | Error::WritesRefused { .. } => EPERM,
+        Error::Io { source, .. } => match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
+            _ => EIO,
+        },
+        _ => EIO,
+    }
+}
+
+impl Server {
+    pub fn new(exports: Vec<Export>, config: Config) -> Arc<Server> {
+        Arc::new(Server {
+            exports: exports
+                .into_iter()
+                .map(|e| (e.name.clone(), Arc::new(e)))
+                .collect(),
+            config,
+            active: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn exports(&self) -> impl Iterator<Item = &Export> {
+        self.exports.values().map(|e| &**e)
+    }
+
+    /// The export a client names; the empty name is the default export
+    /// when there is exactly one.
+    fn lookup(&self, name: &str) -> Option<Arc<Export>> {
+        if name.is_empty() && self.exports.len() == 1 {
+            return self.exports.values().next().cloned();
+        }
+        self.exports.get(name).cloned()
+    }
+
+    /// Flushes every writable export; false if any flush failed.
+    pub fn flush_all(&self) -> bool {
+        let mut ok = true;
+        for e in self.exports.values().filter(|e| !e.read_only) {
+            if let Err(err) = e.disk.flush() {
+                tracing::error!("{}: flush failed: {err}", e.name);
+                ok = false;
+            }
+        }
+        ok
+    }
+
+    /// Accepts clients forever.
+    pub fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => self.spawn(Sock::Unix(s)),
+                Err(e) => accept_failed(e)?,
+            }
+        }
+    }
+
+    /// Accepts clients forever.
+    pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        loop {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    keepalive(&s);
+                    self.spawn(Sock::Tcp(s))
+                }
+                Err(e) => accept_failed(e)?,
+            }
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, sock: Sock) {
+        let n = self.active.fetch_add(1, Ordering::SeqCst);
+        if n >= self.config.max_connections {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            warn!("{}: refused: already {n} connections", sock.peer());
+            sock.shutdown();
+            return;
+        }
+        let server = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("asiffs-nbd".into())
+            .spawn(move || {
+                server.session(sock);
+                server.active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            warn!("cannot start a session thread: {e}");
+        }
+    }
+
+    /// Serves one client until it leaves; never panics on its input.
+    pub fn session(&self, sock: Sock) {
+        let peer = sock.peer();
+        let _ = sock.set_write_timeout(Some(WRITE_TIMEOUT));
+        let mut s = Session {
+            server: self,
+            conn: Conn::Plain(sock),
+            no_zeroes: false,
+            structured: false,
+            tls: false,
+            meta: None,
+            buf: Vec::new(),
+            deadline: Instant::now() + self.config.handshake_timeout,
+        };
+        debug!("{peer}: connected");
+        let r = match s.handshake() {
+            Ok(Some(export)) => s.transmission(&export),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => debug!("{peer}: disconnected"),
+            Err(Stop(why)) => info!("{peer}: connection closed: {why}"),
+        }
+        if let Conn::Tls(t) = &mut s.conn {
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        }
+        if let Some(sock) = s.conn.sock() {
+            sock.shutdown();
+        }
+    }
+}
+
+fn accept_failed(e: io::Error) -> io::Result<()> {
+    match e.raw_os_error() {
+        // Out of descriptors or memory, or a client that left before we
+        // took it: wait a little rather than spin or give up.
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+            warn!("accept: {e}");
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(())
+        }
+        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO) => Ok(()),
+        _ => Err(e),
+    }
+}
+
+/// TCP keepalive, so a peer that vanished without a word (cable, crash)
+/// frees its session within minutes rather than hours.
+fn keepalive(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6),
+    ] {
+        let v: libc::c_int = value;
+        // SAFETY: fd is an open socket borrowed from `s`; the option value
+        // is a c_int whose size is passed along.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+struct Session<'a> {
+    server: &'a Server,
+    conn: Conn,
+    no_zeroes: bool,
+    structured: bool,
+    tls: bool,
+    /// The export `base:allocation` was selected for.
+    meta: Option<String>,
+    buf: Vec<u8>,
+    /// When the whole handshake must be over.
+    deadline: Instant,
+}
+
+/// What the transmission loop does after a request.
+enum Next {
+    Continue,
+    Disconnect,
+}
+
+impl Session<'_> {
+    fn send(&mut self, bytes: &[u8]) -> Step<()> {
+        self.conn.write_all(bytes)?;
+        self.conn.flush()?;
+        Ok(())
+    }
+
+    fn reply(&mut self, option: u32, reply: u32, data: &[u8]) -> Step<()> {
+        self.send(&option_reply(option, reply, data))
+    }
+
+    fn reply_err(&mut self, option: u32, reply: u32, message: &str) -> Step<()> {
+        self.reply(option, reply, message.as_bytes())
+    }
+
+    /// What is left of the handshake's time.
+    fn time_left(&self) -> Step<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Stop("the handshake took too long".into()));
+        }
+        Ok(left)
+    }
+
+    /// Reads during the handshake: all of it must arrive before the
+    /// deadline, however slowly the bytes trickle in.
+    fn recv(&mut self, buf: &mut [u8]) -> Step<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            self.conn.set_read_timeout(Some(self.time_left()?))?;
+            match self.conn.read(&mut buf[got..]) {
+                Ok(0) => return Err(Stop("the client left during the handshake".into())),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Option haggling; `Some(export)` enters transmission, `None` ends
+    /// the session cleanly (`NBD_OPT_ABORT`).
+    fn handshake(&mut self) -> Step<Option<Arc<Export>>> {
+        self.send(&greeting(HANDSHAKE_FLAGS))?;
+        let mut cf = [0u8; 4];
+        self.recv(&mut cf)?;
+        let flags = decode_client_flags(cf, HANDSHAKE_FLAGS).map_err(|e| Stop(e.to_string()))?;
+        self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+        if flags & FLAG_C_FIXED_NEWSTYLE == 0 && self.server.config.tls.is_some() {
+            return Err(Stop(
+                "TLS is required and the client is not fixed newstyle".into(),
+            ));
+        }
+        loop {
+            let mut hb = [0u8; OPTION_HEADER_LEN];
+            self.recv(&mut hb)?;
+            let h = OptionHeader::decode(&hb).map_err(|e| Stop(format!("option: {e}")))?;
+            if h.len > MAX_OPTION_LEN {
+                if h.option != OPT_EXPORT_NAME {
+                    let msg = format!("option data of {} bytes is over the limit", h.len);
+                    let _ = self.reply_err(h.option, REP_ERR_TOO_BIG, &msg);
+                }
+                return Err(Stop(format!(
+                    "option {} with {} bytes of data",
+                    h.option, h.len
+                )));
+            }
+            let mut data = vec![0u8; h.len as usize];
+            self.recv(&mut data)?;
+            match self.option(h.option, &data)? {
+                Haggle::More => {}
+                Haggle::Go(e) => return Ok(Some(e)),
+                Haggle::Abort => return Ok(None),
+            }
+        }
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) -> Step<Haggle> {
+        if self.server.config.tls.is_some() && !self.tls && opt != OPT_STARTTLS && opt != OPT_ABORT
+        {
+            if opt == OPT_EXPORT_NAME {
+                return Err(Stop("NBD_OPT_EXPORT_NAME before TLS".into()));
+            }
+            self.reply_err(
+                opt,
+                REP_ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+            )?;
+            return Ok(Haggle::More);
+        }
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name =
+                    decode_export_name(data).map_err(|e| Stop(format!("export name: {e}")))?;
+                // This option cannot fail politely: an unknown name ends the session.
+                let e = self
+                    .server
+                    .lookup(&name)
+                    .ok_or_else(|| Stop(format!("no export named {name:?}")))?;
+                let flags = self.transmission_flags(&e);
+                let r = export_name_reply(e.disk.size(), flags, self.no_zeroes);
+                self.send(&r)?;
+                Ok(Haggle::Go(e))
+            }
+            OPT_ABORT => {
+                // The client may already be gone; that is fine.
+                let _ = self.reply(opt, REP_ACK, &[]);
+                Ok(Haggle::Abort)
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    self.reply_err(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
+                    return Ok(Haggle::More);
+                }
+                let names: Vec<String> = self.server.exports.keys().cloned().collect();
+                for n in names {
+                    self.reply(opt, REP_SERVER, &rep_server(&n))?;
+                }
+                self.reply(opt, REP_ACK, &[])?;
+                Ok(Haggle::More)
+            }
+            OPT_STARTTLS => self.starttls(data),
+            OPT_INFO | OPT_GO => self.info(opt, data),
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    self.reply_err(
+                        opt,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )?;
+                } else if self.structured {
+                    self.reply_err(opt, REP_ERR_INVALID, "structured replies are already on")?;
+                } else {
+                    self.structured = true;
+                    self.reply(opt, REP_ACK, &[])?;
+                }
+                Ok(Haggle::More)
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(opt, data),
+            _ => {
+                self.reply_err(
+                    opt,
+                    REP_ERR_UNSUP,
+                    &format!("option {opt} is not supported"),
+                )?;
+                Ok(Haggle::More)
+            }
+        }
+    }
+
+    fn starttls(&mut self, data: &[u8]) -> Step<Haggle> {
+        let opt = OPT_STARTTLS;
+        let Some(cfg) = self.server.config.tls.clone() else {
+            self.reply_err(opt, REP_ERR_POLICY, "this server has no TLS configured")?;
+            return Ok(Haggle::More);
+        };
+        if self.tls {
+            self.reply_err(opt, REP_ERR_INVALID, "TLS is already on")?;
+            return Ok(Haggle::More);
+        }
+        if !data.is_empty() {
+            self.reply_err(opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
+            return Ok(Haggle::More);
+        }
+        self.reply(opt, REP_ACK, &[])?;
+        let Conn::Plain(sock) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            return Err(Stop("STARTTLS on a TLS stream".into()));
+        };
+        let tls = ServerConnection::new(cfg).map_err(|e| Stop(format!("TLS: {e}")))?;
+        let mut stream = StreamOwned::new(tls, sock);
+        while stream.conn.is_handshaking() {
+            stream.sock.set_read_timeout(Some(self.time_left()?))?;
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| Stop(format!("TLS handshake: {e}")))?;
+        }
+        self.conn = Conn::Tls(Box::new(stream));
+        self.tls = true;
+        // Whatever was negotiated in the clear does not carry over.
+        self.structured = false;
+        self.meta = None;
+        Ok(Haggle::More)
+    }
+
+    fn info(&mut self, opt: u32, data: &[u8]) -> Step<Haggle> {
+        let req = match InfoRequest::decode(data) {
+            Ok(r) => r,
+            Err(e) => {
+                self.reply_err(opt, REP_ERR_INVALID, &format!("bad request: {e}"))?;
+                return Ok(Haggle::More);
+            }
+        };
+        let Some(e) = self.server.lookup(&req.name) else {
+            self.reply_err(
+                opt,
+                REP_ERR_UNKNOWN,
+                &format!("no export named {:?}", req.name),
+            )?;
+            return Ok(Haggle::More);
+        };
+        let flags = self.transmission_flags(&e);
+        self.reply(opt, REP_INFO, &info_export(e.disk.size(), flags))?;
+        if req.requests.contains(&INFO_NAME) {
+            self.reply(opt, REP_INFO, &info_name(&e.name))?;
+        }
+        if req.requests.contains(&INFO_BLOCK_SIZE) {
+            self.reply(
+                opt,
+                REP_INFO,
+                &info_block_size(1, PREFERRED_BLOCK, MAX_PAYLOAD),
+            )?;
+        }
+        self.reply(opt, REP_ACK, &[])?;
+        if opt == OPT_INFO {
+            return Ok(Haggle::More);
+        }
+        // Contexts selected for another export do not apply to this one.
+        if self.meta.as_deref() != Some(e.name.as_str()) {
+            self.meta = None;
+        }
+        Ok(Haggle::Go(e))
+    }
+
+    fn meta_context(&mut self, opt: u32, data: &[u8]) -> Step<Haggle> {
+        if !self.structured {
+            self.reply_err(opt, REP_ERR_INVALID, "negotiate structured replies first")?;
+            return Ok(Haggle::More);
+        }
+        let req = match MetaContextRequest::decode(data) {
+            Ok(r) => r,
+            Err(e) => {
+                self.reply_err(opt, REP_ERR_INVALID, &format!("bad request: {e}"))?;
+                return Ok(Haggle::More);
+            }
+        };
+        let Some(e) = self.server.lookup(&req.name) else {
+            self.reply_err(
+                opt,
+                REP_ERR_UNKNOWN,
+                &format!("no export named {:?}", req.name),
+            )?;
+            return Ok(Haggle::More);
+        };
+        let matched = if opt == OPT_LIST_META_CONTEXT {
+            req.queries.is_empty()
+                || req
+                    .queries
+                    .iter()
+                    .any(|q| q == "base:" || q == BASE_ALLOCATION)
+        } else {
+            req.queries.iter().any(|q| q == BASE_ALLOCATION)
+        };
+        if matched {
+            let id = if opt == OPT_SET_META_CONTEXT {
+                CONTEXT_ID
+            } else {
+                0
+            };
+            self.reply(opt, REP_META_CONTEXT, &meta_context(id, BASE_ALLOCATION))?;
+        }
+        if opt == OPT_SET_META_CONTEXT {
+            self.meta = matched.then(|| e.name.clone());
+        }
+        self.reply(opt, REP_ACK, &[])?;
+        Ok(Haggle::More)
+    }
+
+    fn transmission_flags(&self, e: &Export) -> u16 {
+        let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN;
+        if e.read_only {
+            f |= FLAG_READ_ONLY;
+        } else {
+            f |= FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES;
+        }
+        if self.structured {
+            f |= FLAG_SEND_DF;
+        }
+        f
+    }
+
+    fn transmission(&mut self, export: &Export) -> Step<()> {
+        // Idle clients are normal once connected (a VM with a quiet disk).
+        self.conn.set_read_timeout(None)?;
+        loop {
+            let mut hb = [0u8; REQUEST_LEN];
+            match self.conn.read_exact(&mut hb) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            let req = Request::decode(&hb).map_err(|e| Stop(format!("request: {e}")))?;
+            match self.request(export, req)? {
+                Next::Continue => {}
+                Next::Disconnect => return Ok(()),
+            }
+        }
+    }
+
+    /// Answers a request that failed with `error`.
+    fn fail(&mut self, req: &Request, error: u32, message: &str) -> Step<Next> {
+        if self.structured {
+            self.send(&chunk_error(req.handle, error, message, true))?;
+        } else {
+            self.send(&simple_reply(req.handle, error))?;
+        }
+        Ok(Next::Continue)
+    }
+
+    fn ok(&mut self, req: &Request) -> Step<Next> {
+        self.send(&simple_reply(req.handle, 0))?;
+        Ok(Next::Continue)
+    }
+
+    fn request(&mut self, export: &Export, req: Request) -> Step<Next> {
+        if req.command == CMD_DISC {
+            return Ok(Next::Disconnect);
+        }
+        if req.command == CMD_WRITE {
+            if req.len > MAX_PAYLOAD {
+                // The payload is not read: the stream cannot be trusted past it.
+                let msg = format!(
+                    "write of {} bytes is over the {MAX_PAYLOAD} byte limit",
+                    req.len
+                );
+                self.fail(&req, EINVAL, &msg)?;
+                return Err(Stop(msg));
+            }
+            self.buf.resize(req.len as usize, 0);
+            self.conn
+                .set_read_timeout(Some(self.server.config.handshake_timeout))?;
+            self.conn.read_exact(&mut self.buf)?;
+            self.conn.set_read_timeout(None)?;
+        }
+        let allowed = match req.command {
+            CMD_READ if self.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+            c => return self.fail(&req, EINVAL, &format!("command {c} is not supported")),
+        };
+        if req.flags & !allowed != 0 {
+            let msg = format!(
+                "flags {:#x} are not valid for command {}",
+                req.flags, req.command
+            );
+            return self.fail(&req, EINVAL, &msg);
+        }
+        let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && export.read_only {
+            return self.fail(&req, EPERM, "the export is read-only");
+        }
+        let size = export.disk.size();
+        let end = req.offset.checked_add(req.len.into());
+        let past_end = match end {
+            Some(end) => end > size,
+            None => true,
+        };
+        if req.command != CMD_FLUSH && past_end {
+            let msg = format!(
+                "range {:#x}+{:#x} is past the end of the export ({size} bytes)",
+                req.offset, req.len
+            );
+            // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
+            return self.fail(&req, if writes { ENOSPC } else { EINVAL }, &msg);
+        }
+        let disk = &*export.disk;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let done = match req.command {
+            CMD_READ => return self.read(disk, &req),
+            CMD_BLOCK_STATUS => return self.block_status(export, &req),
+            CMD_WRITE => disk.write_at(&self.buf[..req.len as usize], req.offset),
+            CMD_TRIM => disk.discard(req.offset, req.len.into()),
+            CMD_WRITE_ZEROES => {
+                let r = disk.write_zeroes(req.offset, req.len.into());
+                if req.flags & CMD_FLAG_NO_HOLE != 0 {
+                    // Zeros, and stored: later writes there cannot run out of space.
+                    r.and_then(|()| disk.allocate(req.offset, req.len.into()))
+                } else {
+                    r
+                }
+            }
+            // Nothing to persist on an export that takes no writes.
+            _ if export.read_only => Ok(()),
+            _ => disk.flush(),
+        };
+        let done = done.and_then(|()| if fua && writes { disk.flush() } else { Ok(()) });
+        match done {
+            Ok(()) => self.ok(&req),
+            Err(e) => {
+                warn!("{}: {e}", export.name);
+                self.fail(&req, errno_of(&e), &e.to_string())
+            }
+        }
+    }
+
+    fn read(&mut self, disk: &dyn Disk, req: &Request) -> Step<Next> {
+        if req.len > MAX_PAYLOAD {
+            let msg = format!(
+                "read of {} bytes is over the {MAX_PAYLOAD} byte limit",
+                req.len
+            );
+            return self.fail(req, EINVAL, &msg);
+        }
+        let len = req.len as usize;
+        if !self.structured {
+            self.buf.resize(len, 0);
+            if let Err(e) = disk.read_at(&mut self.buf, req.offset) {
+                return self.fail(req, errno_of(&e), &e.to_string());
+            }
+            self.conn.write_all(&simple_reply(req.handle, 0))?;
+            self.conn.write_all(&self.buf)?;
+            self.conn.flush()?;
+            return Ok(Next::Continue);
+        }
+        if len == 0 {
+            self.send(&chunk_none(req.handle))?;
+            return Ok(Next::Continue);
+        }
+        let segments = if req.flags & CMD_FLAG_DF != 0 {
+            vec![(req.offset, req.len.into(), false)]
+        } else {
+            segments(disk, req.offset, req.len.into())
+        };
+        let last = segments.len() - 1;
+        for (i, &(at, n, hole)) in segments.iter().enumerate() {
+            if hole {
+                self.conn
+                    .write_all(&chunk_offset_hole(req.handle, at, n as u32, i == last))?;
+                continue;
+            }
+            self.buf.resize(n as usize, 0);
+            if let Err(e) = disk.read_at(&mut self.buf, at) {
+                return self.fail(req, errno_of(&e), &e.to_string());
+            }
+            self.conn.write_all(&chunk_offset_data_header(
+                req.handle,
+                at,
+                n as u32,
+                i == last,
+            ))?;
+            self.conn.write_all(&self.buf)?;
+        }
+        self.conn.flush()?;
+        Ok(Next::Continue)
+    }
+
+    fn block_status(&mut self, export: &Export, req: &Request) -> Step<Next> {
+        if !self.structured || self.meta.as_deref() != Some(export.name.as_str()) {
+            return self.fail(req, EINVAL, "no metadata context was selected");
+        }
+        if req.len == 0 {
+            return self.fail(req, EINVAL, "block status of an empty range");
+        }
+        let limit = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            1
+        } else {
+            MAX_EXTENTS
+        };
+        match allocation(&*export.disk, req.offset, req.len.into(), limit) {
+            Ok(ext) => {
+                let desc: Vec<(u32, u32)> = ext
+                    .iter()
+                    .map(|&(n, hole)| {
+                        let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
+                        (n as u32, flags)
+                    })
+                    .collect();
+                self.send(&chunk_block_status(req.handle, CONTEXT_ID, &desc, true))?;
+                Ok(Next::Continue)
+            }
+            Err(e) => self.fail(req, errno_of(&e), &e.to_string()),
+        }
+    }
+}
+
+enum Haggle {
+    More,
+    Go(Arc<Export>),
+    Abort,
+}
+
+/// Runs of `offset..offset+len` as (length, is hole), at most `limit` of
+/// them, from the disk's index. Every length is nonzero and at most `len`.
+pub fn allocation(
+    disk: &dyn Disk,
+    offset: u64,
+    len: u64,
+    limit: usize,
+) -> crate::Result<Vec<(u64, bool)>> {
+    let end = offset.saturating_add(len);
+    let mut runs: Vec<(u64, bool)> = Vec::new();
+    let mut at = offset;
+    while at < end && runs.len() < limit {
+        let (next, hole) = match disk.seek_data(at)? {
+            Some(d) if d <= at => {
+                let h = disk.seek_hole(at)?;
+                (if h > at { h.min(end) } else { end }, false)
+            }
+            Some(d) => (d.min(end), true),
+            None => (end, true),
+        };
+        match runs.last_mut() {
+            Some(last) if last.1 == hole => last.0 += next - at,
+            _ => runs.push((next - at, hole)),
+        }
+        at = next;
+    }
+    Ok(runs)
+}
+
+/// How a read of `offset..offset+len` is cut into chunks: (start, length,
+/// is hole). Short holes stay inside data chunks; if the index cannot be
+/// read, the whole range is one data chunk (the read itself reports why).
+fn segments(disk: &dyn Disk, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let runs = allocation(disk, offset, len, usize::MAX).unwrap_or_default();
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut at = offset;
+    for (n, hole) in runs {
+        let hole = hole && n >= MIN_HOLE_CHUNK;
+        match out.last_mut() {
+            Some(last) if last.2 == hole && !hole => last.1 += n,
+            _ => out.push((at, n, hole)),
+        }
+        at += n;
+    }
+    if at != offset + len || out.is_empty() {
+        return vec![(offset, len, false)];
+    }
+    out
+}

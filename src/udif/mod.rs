@@ -1,0 +1,806 @@
+//! UDIF (`.dmg`) images: a data fork, an XML property list whose `blkx`
+//! resources are `mish` block tables, and a 512-byte `koly` trailer.
+//!
+//! [`Udif`] serves the disk the tables describe. Invariants:
+//! - the run map is fixed at open (no resize), sorted, non-overlapping,
+//!   and every run with data lies inside the data fork (see
+//!   [`blkx::RunMap`]); sectors no run covers read as zeros;
+//! - images with any compressed run (UDZO, UDBZ, ULFO, ULMO, ADC) are
+//!   read-only: every change is [`Error::ReadOnly`] and the file is opened
+//!   without write access;
+//! - an image is written only when its whole disk is raw runs whose bytes
+//!   in the data fork do not overlap (UDRW): a write goes straight to the
+//!   run's bytes, a discard punches a hole in the host file, a flush is
+//!   `fdatasync`. Nothing else in the file changes, except once: before
+//!   the first change after an open, the data-fork, master and per-table
+//!   CRC32s (which the change would make stale) are set to "none", in
+//!   place (the property list keeps its length), and synced. A crash then
+//!   leaves an image that opens; at worst one table's checksum is torn,
+//!   which `check` reports.
+
+pub mod blkx;
+pub mod check;
+pub mod codec;
+pub mod create;
+pub mod plist;
+pub mod trailer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::disk::{Disk, Format};
+use crate::engine::storage::{FileStorage, Storage};
+use crate::engine::{lock_file, Extent, OpenOptions};
+use crate::error::{Error, Result};
+use blkx::{Mish, RunKind, RunMap, SECTOR};
+pub use check::{check, CheckReport};
+pub use create::create_udrw;
+use trailer::{Checksum, Koly, TRAILER_SIZE};
+
+/// A structure of the image breaks the format's rules (one line).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub String);
+
+/// Largest property list asiffs reads.
+pub const MAX_PLIST: u64 = 256 << 20;
+/// Decompressed runs kept in memory.
+pub const CACHE_BYTES: usize = 32 << 20;
+
+const ENCRYPTED_HEAD: &[u8; 8] = b"encrcdsa";
+const ENCRYPTED_TAIL: &[u8; 8] = b"cdsaencr";
+
+/// What the file says, decoded and checked.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub koly: Koly,
+    pub blkx: Vec<plist::BlkxResource>,
+    pub tables: Vec<Mish>,
+    pub map: RunMap,
+}
+
+impl Layout {
+    /// Why the image cannot be written in place, if it cannot.
+    fn write_obstacle(&self) -> Option<Obstacle> {
+        if let Some(k) = self.map.has_compressed() {
+            return Some(Obstacle::Compressed(k));
+        }
+        let mut raw: Vec<(u64, u64)> = Vec::new();
+        let mut covered = 0u64;
+        for r in &self.map.runs {
+            if r.kind != RunKind::Raw {
+                return Some(Obstacle::Refused(format!(
+                    "sectors {}..{} are a {} run, which has no place in the data fork to write to",
+                    r.start,
+                    r.end(),
+                    r.kind.name()
+                )));
+            }
+            covered += r.sectors;
+            raw.push((r.offset, r.length));
+        }
+        if covered != self.map.sectors {
+            return Some(Obstacle::Refused(format!(
+                "runs cover {covered} of the disk's {} sectors; the rest has no place to write to",
+                self.map.sectors
+            )));
+        }
+        raw.sort_unstable();
+        if raw.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Some(Obstacle::Refused(
+                "raw runs share bytes of the data fork".into(),
+            ));
+        }
+        // Both ranges were checked to end before the trailer.
+        let k = &self.koly;
+        let fork = k.data_fork_offset..k.data_fork_offset + k.data_fork_length;
+        let plist = k.plist_offset..k.plist_offset + k.plist_length;
+        if fork.start < plist.end && plist.start < fork.end {
+            return Some(Obstacle::Refused(
+                "the data fork overlaps the property list".into(),
+            ));
+        }
+        None
+    }
+}
+
+enum Obstacle {
+    Compressed(RunKind),
+    Refused(String),
+}
+
+/// The hdiutil format name of images compressed with `kind`.
+fn format_name(kind: RunKind) -> &'static str {
+    match kind {
+        RunKind::Adc => "UDCO",
+        RunKind::Zlib => "UDZO",
+        RunKind::Bzip2 => "UDBZ",
+        RunKind::Lzfse => "ULFO",
+        RunKind::Lzma => "ULMO",
+        _ => "UDRW",
+    }
+}
+
+fn read_vec(s: &dyn Storage, offset: u64, len: u64, path: &Path, what: &str) -> Result<Vec<u8>> {
+    let mut b = vec![0u8; len as usize];
+    s.read_at(&mut b, offset)
+        .map_err(|e| Error::io(format!("{}: reading {what}", path.display()), e))?;
+    Ok(b)
+}
+
+/// Reads and checks the trailer, the property list and every table.
+pub fn parse(s: &dyn Storage, path: &Path) -> Result<Layout> {
+    let corrupt = |m: Malformed| Error::Corrupt(format!("{}: {m}", path.display()));
+    let len = s
+        .len()
+        .map_err(|e| Error::io(format!("{}: stat", path.display()), e))?;
+    let head = read_vec(s, 0, len.min(8), path, "the header")?;
+    if head.as_slice() == ENCRYPTED_HEAD {
+        return Err(encrypted(path, "encrcdsa"));
+    }
+    let tail_len = len.min(TRAILER_SIZE as u64);
+    let tail = read_vec(s, len - tail_len, tail_len, path, "the trailer")?;
+    if tail.ends_with(ENCRYPTED_TAIL) {
+        return Err(encrypted(path, "cdsaencr"));
+    }
+    let koly = Koly::decode(&tail).map_err(corrupt)?;
+    koly.validate(len).map_err(corrupt)?;
+    if koly.plist_length > MAX_PLIST {
+        return Err(corrupt(Malformed(format!(
+            "XML property list of {} bytes is larger than the {} MiB asiffs reads",
+            koly.plist_length,
+            MAX_PLIST >> 20
+        ))));
+    }
+    let xml = read_vec(
+        s,
+        koly.plist_offset,
+        koly.plist_length,
+        path,
+        "the property list",
+    )?;
+    let blkx = plist::decode(&xml).map_err(corrupt)?;
+    let tables = blkx
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Mish::decode(&b.data).map_err(|m| Malformed(format!("blkx entry {i}: {m}"))))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(corrupt)?;
+    let map = RunMap::build(&tables, koly.sector_count, koly.data_fork_length).map_err(corrupt)?;
+    Ok(Layout {
+        koly,
+        blkx,
+        tables,
+        map,
+    })
+}
+
+fn encrypted(path: &Path, magic: &str) -> Error {
+    Error::Invalid(format!(
+        "{}: encrypted disk image ({magic}): not supported",
+        path.display()
+    ))
+}
+
+/// Whether the file is a UDIF image: `Some(Udif)` for a `koly` trailer in
+/// the last 512 bytes, an error naming the reason for an encrypted one,
+/// `None` otherwise.
+pub fn probe(path: &Path) -> Result<Option<Format>> {
+    let f = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
+    let s = FileStorage::new(f);
+    let len = s
+        .len()
+        .map_err(|e| Error::io(path.display().to_string(), e))?;
+    let head = read_vec(&s, 0, len.min(8), path, "the header")?;
+    if head.as_slice() == ENCRYPTED_HEAD {
+        return Err(encrypted(path, "encrcdsa"));
+    }
+    if len < TRAILER_SIZE as u64 {
+        return Ok(None);
+    }
+    let tail = read_vec(
+        &s,
+        len - TRAILER_SIZE as u64,
+        TRAILER_SIZE as u64,
+        path,
+        "the trailer",
+    )?;
+    if tail.ends_with(ENCRYPTED_TAIL) {
+        return Err(encrypted(path, "cdsaencr"));
+    }
+    Ok((&tail[..4] == trailer::KOLY_MAGIC).then_some(Format::Udif))
+}
+
+/// How an open image takes changes.
+enum Mode {
+    /// Opened read-only.
+    ReadOnly,
+    /// Opened for writing, but compressed.
+    Compressed(RunKind),
+    /// Opened for writing, but not all raw.
+    Refused(String),
+    Writable,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    discards: AtomicU64,
+    bytes_discarded: AtomicU64,
+    flushes: AtomicU64,
+    decompressions: AtomicU64,
+    cache_hits: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Counters of one open image, for `asiffs stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub reads: u64,
+    pub writes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub discards: u64,
+    pub bytes_discarded: u64,
+    pub flushes: u64,
+    /// Runs decompressed (each miss of the run cache).
+    pub decompressions: u64,
+    pub cache_hits: u64,
+    pub cached_runs: u64,
+    pub cached_bytes: u64,
+    /// "UDZO", "UDRW", ...
+    pub variant: &'static str,
+}
+
+/// Decompressed runs by run index, bounded by bytes.
+struct RunCache {
+    lru: LruCache<usize, Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+/// An open UDIF image. Every method takes `&self` and may run on many
+/// threads at once.
+pub struct Udif {
+    path: PathBuf,
+    storage: Arc<dyn Storage>,
+    /// The descriptor holding the `flock`, kept for the image's lifetime.
+    _lock: Option<File>,
+    layout: Layout,
+    mode: Mode,
+    cache: Mutex<RunCache>,
+    counters: Counters,
+    /// Whether the checksums a change makes stale are cleared (see the
+    /// module docs); taken by every change until it is.
+    checksums_cleared: Mutex<bool>,
+    dirty: AtomicBool,
+}
+
+/// A piece of a request inside one run (or a gap between runs).
+struct Piece {
+    /// Byte offset in the disk.
+    at: u64,
+    len: u64,
+    /// Index into the run map, `None` for a gap.
+    run: Option<usize>,
+    /// Byte offset inside the run.
+    within: u64,
+}
+
+impl Udif {
+    /// Opens the image at `path`: read-only unless `opts.writable` and it
+    /// is raw throughout; locked as `opts.lock` says.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Udif> {
+        let path = path.as_ref();
+        let io = |e| Error::io(path.display().to_string(), e);
+        let ro = File::open(path).map_err(io)?;
+        if !ro.metadata().map_err(io)?.is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
+        }
+        lock_file(&ro, opts.lock, path)?;
+        let reader: Arc<dyn Storage> = Arc::new(FileStorage::new(ro.try_clone().map_err(io)?));
+        let layout = parse(&*reader, path)?;
+        let storage: Arc<dyn Storage> = if opts.writable && layout.write_obstacle().is_none() {
+            let rw = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io)?;
+            Arc::new(FileStorage::new(rw))
+        } else {
+            reader
+        };
+        Ok(Udif::from_layout(
+            path,
+            storage,
+            layout,
+            opts.writable,
+            Some(ro),
+        ))
+    }
+
+    /// Opens an image on any [`Storage`] (no lock): for tests and fuzzing.
+    pub fn from_storage(path: &Path, storage: Arc<dyn Storage>, writable: bool) -> Result<Udif> {
+        let layout = parse(&*storage, path)?;
+        Ok(Udif::from_layout(path, storage, layout, writable, None))
+    }
+
+    fn from_layout(
+        path: &Path,
+        storage: Arc<dyn Storage>,
+        layout: Layout,
+        writable: bool,
+        lock: Option<File>,
+    ) -> Udif {
+        let mode = match (writable, layout.write_obstacle()) {
+            (false, _) => Mode::ReadOnly,
+            (true, None) => Mode::Writable,
+            (true, Some(Obstacle::Compressed(k))) => Mode::Compressed(k),
+            (true, Some(Obstacle::Refused(r))) => Mode::Refused(r),
+        };
+        Udif {
+            path: path.to_path_buf(),
+            storage,
+            _lock: lock,
+            layout,
+            mode,
+            cache: Mutex::new(RunCache {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            counters: Counters::default(),
+            checksums_cleared: Mutex::new(false),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// "UDRW" for an image without compressed runs, else the hdiutil name
+    /// of its compression.
+    pub fn variant(&self) -> &'static str {
+        format_name(self.layout.map.has_compressed().unwrap_or(RunKind::Raw))
+    }
+
+    /// Runs decompressed so far.
+    pub fn decompressions(&self) -> u64 {
+        self.counters.decompressions.load(Ordering::Relaxed)
+    }
+
+    pub fn udif_stats(&self) -> Stats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let c = &self.counters;
+        let cache = self.cache.lock();
+        Stats {
+            reads: l(&c.reads),
+            writes: l(&c.writes),
+            bytes_read: l(&c.bytes_read),
+            bytes_written: l(&c.bytes_written),
+            discards: l(&c.discards),
+            bytes_discarded: l(&c.bytes_discarded),
+            flushes: l(&c.flushes),
+            decompressions: l(&c.decompressions),
+            cache_hits: l(&c.cache_hits),
+            cached_runs: cache.lru.len() as u64,
+            cached_bytes: cache.bytes as u64,
+            variant: self.variant(),
+        }
+    }
+
+    fn ctx(&self, what: &str) -> String {
+        format!("{}: {what}", self.path.display())
+    }
+
+    /// Splits `offset..offset+len` (inside the disk) at run boundaries.
+    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
+        let runs = &self.layout.map.runs;
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut at = offset;
+        let mut i = self.layout.map.find(at / SECTOR);
+        while at < end {
+            match runs.get(i) {
+                Some(r) if r.start * SECTOR <= at => {
+                    let stop = end.min(r.end() * SECTOR);
+                    out.push(Piece {
+                        at,
+                        len: stop - at,
+                        run: Some(i),
+                        within: at - r.start * SECTOR,
+                    });
+                    at = stop;
+                    i += 1;
+                }
+                next => {
+                    let stop = next.map_or(end, |r| end.min(r.start * SECTOR));
+                    out.push(Piece {
+                        at,
+                        len: stop - at,
+                        run: None,
+                        within: 0,
+                    });
+                    at = stop;
+                }
+            }
+        }
+        out
+    }
+
+    /// Host offset of byte `within` of raw run `i`.
+    fn host(&self, i: usize, within: u64) -> u64 {
+        self.layout.koly.data_fork_offset + self.layout.map.runs[i].offset + within
+    }
+
+    /// Run `i`, decompressed, from the cache or the file.
+    fn expanded(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = self.cache.lock().lru.get(&i) {
+            bump(&self.counters.cache_hits, 1);
+            return Ok(b.clone());
+        }
+        let bytes = Arc::new(self.decompress_run(i)?);
+        bump(&self.counters.decompressions, 1);
+        let mut c = self.cache.lock();
+        if c.lru.put(i, bytes.clone()).is_none() {
+            c.bytes += bytes.len();
+        }
+        while c.bytes > CACHE_BYTES {
+            match c.lru.pop_lru() {
+                Some((_, b)) => c.bytes -= b.len(),
+                None => break,
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Decompresses run `i` without the cache.
+    pub(crate) fn decompress_run(&self, i: usize) -> Result<Vec<u8>> {
+        let r = self.layout.map.runs[i];
+        let src = read_vec(
+            &*self.storage,
+            self.host(i, 0),
+            r.length,
+            &self.path,
+            "a compressed run",
+        )?;
+        codec::decompress(r.kind, &src, (r.sectors * SECTOR) as usize).map_err(|m| {
+            let t = &self.layout.tables[r.table];
+            let run_index = t
+                .runs
+                .iter()
+                .position(|e| e.kind == r.kind && e.sector == r.start - t.first_sector)
+                .unwrap_or(0);
+            Error::Corrupt(format!(
+                "{}: blkx entry {} run {run_index}: {m}",
+                self.path.display(),
+                r.table
+            ))
+        })
+    }
+
+    fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        for p in self.pieces(offset, buf.len() as u64) {
+            let out = &mut buf[(p.at - offset) as usize..(p.at - offset + p.len) as usize];
+            let Some(i) = p.run else {
+                out.fill(0);
+                continue;
+            };
+            match self.layout.map.runs[i].kind {
+                RunKind::Raw => self
+                    .storage
+                    .read_data(out, self.host(i, p.within))
+                    .map_err(|e| Error::io(self.ctx("reading a raw run"), e))?,
+                k if k.is_compressed() => {
+                    let run = self.expanded(i)?;
+                    out.copy_from_slice(&run[p.within as usize..(p.within + p.len) as usize]);
+                }
+                _ => out.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Entry point of every change.
+    fn begin_change(&self) -> Result<()> {
+        match &self.mode {
+            Mode::Writable => {}
+            Mode::ReadOnly | Mode::Compressed(_) => return Err(Error::ReadOnly),
+            Mode::Refused(reason) => {
+                return Err(Error::WritesRefused {
+                    path: self.path.clone(),
+                    reason: reason.clone(),
+                })
+            }
+        }
+        let mut cleared = self.checksums_cleared.lock();
+        if !*cleared {
+            self.clear_checksums()?;
+            *cleared = true;
+        }
+        Ok(())
+    }
+
+    /// Sets the checksums a change makes stale to "none", durably.
+    fn clear_checksums(&self) -> Result<()> {
+        let koly = &self.layout.koly;
+        let stale = koly.data_checksum.kind != trailer::CHECKSUM_NONE
+            || koly.master_checksum.kind != trailer::CHECKSUM_NONE
+            || self
+                .layout
+                .tables
+                .iter()
+                .any(|t| t.checksum.kind != trailer::CHECKSUM_NONE);
+        if !stale {
+            return Ok(());
+        }
+        let io = |e| Error::io(self.ctx("clearing the checksums"), e);
+        let mut k = koly.clone();
+        k.data_checksum = Checksum::NONE;
+        k.master_checksum = Checksum::NONE;
+        let len = self.storage.len().map_err(io)?;
+        self.storage
+            .write_at(&k.encode(), len - TRAILER_SIZE as u64)
+            .map_err(io)?;
+        let xml = read_vec(
+            &*self.storage,
+            koly.plist_offset,
+            koly.plist_length,
+            &self.path,
+            "the property list",
+        )?;
+        let patches = plist::patch_tables(&xml, |t| {
+            if t.len() >= blkx::MISH_HEADER {
+                Checksum::NONE.encode(&mut t[0x40..0xC8]);
+            }
+        });
+        for (at, bytes) in patches {
+            self.storage
+                .write_at(&bytes, koly.plist_offset + at as u64)
+                .map_err(io)?;
+        }
+        self.storage.sync().map_err(io)
+    }
+
+    /// Zeros a range of the (raw) disk by punching the host file.
+    fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        self.begin_change()?;
+        for p in self.pieces(offset, len) {
+            if let Some(i) = p.run {
+                self.storage
+                    .punch(self.host(i, p.within), p.len)
+                    .map_err(|e| Error::io(self.ctx("punching a hole"), e))?;
+            }
+        }
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether raw run `i` has no host data at all (a hole in the file).
+    fn raw_is_hole(&self, i: usize) -> Result<bool> {
+        let r = &self.layout.map.runs[i];
+        let start = self.host(i, 0);
+        let next = self
+            .storage
+            .next_data(start)
+            .map_err(|e| Error::io(self.ctx("looking for data"), e))?;
+        Ok(next.map_or(true, |d| d >= start + r.length))
+    }
+
+    /// Runs and gaps from `offset` on, as extents (one per piece).
+    fn walk(&self, offset: u64, mut f: impl FnMut(Extent) -> bool) -> Result<()> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(());
+        }
+        for p in self.pieces(offset, size - offset) {
+            let e = match p.run {
+                Some(i) => {
+                    let r = self.layout.map.runs[i];
+                    match r.kind {
+                        RunKind::Raw if !self.raw_is_hole(i)? => Extent {
+                            start: p.at,
+                            length: p.len,
+                            data: true,
+                            offset: Some(self.host(i, p.within)),
+                        },
+                        k if k.is_compressed() => Extent {
+                            start: p.at,
+                            length: p.len,
+                            data: true,
+                            offset: None,
+                        },
+                        _ => hole(p.at, p.len),
+                    }
+                }
+                None => hole(p.at, p.len),
+            };
+            if !f(e) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hole(start: u64, length: u64) -> Extent {
+    Extent {
+        start,
+        length,
+        data: false,
+        offset: None,
+    }
+}
+
+impl Disk for Udif {
+    fn format(&self) -> Format {
+        Format::Udif
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+    fn size(&self) -> u64 {
+        self.layout.map.size()
+    }
+    fn is_writable(&self) -> bool {
+        matches!(self.mode, Mode::Writable)
+    }
+    fn write_refusal(&self) -> Option<String> {
+        match &self.mode {
+            Mode::Compressed(k) => Some(format!(
+                "compressed UDIF image ({}, {} runs) is read-only",
+                format_name(*k),
+                k.name()
+            )),
+            Mode::Refused(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.read_inner(buf, offset)?;
+        bump(&self.counters.reads, 1);
+        bump(&self.counters.bytes_read, buf.len() as u64);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.begin_change()?;
+        for p in self.pieces(offset, buf.len() as u64) {
+            // A writable image is raw throughout (see `write_obstacle`).
+            let Some(i) = p.run else {
+                return Err(Error::Corrupt(self.ctx("a write fell outside every run")));
+            };
+            let src = &buf[(p.at - offset) as usize..(p.at - offset + p.len) as usize];
+            self.storage
+                .write_data(src, self.host(i, p.within))
+                .map_err(|e| Error::io(self.ctx("writing a raw run"), e))?;
+        }
+        self.dirty.store(true, Ordering::Release);
+        bump(&self.counters.writes, 1);
+        bump(&self.counters.bytes_written, buf.len() as u64);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        let start = offset.min(size);
+        let end = offset.saturating_add(len).min(size);
+        self.punch(start, end - start)?;
+        bump(&self.counters.discards, 1);
+        bump(&self.counters.bytes_discarded, end - start);
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.punch(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.begin_change()?;
+        for p in self.pieces(offset, len) {
+            if let Some(i) = p.run {
+                self.storage
+                    .reserve(self.host(i, p.within), p.len)
+                    .map_err(|e| Error::io(self.ctx("reserving space"), e))?;
+            }
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            bump(&self.counters.flushes, 1);
+            if let Err(e) = self.storage.sync() {
+                self.dirty.store(true, Ordering::Release);
+                return Err(Error::io(self.ctx("syncing"), e));
+            }
+        }
+        Ok(())
+    }
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        match &self.mode {
+            Mode::Writable => Err(Error::Invalid(format!(
+                "{}: resizing a UDIF image is not supported",
+                self.path.display()
+            ))),
+            _ => self.begin_change(),
+        }
+    }
+    fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        let mut found = None;
+        self.walk(offset, |e| {
+            if e.data {
+                found = Some(e.start);
+            }
+            found.is_none()
+        })?;
+        Ok(found)
+    }
+    fn seek_hole(&self, offset: u64) -> Result<u64> {
+        let size = self.size();
+        if offset >= size {
+            return Err(Error::OutOfRange {
+                offset,
+                len: 0,
+                size,
+            });
+        }
+        let mut found = size;
+        self.walk(offset, |e| {
+            if !e.data {
+                found = e.start;
+            }
+            e.data
+        })?;
+        Ok(found)
+    }
+    fn extents(&self) -> Result<Vec<Extent>> {
+        let mut out: Vec<Extent> = Vec::new();
+        self.walk(0, |e| {
+            match out.last_mut() {
+                Some(l)
+                    if l.data == e.data
+                        && match (l.offset, e.offset) {
+                            (Some(a), Some(b)) => a + l.length == b,
+                            (None, None) => true,
+                            _ => false,
+                        } =>
+                {
+                    l.length += e.length
+                }
+                _ => out.push(e),
+            }
+            true
+        })?;
+        Ok(out)
+    }
+    fn allocated_bytes(&self) -> Result<u64> {
+        self.storage
+            .allocated_bytes()
+            .map_err(|e| Error::io(self.path.display().to_string(), e))
+    }
+    fn stats(&self) -> serde_json::Value {
+        serde_json::to_value(self.udif_stats()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Udif {
+    fn drop(&mut self) {
+        if let Err(e) = Disk::flush(self) {
+            tracing::error!(path = %self.path.display(), "flush on close failed: {e}");
+        }
+    }
+}

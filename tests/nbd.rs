@@ -1,0 +1,793 @@
+//! `asiffs serve` spoken to byte by byte over a Unix socket, in process:
+//! a well-behaved session (list, info, go, I/O, block status, trim, write
+//! zeroes, FUA), hostile clients (bad magic, unknown flags, oversize and
+//! out-of-order options, requests past the end or over the size limit,
+//! slow and vanishing peers), each followed by a check that a second
+//! client is still served, and TLS (STARTTLS required, then a rustls
+//! client). Every expected value comes from the NBD spec (doc/proto.md).
+//!
+//! tests/data/nbd-tls holds a throwaway CA and server key made with
+//! openssl for these tests only.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use asiffs::disk::{self, Disk};
+use asiffs::nbd::proto::*;
+use asiffs::nbd::server::{Config, Export, Server};
+use asiffs::{CreateOptions, Image, LockMode, OpenOptions};
+
+const MIB: u64 = 1 << 20;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    image_a: PathBuf,
+    disk_a: Arc<dyn Disk>,
+}
+
+/// Exports `a` (8 MiB, writable) and `b` (4 MiB, read-only).
+fn start(config: Config) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut exports = Vec::new();
+    let mut disk_a = None;
+    for (name, size, ro) in [("a", 8 * MIB, false), ("b", 4 * MIB, true)] {
+        let path = dir.path().join(format!("{name}.asif"));
+        let opts = CreateOptions {
+            size,
+            ..CreateOptions::default()
+        };
+        Image::create(&path, &opts).unwrap().close().unwrap();
+        let d: Arc<dyn Disk> =
+            Arc::from(disk::open(&path, None, &OpenOptions::writable()).unwrap());
+        if name == "a" {
+            disk_a = Some(Arc::clone(&d));
+        }
+        exports.push(Export {
+            name: name.into(),
+            disk: d,
+            read_only: ro,
+        });
+    }
+    let socket = dir.path().join("nbd.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let server = Server::new(exports, config);
+    std::thread::spawn(move || server.serve_unix(listener));
+    Fixture {
+        image_a: dir.path().join("a.asif"),
+        _dir: dir,
+        socket,
+        disk_a: disk_a.unwrap(),
+    }
+}
+
+struct Client<S: Read + Write> {
+    s: S,
+}
+
+type Plain = Client<UnixStream>;
+
+fn connect(f: &Fixture) -> Plain {
+    let s = UnixStream::connect(&f.socket).unwrap();
+    // A server that stops answering fails the test instead of hanging it.
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    Client { s }
+}
+
+struct Chunk {
+    flags: u16,
+    kind: u16,
+    handle: u64,
+    payload: Vec<u8>,
+}
+
+impl<S: Read + Write> Client<S> {
+    fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        self.s.read_exact(&mut b).unwrap();
+        b
+    }
+
+    fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+        self.s.flush().unwrap();
+    }
+
+    /// Reads the greeting and answers with `flags`.
+    fn greet(&mut self, flags: u32) {
+        assert_eq!(self.read_n(18), b"NBDMAGICIHAVEOPT\x00\x03");
+        self.send(&flags.to_be_bytes());
+    }
+
+    fn option(&mut self, option: u32, data: &[u8]) {
+        let h = OptionHeader {
+            option,
+            len: data.len() as u32,
+        };
+        self.send(&h.encode());
+        self.send(data);
+    }
+
+    /// One option reply: (option, reply type, data).
+    fn reply(&mut self) -> (u32, u32, Vec<u8>) {
+        let h = self.read_n(20);
+        assert_eq!(h[0..8], REPLY_MAGIC.to_be_bytes(), "option reply magic");
+        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        (opt, kind, self.read_n(len as usize))
+    }
+
+    fn reply_type(&mut self, option: u32) -> u32 {
+        let (opt, kind, _) = self.reply();
+        assert_eq!(opt, option);
+        kind
+    }
+
+    /// Structured replies, `base:allocation`, then GO: the export's size
+    /// and transmission flags.
+    fn go(&mut self, name: &str) -> (u64, u16) {
+        self.option(OPT_STRUCTURED_REPLY, &[]);
+        assert_eq!(self.reply_type(OPT_STRUCTURED_REPLY), REP_ACK);
+        let m = MetaContextRequest {
+            name: name.into(),
+            queries: vec![BASE_ALLOCATION.into()],
+        };
+        self.option(OPT_SET_META_CONTEXT, &m.encode());
+        let (_, kind, data) = self.reply();
+        assert_eq!(kind, REP_META_CONTEXT);
+        assert_eq!(data, meta_context(1, BASE_ALLOCATION));
+        assert_eq!(self.reply_type(OPT_SET_META_CONTEXT), REP_ACK);
+        let r = InfoRequest {
+            name: name.into(),
+            requests: vec![INFO_BLOCK_SIZE],
+        };
+        self.option(OPT_GO, &r.encode());
+        let (_, kind, data) = self.reply();
+        assert_eq!(kind, REP_INFO);
+        assert_eq!(data.len(), 12);
+        assert_eq!(data[0..2], INFO_EXPORT.to_be_bytes());
+        let size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+        let flags = u16::from_be_bytes(data[10..12].try_into().unwrap());
+        let (_, kind, data) = self.reply();
+        assert_eq!(kind, REP_INFO);
+        assert_eq!(data, info_block_size(1, 4096, 32 << 20));
+        assert_eq!(self.reply_type(OPT_GO), REP_ACK);
+        (size, flags)
+    }
+
+    fn request(&mut self, flags: u16, command: u16, handle: u64, offset: u64, len: u32) {
+        let r = Request {
+            flags,
+            command,
+            handle,
+            offset,
+            len,
+        };
+        self.send(&r.encode());
+    }
+
+    /// A simple reply: its error value.
+    fn simple(&mut self, handle: u64) -> u32 {
+        let h = self.read_n(16);
+        assert_eq!(
+            h[0..4],
+            SIMPLE_REPLY_MAGIC.to_be_bytes(),
+            "simple reply magic"
+        );
+        assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), handle);
+        u32::from_be_bytes(h[4..8].try_into().unwrap())
+    }
+
+    /// The outcome of a request without read data: a simple reply, or
+    /// (structured replies only) a final error chunk. 0 for success.
+    fn status(&mut self, handle: u64) -> u32 {
+        let magic = self.read_n(4);
+        let rest = if magic == SIMPLE_REPLY_MAGIC.to_be_bytes() {
+            self.read_n(12)
+        } else {
+            assert_eq!(magic, STRUCTURED_REPLY_MAGIC.to_be_bytes(), "reply magic");
+            let h = self.read_n(16);
+            assert_eq!(h[2..4], REPLY_TYPE_ERROR.to_be_bytes());
+            assert_eq!(h[0..2], REPLY_FLAG_DONE.to_be_bytes());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let p = self.read_n(len as usize);
+            [&p[0..4], &h[4..12]].concat()
+        };
+        assert_eq!(u64::from_be_bytes(rest[4..12].try_into().unwrap()), handle);
+        u32::from_be_bytes(rest[0..4].try_into().unwrap())
+    }
+
+    fn chunk(&mut self) -> Chunk {
+        let h = self.read_n(20);
+        assert_eq!(h[0..4], STRUCTURED_REPLY_MAGIC.to_be_bytes(), "chunk magic");
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        Chunk {
+            flags: u16::from_be_bytes([h[4], h[5]]),
+            kind: u16::from_be_bytes([h[6], h[7]]),
+            handle: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            payload: self.read_n(len as usize),
+        }
+    }
+
+    /// A reply that is one final error chunk: its error value.
+    fn error_chunk(&mut self, handle: u64) -> u32 {
+        let c = self.chunk();
+        assert_eq!(
+            (c.kind, c.flags, c.handle),
+            (REPLY_TYPE_ERROR, REPLY_FLAG_DONE, handle)
+        );
+        u32::from_be_bytes(c.payload[0..4].try_into().unwrap())
+    }
+
+    fn write(&mut self, handle: u64, offset: u64, data: &[u8], flags: u16) -> u32 {
+        self.request(flags, CMD_WRITE, handle, offset, data.len() as u32);
+        self.send(data);
+        self.status(handle)
+    }
+
+    /// A structured read, reassembled; checks the chunks stay in range.
+    fn read(&mut self, handle: u64, offset: u64, len: u32) -> (Vec<u8>, Vec<(u16, u64, u64)>) {
+        self.request(0, CMD_READ, handle, offset, len);
+        let mut out = vec![0xeeu8; len as usize];
+        let mut chunks = Vec::new();
+        loop {
+            let c = self.chunk();
+            assert_eq!(c.handle, handle);
+            let at = u64::from_be_bytes(c.payload[0..8].try_into().unwrap());
+            let rel = (at - offset) as usize;
+            match c.kind {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let d = &c.payload[8..];
+                    out[rel..rel + d.len()].copy_from_slice(d);
+                    chunks.push((c.kind, at, d.len() as u64));
+                }
+                REPLY_TYPE_OFFSET_HOLE => {
+                    let n = u32::from_be_bytes(c.payload[8..12].try_into().unwrap()) as usize;
+                    out[rel..rel + n].fill(0);
+                    chunks.push((c.kind, at, n as u64));
+                }
+                k => panic!("unexpected chunk type {k:#x}"),
+            }
+            if c.flags & REPLY_FLAG_DONE != 0 {
+                break;
+            }
+        }
+        (out, chunks)
+    }
+
+    /// `base:allocation` descriptors for a range.
+    fn block_status(&mut self, handle: u64, offset: u64, len: u32, flags: u16) -> Vec<(u32, u32)> {
+        self.request(flags, CMD_BLOCK_STATUS, handle, offset, len);
+        let c = self.chunk();
+        assert_eq!(
+            (c.kind, c.flags, c.handle),
+            (REPLY_TYPE_BLOCK_STATUS, REPLY_FLAG_DONE, handle)
+        );
+        assert_eq!(c.payload[0..4], 1u32.to_be_bytes(), "context id");
+        c.payload[4..]
+            .chunks(8)
+            .map(|d| {
+                (
+                    u32::from_be_bytes(d[0..4].try_into().unwrap()),
+                    u32::from_be_bytes(d[4..8].try_into().unwrap()),
+                )
+            })
+            .collect()
+    }
+
+    /// The server has closed the connection (EOF or reset), with nothing
+    /// more sent.
+    fn expect_closed(&mut self) {
+        let mut b = [0u8; 1];
+        match self.s.read(&mut b) {
+            Ok(0) => {}
+            Ok(_) => panic!("server sent more after it should have closed"),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("expected the server to close the connection: {e}"),
+        }
+    }
+}
+
+const HOLE: u32 = STATE_HOLE | STATE_ZERO;
+const FLAGS: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+
+/// A fresh client still gets served: GO on `a`, and a read of what
+/// `expect` says lies at 1 MiB.
+fn still_serves(f: &Fixture, expect: u8) {
+    let mut c = connect(f);
+    c.greet(FLAGS);
+    assert_eq!(c.go("a").0, 8 * MIB);
+    let (data, _) = c.read(77, MIB, 4096);
+    assert!(data.iter().all(|&b| b == expect), "data at 1 MiB");
+    c.request(0, CMD_DISC, 78, 0, 0);
+    c.expect_closed();
+}
+
+#[test]
+fn well_behaved_session() {
+    let f = start(Config::default());
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+
+    c.option(OPT_LIST, &[]);
+    assert_eq!(c.reply(), (OPT_LIST, REP_SERVER, rep_server("a")));
+    assert_eq!(c.reply(), (OPT_LIST, REP_SERVER, rep_server("b")));
+    assert_eq!(c.reply(), (OPT_LIST, REP_ACK, vec![]));
+
+    // INFO: size and flags of the read-only export, with its name.
+    let r = InfoRequest {
+        name: "b".into(),
+        requests: vec![INFO_NAME],
+    };
+    c.option(OPT_INFO, &r.encode());
+    let ro =
+        FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN;
+    assert_eq!(
+        c.reply(),
+        (OPT_INFO, REP_INFO, info_export(4 * MIB, ro).to_vec())
+    );
+    assert_eq!(c.reply(), (OPT_INFO, REP_INFO, info_name("b")));
+    assert_eq!(c.reply(), (OPT_INFO, REP_ACK, vec![]));
+
+    let (size, flags) = c.go("a");
+    assert_eq!(size, 8 * MIB);
+    assert_eq!(
+        flags,
+        FLAG_HAS_FLAGS
+            | FLAG_SEND_FLUSH
+            | FLAG_SEND_FUA
+            | FLAG_SEND_TRIM
+            | FLAG_SEND_WRITE_ZEROES
+            | FLAG_SEND_DF
+            | FLAG_CAN_MULTI_CONN
+    );
+
+    // A fresh image: one hole, reported as such.
+    assert_eq!(c.block_status(1, 0, 8 << 20, 0), vec![(8 << 20, HOLE)]);
+
+    // 4 KiB with FUA at 1 MiB + 4 KiB: the whole 1 MiB chunk becomes data.
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(c.write(2, MIB + 4096, &pattern, CMD_FLAG_FUA), 0);
+    assert_eq!(
+        c.block_status(3, 0, 8 << 20, 0),
+        vec![(1 << 20, HOLE), (1 << 20, 0), (6 << 20, HOLE)]
+    );
+    // REQ_ONE: a single descriptor.
+    assert_eq!(
+        c.block_status(4, 0, 8 << 20, CMD_FLAG_REQ_ONE),
+        vec![(1 << 20, HOLE)]
+    );
+    // A range starting inside the data run.
+    assert_eq!(
+        c.block_status(5, MIB + 512, 1 << 20, 0),
+        vec![((1 << 20) - 512, 0), (512, HOLE)]
+    );
+
+    // A read over hole and data: a hole chunk, then the data.
+    let (data, chunks) = c.read(6, 0, 2 << 20);
+    assert_eq!(
+        chunks,
+        vec![
+            (REPLY_TYPE_OFFSET_HOLE, 0, MIB),
+            (REPLY_TYPE_OFFSET_DATA, MIB, MIB)
+        ]
+    );
+    assert!(data[..(MIB + 4096) as usize].iter().all(|&b| b == 0));
+    assert_eq!(
+        data[(MIB + 4096) as usize..(MIB + 8192) as usize],
+        pattern[..]
+    );
+    assert!(data[(MIB + 8192) as usize..].iter().all(|&b| b == 0));
+
+    // DF: one data chunk, zeros included.
+    c.request(CMD_FLAG_DF, CMD_READ, 7, MIB, 8192);
+    let ch = c.chunk();
+    assert_eq!(
+        (ch.kind, ch.flags),
+        (REPLY_TYPE_OFFSET_DATA, REPLY_FLAG_DONE)
+    );
+    assert_eq!(ch.payload[..8], MIB.to_be_bytes());
+    assert_eq!(
+        ch.payload[8..],
+        [vec![0u8; 8192 - 4096], pattern.clone()].concat()[..]
+    );
+
+    // What FUA acknowledged is in the file for any other reader.
+    let other = Image::open(
+        &f.image_a,
+        &OpenOptions {
+            lock: LockMode::None,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    other.read_at(&mut buf, MIB + 4096).unwrap();
+    assert_eq!(buf, pattern);
+    drop(other);
+
+    // TRIM the chunk: a hole again, reading zeros.
+    c.request(0, CMD_TRIM, 8, MIB, 1 << 20);
+    assert_eq!(c.simple(8), 0);
+    assert_eq!(c.block_status(9, MIB, 1 << 20, 0), vec![(1 << 20, HOLE)]);
+
+    // WRITE_ZEROES without NO_HOLE may leave a hole; with NO_HOLE it must not.
+    assert_eq!(c.write(10, 3 * MIB, &[0xab; 512], 0), 0);
+    c.request(0, CMD_WRITE_ZEROES, 11, 3 * MIB, 1 << 20);
+    assert_eq!(c.simple(11), 0);
+    assert_eq!(
+        c.block_status(12, 3 * MIB, 1 << 20, 0),
+        vec![(1 << 20, HOLE)]
+    );
+    c.request(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 13, 4 * MIB, 1 << 20);
+    assert_eq!(c.simple(13), 0);
+    assert_eq!(c.block_status(14, 4 * MIB, 1 << 20, 0), vec![(1 << 20, 0)]);
+    let (data, _) = c.read(15, 3 * MIB, 2 << 20);
+    assert!(data.iter().all(|&b| b == 0));
+
+    c.request(0, CMD_FLUSH, 16, 0, 0);
+    assert_eq!(c.simple(16), 0);
+    c.request(0, CMD_DISC, 17, 0, 0);
+    c.expect_closed();
+}
+
+#[test]
+fn export_name_and_simple_replies() {
+    let f = start(Config::default());
+    let mut c = connect(&f);
+    // No NO_ZEROES: the reply carries 124 zero bytes.
+    c.greet(FLAG_C_FIXED_NEWSTYLE);
+    c.option(OPT_EXPORT_NAME, b"b");
+    let r = c.read_n(134);
+    let ro =
+        FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN;
+    assert_eq!(r, export_name_reply(4 * MIB, ro, false));
+    // Simple replies: read data follows the header.
+    c.request(0, CMD_READ, 1, 0, 512);
+    assert_eq!(c.simple(1), 0);
+    assert_eq!(c.read_n(512), vec![0u8; 512]);
+    // Writes to a read-only export: EPERM; errors carry no payload.
+    assert_eq!(c.write(2, 0, &[1; 512], 0), EPERM);
+    c.request(0, CMD_READ, 3, 4 * MIB, 512);
+    assert_eq!(c.simple(3), EINVAL);
+    // BLOCK_STATUS needs structured replies and a context.
+    c.request(0, CMD_BLOCK_STATUS, 4, 0, 512);
+    assert_eq!(c.simple(4), EINVAL);
+    c.request(0, CMD_FLUSH, 5, 0, 0);
+    assert_eq!(c.simple(5), 0);
+    c.request(0, CMD_DISC, 6, 0, 0);
+    c.expect_closed();
+}
+
+#[test]
+fn bad_handshakes_close_only_their_connection() {
+    let f = start(Config::default());
+
+    // Bad option magic: closed, nothing sent.
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.send(b"IHAVEOPX\x00\x00\x00\x03\x00\x00\x00\x00");
+    c.expect_closed();
+
+    // A client flag the server did not offer.
+    let mut c = connect(&f);
+    c.greet(FLAGS | 0x80);
+    c.expect_closed();
+
+    // Option data over the limit: TOO_BIG, then closed.
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.send(
+        &OptionHeader {
+            option: OPT_GO,
+            len: 1 << 30,
+        }
+        .encode(),
+    );
+    assert_eq!(c.reply_type(OPT_GO), REP_ERR_TOO_BIG);
+    c.expect_closed();
+
+    // Unknown, malformed and out-of-order options are refused one by one
+    // and the session goes on.
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.option(99, b"junk");
+    assert_eq!(c.reply_type(99), REP_ERR_UNSUP);
+    c.option(OPT_LIST, b"x");
+    assert_eq!(c.reply_type(OPT_LIST), REP_ERR_INVALID);
+    let m = MetaContextRequest {
+        name: "a".into(),
+        queries: vec![BASE_ALLOCATION.into()],
+    };
+    c.option(OPT_SET_META_CONTEXT, &m.encode());
+    assert_eq!(c.reply_type(OPT_SET_META_CONTEXT), REP_ERR_INVALID);
+    c.option(OPT_GO, &[0, 0, 0, 9, b'a']);
+    assert_eq!(c.reply_type(OPT_GO), REP_ERR_INVALID);
+    let r = InfoRequest {
+        name: "nosuch".into(),
+        requests: vec![],
+    };
+    c.option(OPT_INFO, &r.encode());
+    assert_eq!(c.reply_type(OPT_INFO), REP_ERR_UNKNOWN);
+    c.option(OPT_STARTTLS, &[]);
+    assert_eq!(c.reply_type(OPT_STARTTLS), REP_ERR_POLICY);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.reply_type(OPT_STRUCTURED_REPLY), REP_ACK);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.reply_type(OPT_STRUCTURED_REPLY), REP_ERR_INVALID);
+    c.option(OPT_SET_META_CONTEXT, &m.encode());
+    assert_eq!(c.reply_type(OPT_SET_META_CONTEXT), REP_META_CONTEXT);
+    assert_eq!(c.reply_type(OPT_SET_META_CONTEXT), REP_ACK);
+    // ABORT is acknowledged, then the server hangs up.
+    c.option(OPT_ABORT, &[]);
+    assert_eq!(c.reply_type(OPT_ABORT), REP_ACK);
+    c.expect_closed();
+
+    // EXPORT_NAME cannot be refused politely: an unknown name closes.
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.option(OPT_EXPORT_NAME, b"nosuch");
+    c.expect_closed();
+
+    still_serves(&f, 0);
+}
+
+#[test]
+fn bad_requests_get_the_spec_errors() {
+    let f = start(Config::default());
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.go("a");
+    let end = 8 * MIB;
+    // Past the end: ENOSPC for writes, EINVAL for reads and block status.
+    assert_eq!(c.write(1, end - 512, &[1; 1024], 0), ENOSPC);
+    c.request(0, CMD_TRIM, 2, end, 1);
+    assert_eq!(c.error_chunk(2), ENOSPC);
+    c.request(0, CMD_WRITE_ZEROES, 3, end - 1, 2);
+    assert_eq!(c.error_chunk(3), ENOSPC);
+    c.request(0, CMD_READ, 4, end - 512, 1024);
+    assert_eq!(c.error_chunk(4), EINVAL);
+    c.request(0, CMD_BLOCK_STATUS, 5, end, 512);
+    assert_eq!(c.error_chunk(5), EINVAL);
+    // An offset whose end overflows 64 bits.
+    c.request(0, CMD_READ, 6, u64::MAX - 10, 512);
+    assert_eq!(c.error_chunk(6), EINVAL);
+    // Unknown command, and flags not valid for the command.
+    c.request(0, 42, 7, 0, 0);
+    assert_eq!(c.error_chunk(7), EINVAL);
+    assert_eq!(c.write(8, 0, &[1; 512], CMD_FLAG_DF), EINVAL);
+    c.request(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 9, 0, 512);
+    assert_eq!(c.error_chunk(9), EINVAL);
+    c.request(CMD_FLAG_REQ_ONE, CMD_READ, 10, 0, 512);
+    assert_eq!(c.error_chunk(10), EINVAL);
+    c.request(0, CMD_BLOCK_STATUS, 11, 0, 0);
+    assert_eq!(c.error_chunk(11), EINVAL);
+    // A read over the 32 MiB limit is refused and the session goes on.
+    c.request(0, CMD_READ, 12, 0, (32 << 20) + 1);
+    assert_eq!(c.error_chunk(12), EINVAL);
+    assert_eq!(c.write(13, MIB, &[0x5a; 4096], 0), 0);
+    // A write over the limit: refused, and the unread payload ends the session.
+    c.request(0, CMD_WRITE, 14, 0, 64 << 20);
+    assert_eq!(c.error_chunk(14), EINVAL);
+    c.expect_closed();
+
+    // Bad request magic closes the connection without a reply.
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.go("a");
+    let mut r = Request {
+        flags: 0,
+        command: CMD_READ,
+        handle: 1,
+        offset: 0,
+        len: 512,
+    }
+    .encode();
+    r[0] ^= 0xff;
+    c.send(&r);
+    c.expect_closed();
+
+    still_serves(&f, 0x5a);
+}
+
+#[test]
+fn a_vanishing_client_loses_nothing_it_flushed() {
+    let f = start(Config::default());
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.go("a");
+    assert_eq!(c.write(1, MIB, &[0x11; 8192], 0), 0);
+    c.request(0, CMD_FLUSH, 2, 0, 0);
+    assert_eq!(c.simple(2), 0);
+    // Half a write, then gone.
+    c.request(0, CMD_WRITE, 3, MIB, 8192);
+    c.send(&[0x22; 4096]);
+    drop(c);
+
+    // The flushed bytes are in the file, and the torn write never landed.
+    let other = Image::open(
+        &f.image_a,
+        &OpenOptions {
+            lock: LockMode::None,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 8192];
+    other.read_at(&mut buf, MIB).unwrap();
+    assert_eq!(buf, vec![0x11; 8192]);
+    // Through the shared disk too.
+    let mut buf = vec![0u8; 8192];
+    f.disk_a.read_at(&mut buf, MIB).unwrap();
+    assert_eq!(buf, vec![0x11; 8192]);
+    still_serves(&f, 0x11);
+}
+
+#[test]
+fn slow_peers_are_dropped_after_the_handshake_timeout() {
+    let f = start(Config {
+        handshake_timeout: Duration::from_millis(500),
+        ..Config::default()
+    });
+    // Connected, greeting read, then silence.
+    let mut idle = connect(&f);
+    assert_eq!(idle.read_n(18).len(), 18);
+    // Half an option header, then silence.
+    let mut half = connect(&f);
+    half.greet(FLAGS);
+    half.send(b"IHAVE");
+    // A write payload that never comes.
+    let mut stall = connect(&f);
+    stall.greet(FLAGS);
+    stall.go("a");
+    stall.request(0, CMD_WRITE, 1, 0, 4096);
+    stall.send(&[1; 100]);
+
+    let t = Instant::now();
+    idle.expect_closed();
+    half.expect_closed();
+    stall.expect_closed();
+    assert!(t.elapsed() < Duration::from_secs(15));
+
+    // Busy but never done: options every 50 ms keep each read short, but
+    // the handshake as a whole has 500 ms.
+    let mut busy = connect(&f);
+    busy.greet(FLAGS);
+    let t = Instant::now();
+    let mut replies = 0;
+    loop {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still haggling after 10 s"
+        );
+        let h = OptionHeader {
+            option: OPT_LIST,
+            len: 0,
+        };
+        if busy.s.write_all(&h.encode()).is_err() {
+            break;
+        }
+        // REP_SERVER "a", REP_SERVER "b", ACK: 25 + 25 + 20 bytes.
+        let mut b = [0u8; 70];
+        if busy.s.read_exact(&mut b).is_err() {
+            break;
+        }
+        assert_eq!(b[50..], option_reply(OPT_LIST, REP_ACK, &[])[..]);
+        replies += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(replies >= 2, "{replies} LIST replies before the close");
+    still_serves(&f, 0);
+}
+
+#[test]
+fn clients_in_parallel_share_one_disk() {
+    let f = Arc::new(start(Config::default()));
+    let threads: Vec<_> = (0..4u8)
+        .map(|i| {
+            let f = Arc::clone(&f);
+            std::thread::spawn(move || {
+                let mut c = connect(&f);
+                c.greet(FLAGS);
+                c.go("a");
+                let at = u64::from(i) * MIB;
+                for k in 0..16u64 {
+                    assert_eq!(c.write(k, at + k * 4096, &[i + 1; 4096], 0), 0);
+                }
+                c.request(0, CMD_FLUSH, 99, 0, 0);
+                assert_eq!(c.simple(99), 0);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Each client's writes are visible to another connection.
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.go("a");
+    for i in 0..4u8 {
+        let (data, _) = c.read(1, u64::from(i) * MIB, 16 * 4096);
+        assert!(data.iter().all(|&b| b == i + 1), "client {i}");
+    }
+}
+
+#[test]
+fn connections_over_the_limit_are_closed() {
+    let f = start(Config {
+        max_connections: 1,
+        ..Config::default()
+    });
+    let mut first = connect(&f);
+    first.greet(FLAGS);
+    let mut second = connect(&f);
+    second.expect_closed();
+    // The first is unaffected.
+    assert_eq!(first.go("a").0, 8 * MIB);
+}
+
+fn tls_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nbd-tls")
+}
+
+#[test]
+fn tls_is_required_then_served() {
+    let d = tls_dir();
+    let tls = asiffs::nbd::tls::server_config(
+        &d.join("server-cert.pem"),
+        &d.join("server-key.pem"),
+        None,
+    )
+    .unwrap();
+    let f = start(Config {
+        tls: Some(tls),
+        ..Config::default()
+    });
+
+    // Nothing but STARTTLS before TLS.
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.option(OPT_LIST, &[]);
+    assert_eq!(c.reply_type(OPT_LIST), REP_ERR_TLS_REQD);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.reply_type(OPT_STRUCTURED_REPLY), REP_ERR_TLS_REQD);
+    c.option(OPT_STARTTLS, b"x");
+    assert_eq!(c.reply_type(OPT_STARTTLS), REP_ERR_INVALID);
+    c.option(OPT_EXPORT_NAME, b"a");
+    c.expect_closed();
+
+    // STARTTLS, a rustls client, then a whole session inside TLS.
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.option(OPT_STARTTLS, &[]);
+    assert_eq!(c.reply_type(OPT_STARTTLS), REP_ACK);
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_file_iter(d.join("ca-cert.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut t = Client {
+        s: rustls::StreamOwned::new(conn, c.s),
+    };
+    t.option(OPT_STARTTLS, &[]);
+    assert_eq!(t.reply_type(OPT_STARTTLS), REP_ERR_INVALID);
+    t.option(OPT_LIST, &[]);
+    assert_eq!(t.reply(), (OPT_LIST, REP_SERVER, rep_server("a")));
+    assert_eq!(t.reply(), (OPT_LIST, REP_SERVER, rep_server("b")));
+    assert_eq!(t.reply(), (OPT_LIST, REP_ACK, vec![]));
+    t.go("a");
+    assert_eq!(t.write(1, 0, &[0x77; 4096], CMD_FLAG_FUA), 0);
+    let (data, _) = t.read(2, 0, 4096);
+    assert_eq!(data, vec![0x77; 4096]);
+}

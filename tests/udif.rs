@@ -1,0 +1,933 @@
+//! UDIF (`.dmg`) images through `disk::open`: Apple's vectors read
+//! exactly, every codec, the run cache, UDRW images written in place
+//! against an in-memory model, locks, refusals, and hostile files.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use asiffs::disk::{self, Disk, Format};
+use asiffs::udif::blkx::{Mish, RunEntry, RunKind};
+use asiffs::udif::create::{create_udrw, write_image};
+use asiffs::udif::trailer::Checksum;
+use asiffs::udif::{self, Udif};
+use asiffs::{Error, LockMode, OpenOptions};
+use common::{pattern, vectors_dir, Rng};
+use md5::{Digest, Md5};
+
+const ZLIB: &str = "hfsplus_zlib.dmg";
+const BZIP2: &str = "hfsplus_bzip2.dmg";
+/// vectors/README.md: 3836 sectors.
+const VECTOR_SIZE: u64 = 1_964_032;
+const MIB: u64 = 1 << 20;
+
+fn vector(name: &str) -> PathBuf {
+    let p = vectors_dir().join("udif").join(name);
+    assert!(p.is_file(), "missing test vector {}", p.display());
+    p
+}
+
+/// A writable copy of a vector in `dir`.
+fn copy_vector(name: &str, dir: &Path) -> PathBuf {
+    let dst = dir.join(name);
+    std::fs::write(&dst, std::fs::read(vector(name)).unwrap()).unwrap();
+    dst
+}
+
+fn read_all(d: &dyn Disk, step: usize) -> Vec<u8> {
+    let mut out = vec![0u8; d.size() as usize];
+    for (i, chunk) in out.chunks_mut(step).enumerate() {
+        d.read_at(chunk, (i * step) as u64).unwrap();
+    }
+    out
+}
+
+fn md5_hex(b: &[u8]) -> String {
+    Md5::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn ro() -> OpenOptions {
+    OpenOptions::default()
+}
+
+#[test]
+fn vectors_read_exactly_through_disk_open() {
+    for (name, md5, variant) in [
+        (ZLIB, "399bfcc39637bde7e43eb86fcc8565ae", "UDZO"),
+        (BZIP2, "7ec785450bbc17de417be373fd5d2159", "UDBZ"),
+    ] {
+        let p = vector(name);
+        assert_eq!(disk::probe(&p).unwrap(), Some(Format::Udif), "{name}");
+        let d = disk::open(&p, None, &ro()).unwrap();
+        assert_eq!(d.format(), Format::Udif);
+        assert_eq!(d.size(), VECTOR_SIZE);
+        assert!(!d.is_writable());
+        // Unaligned steps cross run boundaries mid-sector.
+        for step in [VECTOR_SIZE as usize, 65536, 4093] {
+            assert_eq!(
+                md5_hex(&read_all(&*d, step)),
+                md5,
+                "{name} in steps of {step}"
+            );
+        }
+        assert_eq!(d.stats()["variant"], variant);
+    }
+}
+
+#[test]
+fn sequential_read_decompresses_each_run_once() {
+    let u = Udif::open(vector(ZLIB), &ro()).unwrap();
+    let compressed = u
+        .layout()
+        .map
+        .runs
+        .iter()
+        .filter(|r| r.kind.is_compressed())
+        .count() as u64;
+    assert_eq!(compressed, 8);
+    assert_eq!(u.decompressions(), 0);
+    let first = read_all(&u, 4096);
+    assert_eq!(u.decompressions(), compressed);
+    // Everything is cached now: a second pass decompresses nothing.
+    assert_eq!(read_all(&u, 512), first);
+    assert_eq!(u.decompressions(), compressed);
+    let s = u.udif_stats();
+    assert_eq!(s.cached_runs, compressed);
+    assert!(s.cache_hits > 0);
+}
+
+/// A synthetic image of `runs` zlib runs of 1 MiB each (distinct bytes).
+fn many_zlib_runs(path: &Path, runs: u64) -> Vec<u8> {
+    let mut disk = Vec::new();
+    let mut fork = Vec::new();
+    let mut entries = Vec::new();
+    for k in 0..runs {
+        let plain = vec![k as u8 + 1; MIB as usize];
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&plain).unwrap();
+        let z = z.finish().unwrap();
+        entries.push(entry(
+            RunKind::Zlib,
+            k * 2048,
+            2048,
+            fork.len() as u64,
+            z.len() as u64,
+        ));
+        fork.extend_from_slice(&z);
+        disk.extend_from_slice(&plain);
+    }
+    let t = table(0, runs * 2048, crc_of(&disk), entries);
+    write_image(path, &fork, &[("disk".into(), t)], runs * 2048).unwrap();
+    disk
+}
+
+#[test]
+fn run_cache_is_bounded_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("many.dmg");
+    let runs = (udif::CACHE_BYTES as u64 / MIB) + 8;
+    let want = many_zlib_runs(&p, runs);
+    let u = Udif::open(&p, &ro()).unwrap();
+    assert_eq!(read_all(&u, 1 << 16), want);
+    assert_eq!(u.decompressions(), runs);
+    let s = u.udif_stats();
+    assert_eq!(s.cached_bytes, udif::CACHE_BYTES as u64);
+    assert_eq!(s.cached_runs, udif::CACHE_BYTES as u64 / MIB);
+    // Sequentially again: the oldest runs were evicted first, so each is
+    // decompressed once more, and memory stays bounded.
+    assert_eq!(read_all(&u, 1 << 16), want);
+    assert_eq!(u.decompressions(), 2 * runs);
+    assert_eq!(u.udif_stats().cached_bytes, udif::CACHE_BYTES as u64);
+}
+
+fn entry(kind: RunKind, sector: u64, sectors: u64, offset: u64, length: u64) -> RunEntry {
+    RunEntry {
+        kind,
+        comment: 0,
+        sector,
+        sectors,
+        offset,
+        length,
+    }
+}
+
+fn table(first: u64, count: u64, crc: u32, mut runs: Vec<RunEntry>) -> Mish {
+    runs.push(entry(RunKind::End, count, 0, 0, 0));
+    Mish {
+        first_sector: first,
+        sector_count: count,
+        data_start: 0,
+        buffers_needed: 2048,
+        descriptor: 1,
+        checksum: Checksum::crc32(crc),
+        runs,
+    }
+}
+
+fn crc_of(b: &[u8]) -> u32 {
+    crc32fast::hash(b)
+}
+
+/// ADC of `b` as literals only (128 bytes at most per code).
+fn adc_literals(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in b.chunks(128) {
+        out.push(0x80 | (c.len() as u8 - 1));
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// An image using every run type, two tables with a gap between them.
+/// Returns the disk it should read as.
+fn every_codec(path: &Path) -> Vec<u8> {
+    let chunk = |seed| pattern(seed, 8 * 512);
+    let mut fork = Vec::new();
+    let mut disk = Vec::new();
+    let mut runs = Vec::new();
+    let mut table_plain = Vec::new();
+    let mut sector = 0;
+    let mut add = |kind: RunKind, plain: Vec<u8>, stored: Vec<u8>, fork: &mut Vec<u8>| {
+        let n = plain.len() as u64 / 512;
+        runs.push(entry(
+            kind,
+            sector,
+            n,
+            fork.len() as u64,
+            stored.len() as u64,
+        ));
+        fork.extend_from_slice(&stored);
+        if kind != RunKind::Free {
+            table_plain.extend_from_slice(&plain);
+        }
+        disk.extend_from_slice(&plain);
+        sector += n;
+    };
+    let p = chunk(1);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&p).unwrap();
+    add(RunKind::Zlib, p, z.finish().unwrap(), &mut fork);
+    let p = chunk(2);
+    let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+    bz.write_all(&p).unwrap();
+    add(RunKind::Bzip2, p, bz.finish().unwrap(), &mut fork);
+    let p = chunk(3);
+    let mut lz = Vec::new();
+    lzfse_rust::encode_bytes(&p, &mut lz).unwrap();
+    add(RunKind::Lzfse, p, lz, &mut fork);
+    let p = chunk(4);
+    let mut xz = Vec::new();
+    lzma_rs::xz_compress(&mut &p[..], &mut xz).unwrap();
+    add(RunKind::Lzma, p, xz, &mut fork);
+    let p = chunk(5);
+    let a = adc_literals(&p);
+    add(RunKind::Adc, p, a, &mut fork);
+    let p = chunk(6);
+    add(RunKind::Raw, p.clone(), p, &mut fork);
+    add(RunKind::Zero, vec![0; 4 * 512], vec![], &mut fork);
+    add(RunKind::Free, vec![0; 3 * 512], vec![], &mut fork);
+    let first_count = sector;
+    let first = table(0, first_count, crc_of(&table_plain), runs);
+    // A gap of 5 sectors no table covers, then a raw run and a zero run.
+    disk.extend_from_slice(&[0; 5 * 512]);
+    let p = chunk(7);
+    let second_start = first_count + 5;
+    let mut second_plain = p.clone();
+    second_plain.extend_from_slice(&[0; 512]);
+    let second = table(
+        second_start,
+        9,
+        crc_of(&second_plain),
+        vec![
+            entry(RunKind::Raw, 0, 8, fork.len() as u64, 8 * 512),
+            entry(RunKind::Zero, 8, 1, 0, 0),
+        ],
+    );
+    fork.extend_from_slice(&p);
+    disk.extend_from_slice(&second_plain);
+    let sectors = second_start + 9;
+    write_image(
+        path,
+        &fork,
+        &[("first".into(), first), ("second".into(), second)],
+        sectors,
+    )
+    .unwrap();
+    assert_eq!(disk.len() as u64, sectors * 512);
+    disk
+}
+
+#[test]
+fn every_codec_reads_back_and_checks_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("codecs.dmg");
+    let want = every_codec(&p);
+    let d = disk::open(&p, None, &ro()).unwrap();
+    assert_eq!(d.size(), want.len() as u64);
+    for step in [want.len(), 4096, 1000, 511] {
+        assert_eq!(read_all(&*d, step), want, "steps of {step}");
+    }
+    // Holes: the zero and free runs and the gap; data elsewhere.
+    let data_end = 48 * 512; // six 8-sector runs
+    assert_eq!(d.seek_hole(0).unwrap(), data_end);
+    assert_eq!(d.seek_data(data_end).unwrap(), Some(data_end + 12 * 512));
+    assert_eq!(d.seek_data(data_end + 12 * 512 + 8 * 512).unwrap(), None);
+    let ext = d.extents().unwrap();
+    let spans: Vec<(u64, u64, bool)> = ext.iter().map(|e| (e.start, e.length, e.data)).collect();
+    assert_eq!(
+        spans,
+        vec![
+            (0, 40 * 512, true),       // compressed: no host offset
+            (40 * 512, 8 * 512, true), // raw
+            (48 * 512, 12 * 512, false),
+            (60 * 512, 8 * 512, true),
+            (68 * 512, 512, false),
+        ]
+    );
+    // The raw run's place in the file: after the five compressed ones.
+    let u = Udif::open(&p, &ro()).unwrap();
+    let raw = u.layout().map.runs[5];
+    assert_eq!(raw.kind, RunKind::Raw);
+    let compressed: u64 = u.layout().map.runs[..5].iter().map(|r| r.length).sum();
+    assert_eq!(raw.offset, compressed);
+    assert_eq!(ext[1].offset, Some(compressed));
+    let report = udif::check(&p).unwrap();
+    assert!(report.is_clean(), "{:?}", report.lines());
+    // Data fork, both tables, master.
+    assert_eq!(report.checksums_verified, 4);
+    assert_eq!(report.variant, "UDZO");
+}
+
+#[test]
+fn compressed_images_refuse_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = copy_vector(ZLIB, dir.path());
+    let before = std::fs::read(&p).unwrap();
+    let d = disk::open(&p, None, &OpenOptions::writable()).unwrap();
+    assert!(!d.is_writable());
+    assert_eq!(
+        d.write_refusal().as_deref(),
+        Some("compressed UDIF image (UDZO, zlib runs) is read-only")
+    );
+    let errs = [
+        d.write_at(b"x", 0).unwrap_err(),
+        d.discard(0, 4096).unwrap_err(),
+        d.write_zeroes(0, 4096).unwrap_err(),
+        d.allocate(0, 4096).unwrap_err(),
+        d.resize(VECTOR_SIZE * 2).unwrap_err(),
+    ];
+    for e in errs {
+        assert!(matches!(e, Error::ReadOnly), "{e}");
+        assert_eq!(e.errno(), libc::EROFS);
+    }
+    d.flush().unwrap();
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    // The read-only vector itself opens writable too: it is never written.
+    let d = disk::open(&vector(BZIP2), None, &OpenOptions::writable()).unwrap();
+    assert!(matches!(d.write_at(b"x", 0), Err(Error::ReadOnly)));
+}
+
+fn udrw_rw(p: &Path) -> Box<dyn Disk> {
+    disk::open(p, Some(Format::Udif), &OpenOptions::writable()).unwrap()
+}
+
+#[test]
+fn udrw_writes_and_discards_match_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("rw.dmg");
+    // Three whole 1 MiB runs and a partial one.
+    let size = 3 * MIB + 7 * 512;
+    create_udrw(&p, size).unwrap();
+    let file_len = std::fs::metadata(&p).unwrap().len();
+    let mut model = vec![0u8; size as usize];
+    let d = udrw_rw(&p);
+    assert!(d.is_writable());
+    assert_eq!(d.write_refusal(), None);
+    let mut rng = Rng(0x5eed_0dd5);
+    for op in 0..400u64 {
+        let len = 1 + rng.below(300_000).min(size - 1);
+        let off = rng.below(size - len + 1);
+        match rng.below(4) {
+            0 | 1 => {
+                let data = pattern(op, len as usize);
+                d.write_at(&data, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            2 => {
+                d.discard(off, len).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            _ => {
+                d.write_zeroes(off, len).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+        }
+        let (roff, rlen) = (rng.below(size), 1 + rng.below(70_000));
+        let rlen = rlen.min(size - roff);
+        let mut got = vec![0u8; rlen as usize];
+        d.read_at(&mut got, roff).unwrap();
+        assert!(
+            got == model[roff as usize..(roff + rlen) as usize],
+            "read {roff:#x}+{rlen:#x} after op {op}"
+        );
+        if op % 100 == 99 {
+            d.flush().unwrap();
+        }
+    }
+    // A discard reaching past the end is clamped; a write is refused.
+    d.discard(size - 512, 4096).unwrap();
+    model[(size - 512) as usize..].fill(0);
+    assert!(matches!(
+        d.write_at(b"xy", size - 1),
+        Err(Error::OutOfRange { .. })
+    ));
+    let e = d.resize(size * 2).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{}: resizing a UDIF image is not supported", p.display())
+    );
+    d.flush().unwrap();
+    assert!(read_all(&*d, 1 << 20) == model);
+    drop(d);
+    // The file only changed inside the data fork.
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), file_len);
+    let d = disk::open(&p, None, &ro()).unwrap();
+    assert!(read_all(&*d, 777_777) == model, "after reopening");
+    drop(d);
+    let report = udif::check(&p).unwrap();
+    assert!(report.is_clean(), "{:?}", report.lines());
+    assert_eq!(report.checksums_verified, 0);
+    assert_eq!(
+        report.notes,
+        vec![
+            "data fork: no checksum",
+            "blkx entry 0: no checksum",
+            "master checksum: no checksum"
+        ]
+    );
+}
+
+#[test]
+fn fresh_udrw_checksums_verify_and_catch_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("fresh.dmg");
+    create_udrw(&p, 5 * MIB).unwrap();
+    // Sparse: the data fork is a hole.
+    assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 64 << 10);
+    let report = udif::check(&p).unwrap();
+    assert!(report.is_clean(), "{:?}", report.lines());
+    assert_eq!(report.checksums_verified, 3);
+    assert_eq!(report.variant, "UDRW");
+    assert_eq!((report.tables, report.runs), (1, 5));
+    // Opening for writing without a change leaves the checksums.
+    drop(udrw_rw(&p));
+    assert_eq!(udif::check(&p).unwrap().checksums_verified, 3);
+    // A byte changed behind the image's back.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"\x01", 3 * MIB + 5).unwrap();
+    let report = udif::check(&p).unwrap();
+    let crc = crc32fast::hash(&{
+        let mut v = vec![0u8; 5 * MIB as usize];
+        v[3 * MIB as usize + 5] = 1;
+        v
+    });
+    let zeros = crc32fast::hash(&vec![0u8; 5 * MIB as usize]);
+    assert_eq!(
+        report.problems,
+        vec![
+            format!(
+                "{}: data fork: CRC32 is {crc:08x}, the image says {zeros:08x}",
+                p.display()
+            ),
+            format!(
+                "{}: blkx entry 0: CRC32 is {crc:08x}, the image says {zeros:08x}",
+                p.display()
+            ),
+        ]
+    );
+    assert_eq!(report.checksums_verified, 1); // the master
+    assert_eq!(report.lines().last().unwrap(), "corrupt");
+}
+
+#[test]
+fn discard_punches_holes_in_the_host_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("punch.dmg");
+    create_udrw(&p, 8 * MIB).unwrap();
+    let d = udrw_rw(&p);
+    d.write_at(&pattern(9, 8 * MIB as usize), 0).unwrap();
+    d.flush().unwrap();
+    let full = d.allocated_bytes().unwrap();
+    assert!(full >= 8 * MIB, "{full}");
+    assert_eq!(d.seek_hole(0).unwrap(), 8 * MIB);
+    d.discard(MIB, 3 * MIB).unwrap();
+    d.write_zeroes(5 * MIB, MIB).unwrap();
+    d.flush().unwrap();
+    let after = d.allocated_bytes().unwrap();
+    assert!(after <= full - 4 * MIB, "{full} -> {after}");
+    let mut b = vec![1u8; 3 * MIB as usize];
+    d.read_at(&mut b, MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    // Whole runs punched read as holes.
+    assert_eq!(d.seek_hole(0).unwrap(), MIB);
+    assert_eq!(d.seek_data(MIB).unwrap(), Some(4 * MIB));
+    assert_eq!(d.seek_hole(4 * MIB).unwrap(), 5 * MIB);
+    let spans: Vec<(u64, u64, bool, Option<u64>)> = d
+        .extents()
+        .unwrap()
+        .iter()
+        .map(|e| (e.start, e.length, e.data, e.offset))
+        .collect();
+    assert_eq!(
+        spans,
+        vec![
+            (0, MIB, true, Some(0)),
+            (MIB, 3 * MIB, false, None),
+            (4 * MIB, MIB, true, Some(4 * MIB)),
+            (5 * MIB, MIB, false, None),
+            (6 * MIB, 2 * MIB, true, Some(6 * MIB)),
+        ]
+    );
+    // allocate reserves host space again; the range still reads zeros.
+    d.allocate(MIB, MIB).unwrap();
+    assert!(d.allocated_bytes().unwrap() >= after + MIB);
+    d.read_at(&mut b[..MIB as usize], MIB).unwrap();
+    assert!(b[..MIB as usize].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn readers_refuse_writes_and_locks_keep_writers_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("lock.dmg");
+    create_udrw(&p, MIB).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    let r1 = disk::open(&p, None, &ro()).unwrap();
+    let r2 = disk::open(&p, None, &ro()).unwrap();
+    for e in [
+        r1.write_at(b"x", 0).unwrap_err(),
+        r1.discard(0, 512).unwrap_err(),
+        r1.write_zeroes(0, 512).unwrap_err(),
+        r1.allocate(0, 512).unwrap_err(),
+        r1.resize(2 * MIB).unwrap_err(),
+    ] {
+        assert!(matches!(e, Error::ReadOnly), "{e}");
+        assert_eq!(e.errno(), libc::EROFS);
+    }
+    assert_eq!(r1.write_refusal(), None);
+    let e = disk::open(&p, None, &OpenOptions::writable())
+        .err()
+        .unwrap();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: image is in use by another process (locked)",
+            p.display()
+        )
+    );
+    drop((r1, r2));
+    let w = udrw_rw(&p);
+    let e = disk::open(&p, None, &ro()).err().unwrap();
+    assert!(matches!(e, Error::Locked { .. }), "{e}");
+    let unlocked = OpenOptions {
+        lock: LockMode::None,
+        ..ro()
+    };
+    assert!(disk::open(&p, None, &unlocked).is_ok());
+    drop(w);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn images_with_zero_runs_are_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("mixed.dmg");
+    let fork = pattern(3, 4096);
+    let t = table(
+        0,
+        16,
+        crc_of(&[fork.clone(), vec![0; 4096]].concat()),
+        vec![
+            entry(RunKind::Raw, 0, 8, 0, 4096),
+            entry(RunKind::Zero, 8, 8, 0, 0),
+        ],
+    );
+    write_image(&p, &fork, &[("d".into(), t)], 16).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    let d = udrw_rw(&p);
+    assert!(!d.is_writable());
+    let why = "sectors 8..16 are a zero run, which has no place in the data fork to write to";
+    assert_eq!(d.write_refusal().as_deref(), Some(why));
+    let e = d.write_at(b"x", 0).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{}: not writable: {why}", p.display())
+    );
+    assert_eq!(e.errno(), libc::EROFS);
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+}
+
+#[test]
+fn encrypted_images_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let v2 = dir.path().join("v2.dmg");
+    let mut b = b"encrcdsa".to_vec();
+    b.extend_from_slice(&[0x11; 4000]);
+    std::fs::write(&v2, &b).unwrap();
+    let v1 = dir.path().join("v1.dmg");
+    let mut b = vec![0x22; 4000];
+    b.extend_from_slice(b"cdsaencr");
+    std::fs::write(&v1, &b).unwrap();
+    for (p, magic) in [(&v2, "encrcdsa"), (&v1, "cdsaencr")] {
+        let want = format!(
+            "{}: encrypted disk image ({magic}): not supported",
+            p.display()
+        );
+        assert_eq!(disk::probe(p).unwrap_err().to_string(), want);
+        assert_eq!(disk::open(p, None, &ro()).err().unwrap().to_string(), want);
+        assert_eq!(
+            disk::open(p, Some(Format::Udif), &OpenOptions::writable())
+                .err()
+                .unwrap()
+                .to_string(),
+            want
+        );
+    }
+    let plain = dir.path().join("plain.bin");
+    std::fs::write(&plain, vec![0x33; 4000]).unwrap();
+    assert_eq!(disk::probe(&plain).unwrap(), None);
+}
+
+/// The vector's bytes with `edit` applied to its trailer.
+fn with_trailer(b: &[u8], edit: impl FnOnce(&mut [u8])) -> Vec<u8> {
+    let mut b = b.to_vec();
+    let n = b.len();
+    edit(&mut b[n - 512..]);
+    b
+}
+
+/// The vector's bytes with `edit` applied to each of its `mish` tables
+/// (the property list keeps its length).
+fn with_tables(b: &[u8], edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let mut b = b.to_vec();
+    let n = b.len();
+    let t = &b[n - 512..];
+    let at = u64::from_be_bytes(t[0xD8..0xE0].try_into().unwrap()) as usize;
+    let len = u64::from_be_bytes(t[0xE0..0xE8].try_into().unwrap()) as usize;
+    let patches = udif::plist::patch_tables(&b[at..at + len], edit);
+    assert!(!patches.is_empty());
+    for (off, bytes) in patches {
+        b[at + off..at + off + bytes.len()].copy_from_slice(&bytes);
+    }
+    b
+}
+
+fn be64_at(t: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(t[at..at + 8].try_into().unwrap())
+}
+
+/// Sets field `at` (u64) of run `run` of the table starting at `first`.
+fn set_run(t: &mut [u8], first: u64, run: usize, at: usize, v: u64) {
+    if be64_at(t, 0x08) == first {
+        let o = 0xCC + run * 40 + at;
+        t[o..o + 8].copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+#[test]
+fn hostile_files_give_one_line_errors_and_stay_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let orig = std::fs::read(vector(ZLIB)).unwrap();
+    let n = orig.len();
+    let body = n - 512;
+    let cases: Vec<(&str, Vec<u8>, String)> = vec![
+        ("empty", vec![], "koly trailer is truncated (0 of 512 bytes)".into()),
+        ("300 bytes", orig[..300].to_vec(), "koly trailer is truncated (300 of 512 bytes)".into()),
+        (
+            "last byte cut",
+            orig[..n - 1].to_vec(),
+            "no koly trailer in the last 512 bytes (not a UDIF image, or truncated)".into(),
+        ),
+        (
+            "cut mid-plist",
+            orig[..20000].to_vec(),
+            "no koly trailer in the last 512 bytes (not a UDIF image, or truncated)".into(),
+        ),
+        (
+            "plist offset past the end",
+            with_trailer(&orig, |t| t[0xD8..0xE0].copy_from_slice(&0x401Au64.to_be_bytes())),
+            format!("XML property list at 0x401a+0x2048 runs past the end of the file ({body} bytes before the trailer)"),
+        ),
+        (
+            "plist length huge",
+            with_trailer(&orig, |t| t[0xE0..0xE8].copy_from_slice(&u64::MAX.to_be_bytes())),
+            format!("XML property list at 0x4019+0xffffffffffffffff runs past the end of the file ({body} bytes before the trailer)"),
+        ),
+        (
+            "data fork past the end",
+            with_trailer(&orig, |t| t[0x20..0x28].copy_from_slice(&(body as u64 + 1).to_be_bytes())),
+            format!("data fork at 0x0+0x{:x} runs past the end of the file ({body} bytes before the trailer)", body + 1),
+        ),
+        (
+            "data fork too short for its runs",
+            with_trailer(&orig, |t| t[0x20..0x28].copy_from_slice(&256u64.to_be_bytes())),
+            "blkx entry 0 run 0: data at 0x18f8+0x1f lies past the end of the data fork (256 bytes)".into(),
+        ),
+        (
+            "disk sector count overflows",
+            with_trailer(&orig, |t| t[0x1EC..0x1F4].copy_from_slice(&u64::MAX.to_be_bytes())),
+            format!("sector count {} overflows a byte size", u64::MAX),
+        ),
+        (
+            "disk smaller than its tables",
+            with_trailer(&orig, |t| t[0x1EC..0x1F4].copy_from_slice(&100u64.to_be_bytes())),
+            "blkx entry 4 (sectors 40..3800) runs past the end of the disk (100 sectors)".into(),
+        ),
+        (
+            "trailer version",
+            with_trailer(&orig, |t| t[4] = 9),
+            "koly trailer version 150994948 (only 4 is known)".into(),
+        ),
+        (
+            "plist damaged",
+            {
+                let mut b = orig.clone();
+                b[0x4019 + 200..0x4019 + 206].copy_from_slice(b"<dicx>");
+                b
+            },
+            "XML property list does not parse: UnknownXmlElement (offset 206)".into(),
+        ),
+        (
+            "overlapping runs",
+            with_tables(&orig, |t| set_run(t, 40, 1, 8, 2000)),
+            "blkx entry 4 run 1: starts at sector 2000, before run 0 ends (sector 2010): runs overlap or are out of order".into(),
+        ),
+        (
+            "runs out of order",
+            with_tables(&orig, |t| set_run(t, 40, 2, 8, 0)),
+            "blkx entry 4 run 2: starts at sector 0, before run 1 ends (sector 2048): runs overlap or are out of order".into(),
+        ),
+        (
+            "huge run sector count",
+            with_tables(&orig, |t| set_run(t, 40, 2, 16, u64::MAX)),
+            format!("blkx entry 4 run 2: sector 2048 + count {} overflows", u64::MAX),
+        ),
+        (
+            "run past its table",
+            with_tables(&orig, |t| set_run(t, 40, 2, 16, 1713)),
+            "blkx entry 4 run 2: ends at sector 3761, past the table's 3760 sectors".into(),
+        ),
+        (
+            "huge table sector count",
+            with_tables(&orig, |t| {
+                if be64_at(t, 0x08) == 40 {
+                    t[0x10..0x18].copy_from_slice(&u64::MAX.to_be_bytes());
+                }
+            }),
+            format!("blkx entry 4: first sector 40 + sector count {} overflows", u64::MAX),
+        ),
+        (
+            "overlapping tables",
+            with_tables(&orig, |t| {
+                if be64_at(t, 0x08) == 34 {
+                    t[0x08..0x10].copy_from_slice(&30u64.to_be_bytes());
+                }
+            }),
+            "blkx entry 3 (sectors 30..36) overlaps blkx entry 2 (sectors 2..34)".into(),
+        ),
+        (
+            "unknown run type",
+            with_tables(&orig, |t| {
+                if be64_at(t, 0x08) == 0 {
+                    t[0xCC..0xD0].copy_from_slice(&0x8000_0009u32.to_be_bytes());
+                }
+            }),
+            "blkx entry 0: run 0 has unknown type 0x80000009".into(),
+        ),
+        (
+            "run count past the table",
+            with_tables(&orig, |t| {
+                if be64_at(t, 0x08) == 0 {
+                    t[0xC8..0xCC].copy_from_slice(&1000u32.to_be_bytes());
+                }
+            }),
+            "blkx entry 0: mish table lists 1000 runs but holds only 2".into(),
+        ),
+    ];
+    for (what, bytes, msg) in cases {
+        let p = dir.path().join(format!("{}.dmg", what.replace(' ', "-")));
+        std::fs::write(&p, &bytes).unwrap();
+        for opts in [ro(), OpenOptions::writable()] {
+            let e = disk::open(&p, Some(Format::Udif), &opts)
+                .err()
+                .unwrap_or_else(|| panic!("{what}: opened"));
+            let text = e.to_string();
+            let want = format!("corrupt image: {}: {msg}", p.display());
+            assert_eq!(text, want, "{what}");
+            assert!(!text.contains('\n'), "{what}: {text}");
+            assert!(matches!(e, Error::Corrupt(_)));
+        }
+        // check reports the same line as its one problem.
+        let report = udif::check(&p).unwrap();
+        assert_eq!(
+            report.problems,
+            vec![format!("{}: {msg}", p.display())],
+            "{what}"
+        );
+        assert_eq!(
+            report.lines(),
+            vec![
+                format!("{}: not a readable UDIF image", p.display()),
+                format!("corrupt: {}: {msg}", p.display()),
+                "corrupt".to_string()
+            ]
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), bytes, "{what}: file changed");
+    }
+}
+
+#[test]
+fn damaged_compressed_data_fails_the_read_not_the_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.dmg");
+    let mut b = std::fs::read(vector(ZLIB)).unwrap();
+    // The HFS+ table's first run: zlib at 10251+6158. Damage its middle.
+    for x in &mut b[10251 + 100..10251 + 400] {
+        *x ^= 0x5A;
+    }
+    std::fs::write(&p, &b).unwrap();
+    let d = disk::open(&p, None, &ro()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    d.read_at(&mut buf, 0).unwrap(); // other runs still read
+    let e = d.read_at(&mut buf, 40 * 512).unwrap_err();
+    let text = e.to_string();
+    assert_eq!(
+        text,
+        format!(
+            "corrupt image: {}: blkx entry 4 run 0: bad zlib data: corrupt deflate stream",
+            p.display()
+        )
+    );
+    assert_eq!(e.errno(), libc::EIO);
+    let report = udif::check(&p).unwrap();
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    assert_eq!(format!("corrupt image: {}", report.problems[0]), text);
+    assert_eq!(std::fs::read(&p).unwrap(), b);
+}
+
+#[test]
+fn vectors_check_clean() {
+    for name in [ZLIB, BZIP2] {
+        let r = udif::check(&vector(name)).unwrap();
+        assert!(r.is_clean(), "{:?}", r.lines());
+        // Eight tables and the master; hdiutil left the data fork unsummed.
+        assert_eq!(r.checksums_verified, 9, "{name}");
+        assert_eq!(r.notes, vec!["data fork: no checksum"]);
+    }
+}
+
+#[test]
+fn check_in_the_writing_session_sees_the_cleared_checksums() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("session.dmg");
+    create_udrw(&p, 2 * MIB).unwrap();
+    let plist_before = plist_bytes(&std::fs::read(&p).unwrap());
+    let u = Udif::open(&p, &OpenOptions::writable()).unwrap();
+    assert_eq!(u.check().unwrap().checksums_verified, 3);
+    u.write_at(&pattern(4, 5000), MIB - 100).unwrap();
+    let r = u.check().unwrap();
+    assert!(r.is_clean(), "{:?}", r.lines());
+    assert_eq!(r.checksums_verified, 0);
+    drop(u);
+    // The property list kept its length and layout: only the table's
+    // checksum changed, to type 0 with a zero value.
+    let after = std::fs::read(&p).unwrap();
+    let plist_after = plist_bytes(&after);
+    assert_eq!(plist_after.len(), plist_before.len());
+    let tables = |x: &[u8]| udif::plist::decode(x).unwrap();
+    let (old, new) = (
+        &tables(&plist_before)[0].data,
+        &tables(&plist_after)[0].data,
+    );
+    assert_eq!(&old[..0x40], &new[..0x40]);
+    assert_eq!(&new[0x40..0xC8], &[0u8; 0x88][..]);
+    assert_eq!(&old[0xC8..], &new[0xC8..]);
+    let t = &after[after.len() - 512..];
+    assert_eq!(&t[0x50..0xD8], &[0u8; 0x88][..], "data fork checksum");
+    assert_eq!(&t[0x160..0x1E8], &[0u8; 0x88][..], "master checksum");
+}
+
+fn plist_bytes(b: &[u8]) -> Vec<u8> {
+    let t = &b[b.len() - 512..];
+    let at = be64_at(t, 0xD8) as usize;
+    b[at..at + be64_at(t, 0xE0) as usize].to_vec()
+}
+
+#[test]
+fn a_data_fork_over_the_property_list_is_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("overlap.dmg");
+    create_udrw(&p, MIB).unwrap();
+    let b = std::fs::read(&p).unwrap();
+    let body = (b.len() - 512) as u64;
+    let b = with_trailer(&b, |t| t[0x20..0x28].copy_from_slice(&body.to_be_bytes()));
+    std::fs::write(&p, &b).unwrap();
+    let d = udrw_rw(&p);
+    assert_eq!(
+        d.write_refusal().as_deref(),
+        Some("the data fork overlaps the property list")
+    );
+    assert!(matches!(
+        d.write_at(b"x", 0),
+        Err(Error::WritesRefused { .. })
+    ));
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), b);
+}
+
+#[test]
+fn created_udrw_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("layout.dmg");
+    let size = 3 * MIB + 512;
+    create_udrw(&p, size).unwrap();
+    let u = Udif::open(&p, &ro()).unwrap();
+    let l = u.layout();
+    assert_eq!(l.koly.sector_count, size / 512);
+    assert_eq!(
+        (l.koly.data_fork_offset, l.koly.data_fork_length),
+        (0, size)
+    );
+    assert_eq!(l.koly.plist_offset, size);
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        size + l.koly.plist_length + 512
+    );
+    assert_eq!(l.koly.data_checksum.kind, 2);
+    assert_eq!(l.blkx.len(), 1);
+    assert_eq!(l.blkx[0].name, "whole disk (unknown partition : 0)");
+    let t = &l.tables[0];
+    assert_eq!(
+        (t.first_sector, t.sector_count, t.buffers_needed),
+        (0, size / 512, 2048)
+    );
+    let runs: Vec<(RunKind, u64, u64, u64, u64)> = t
+        .runs
+        .iter()
+        .map(|r| (r.kind, r.sector, r.sectors, r.offset, r.length))
+        .collect();
+    assert_eq!(
+        runs,
+        vec![
+            (RunKind::Raw, 0, 2048, 0, MIB),
+            (RunKind::Raw, 2048, 2048, MIB, MIB),
+            (RunKind::Raw, 4096, 2048, 2 * MIB, MIB),
+            (RunKind::Raw, 6144, 1, 3 * MIB, 512),
+            (RunKind::End, 6145, 0, 0, 0),
+        ]
+    );
+    assert_eq!(u.variant(), "UDRW");
+}
