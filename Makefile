@@ -119,7 +119,7 @@ integration: deps build
 # take 10 minutes here. There is no nightly toolchain: RUSTC_BOOTSTRAP=1
 # lets stable rustc take the flags cargo-fuzz passes. The fuzz crate has
 # its own target dir.
-FUZZ_TARGETS      := header directory entries metadata image udif_parse udsb_info
+FUZZ_TARGETS      := header directory entries metadata image udif_parse udsb_info udsp_parse
 FUZZ_SECONDS      ?= 300
 FUZZ_TEST_SECONDS ?= 20
 .PHONY: $(addprefix fuzz-run-,$(FUZZ_TARGETS)) $(addprefix fuzz-test-,$(FUZZ_TARGETS))
@@ -127,7 +127,8 @@ FUZZ_SANITIZER    ?= none
 CARGO_FUZZ        := RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 # Largest input per target: a header sector; a directory slice; a group
 # and its bitmap bytes; a 64 KiB plist; an image of a few small chunks;
-# a small .dmg; a bundle's Info.plist.
+# a small .dmg; a bundle's Info.plist; a .sparseimage of 512-byte bands
+# with one index node.
 FUZZ_MAX_LEN_header    := 1024
 FUZZ_MAX_LEN_directory := 4096
 FUZZ_MAX_LEN_entries   := 20000
@@ -135,6 +136,7 @@ FUZZ_MAX_LEN_metadata  := 70000
 FUZZ_MAX_LEN_image     := 262144
 FUZZ_MAX_LEN_udif_parse := 262144
 FUZZ_MAX_LEN_udsb_info := 70000
+FUZZ_MAX_LEN_udsp_parse := 600000
 # A run fails on a panic, an input slower than 10 s, or more than 2 GiB.
 FUZZ_LIMITS := -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10
 

@@ -32,6 +32,8 @@ pub enum Format {
     Udif,
     /// Apple sparse bundle (`.sparsebundle`, a directory of band files).
     Udsb,
+    /// Apple sparse image (`.sparseimage`).
+    Udsp,
 }
 
 impl Format {
@@ -41,6 +43,7 @@ impl Format {
             Format::Raw => "raw",
             Format::Udif => "udif",
             Format::Udsb => "udsb",
+            Format::Udsp => "udsp",
         }
     }
 }
@@ -185,6 +188,9 @@ pub fn probe(path: &Path) -> Result<Option<Format>> {
     if n == 4 && magic == crate::format::MAGIC {
         return Ok(Some(Format::Asif));
     }
+    if n == 4 && magic == crate::udsp::header::MAGIC {
+        return Ok(Some(Format::Udsp));
+    }
     crate::udif::probe(path)
 }
 
@@ -204,6 +210,7 @@ pub fn open(
         Format::Asif => Ok(Box::new(Image::open(path, opts)?)),
         Format::Udif => Ok(Box::new(crate::udif::Udif::open(path, opts)?)),
         Format::Udsb => Ok(Box::new(crate::udsb::SparseBundle::open(path, opts)?)),
+        Format::Udsp => Ok(Box::new(crate::udsp::SparseImage::open(path, opts)?)),
         Format::Raw => Err(Error::Invalid(format!(
             "{}: raw files are served as they are, not opened as images",
             path.display()

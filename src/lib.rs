@@ -20,6 +20,7 @@ pub mod fs;
 pub mod nbd;
 pub mod udif;
 pub mod udsb;
+pub mod udsp;
 
 pub use engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
 pub use error::{Error, Result};

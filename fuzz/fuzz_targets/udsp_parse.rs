@@ -1,0 +1,105 @@
+//! Arbitrary bytes as a whole `.sparseimage`. Opened read-only, the disk
+//! is read (within a budget) and must match its extents; opened writable,
+//! it takes a write, a discard, a flush and a compaction, and must read
+//! back what was written and stay clean. Nothing may panic, hang or
+//! allocate without bound.
+
+#![no_main]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use asiffs::engine::memory::MemStorage;
+use asiffs::udsp::SparseImage;
+use asiffs::{LockMode, OpenOptions};
+use libfuzzer_sys::fuzz_target;
+
+const DATA_BUDGET: u64 = 2 << 20;
+const HOLE_BUDGET: u64 = 128 << 10;
+/// Cap on the file's length, holes included.
+const LIMIT: u64 = 64 << 20;
+
+fn open(data: &[u8], writable: bool) -> Option<SparseImage> {
+    let s = MemStorage::with_limit(data.to_vec(), LIMIT);
+    let opts = OpenOptions {
+        writable,
+        lock: LockMode::None,
+        ..OpenOptions::default()
+    };
+    SparseImage::from_storage(Path::new("fuzz.sparseimage"), Arc::new(s), &opts).ok()
+}
+
+fn read_all(img: &SparseImage) {
+    assert_eq!(img.check().unwrap(), Vec::<String>::new(), "opened but not clean");
+    let extents = img.extents().expect("extents of an open image");
+    let mut at = 0;
+    for e in &extents {
+        assert_eq!(e.start, at, "extents leave a gap or overlap");
+        at += e.length;
+    }
+    assert_eq!(at, img.size(), "extents do not cover the disk");
+    let (mut data, mut holes) = (DATA_BUDGET, HOLE_BUDGET);
+    let mut buf = Vec::new();
+    for e in &extents {
+        let budget = if e.data { &mut data } else { &mut holes };
+        let n = e.length.min(*budget);
+        *budget -= n;
+        if n == 0 {
+            continue;
+        }
+        buf.clear();
+        buf.resize(n as usize, 0xA5);
+        img.read_at(&mut buf, e.start).expect("reading inside the disk");
+        if !e.data {
+            assert!(buf.iter().all(|&b| b == 0), "hole at {:#x} reads as data", e.start);
+        }
+    }
+    if img.size() > 0 {
+        let hole = img.seek_hole(0).unwrap();
+        assert!(hole <= img.size());
+    }
+    let _ = img.seek_data(0);
+}
+
+fn write_some(img: &SparseImage, pick: u64) {
+    let size = img.size();
+    if size == 0 {
+        return;
+    }
+    let len = (1 + pick % 5000).min(size);
+    let off = (pick >> 13) % (size - len + 1);
+    let pattern: Vec<u8> = (0..len).map(|i| (i as u8 & 0x7F) | 0x80).collect();
+    let discard_off = (pick >> 40) % size;
+    // A hostile band size can ask for more than the store holds.
+    if img.write_at(&pattern, off).is_err() || img.discard(discard_off, len / 2).is_err() {
+        return;
+    }
+    img.flush().expect("flush");
+    let zeroed = discard_off..discard_off.saturating_add(len / 2);
+    let verify = |what: &str| {
+        let mut back = vec![0u8; len as usize];
+        img.read_at(&mut back, off).expect("reading back a write");
+        for (i, (&b, &p)) in back.iter().zip(&pattern).enumerate() {
+            let at = off + i as u64;
+            let want = if zeroed.contains(&at) { 0 } else { p };
+            assert_eq!(b, want, "byte {at:#x} {what}");
+        }
+        assert_eq!(img.check().unwrap(), Vec::<String>::new(), "unclean {what}");
+    };
+    verify("after a write and a discard");
+    if img.compact(&mut |_, _| {}).is_ok() {
+        verify("after compaction");
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(img) = open(data, false) {
+        read_all(&img);
+    }
+    let mut tail = [0u8; 8];
+    let n = data.len().min(8);
+    tail[..n].copy_from_slice(&data[data.len() - n..]);
+    if let Some(img) = open(data, true) {
+        write_some(&img, u64::from_be_bytes(tail));
+    }
+});
