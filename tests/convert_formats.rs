@@ -79,10 +79,10 @@ fn one_error(args: &[&str], needle: &str) {
     );
 }
 
-const NATIVE: [&str; 4] = ["raw", "asif", "dmg", "sparsebundle"];
+const NATIVE: [&str; 5] = ["raw", "asif", "dmg", "sparsebundle", "sparseimage"];
 const QEMU: [(&str, &str); 3] = [("qcow2", "qcow2"), ("vmdk", "vmdk"), ("vhdx", "vhdx")];
 
-/// Every pair of raw, ASIF, UDRW and bundle, and each of them into qcow2,
+/// Every pair of raw, ASIF, UDRW, bundle and sparse image, and each of them into qcow2,
 /// vmdk and vhdx: same bytes, holes left holes.
 #[test]
 fn round_trips_between_every_pair() {
@@ -138,6 +138,7 @@ fn stem_format(stem: &str) -> &'static str {
     match stem {
         "asif" => "asif",
         "dmg" => "udif",
+        "sparseimage" => "udsp",
         _ => "udsb",
     }
 }
@@ -181,6 +182,8 @@ fn create_info_check_each_format() {
         ("a.asif", None, "asif"),
         ("b.dmg", None, "udif"),
         ("c.sparsebundle", None, "udsb"),
+        ("f.sparseimage", None, "udsp"),
+        ("g.img", Some("udsp"), "udsp"),
         ("d.img", Some("udrw"), "udif"),
         ("e.bundle", Some("udsb"), "udsb"),
     ] {
@@ -283,8 +286,8 @@ fn refusals_are_one_line() {
         &["resize", s(&dmg), "8M"],
         "resizing udif images is not supported",
     );
-    one_error(&["compact", s(&dmg)], "compact (ASIF images only)");
-    one_error(&["compact", s(&bundle)], "compact (ASIF images only)");
+    one_error(&["compact", s(&dmg)], "compact (ASIF and UDSP images only)");
+    one_error(&["compact", s(&bundle)], "compact (ASIF and UDSP images only)");
     let other = d.join("dir");
     fs::create_dir(&other).unwrap();
     one_error(

@@ -307,9 +307,6 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
         ));
     }
     let out = a.output_format.unwrap_or_else(|| OutputFormat::of(&a.dst));
-    if out == OutputFormat::Udsp {
-        return Err(super::formats::udsp_missing(&a.dst));
-    }
     let held = hold_destination(&a.dst, a.force, out)?;
     let src = open_source(&a.src, a.source_format.as_deref())?;
     let tmp = temp_path(&a.dst);
@@ -433,7 +430,13 @@ pub(super) fn write_output(
             copy(src, STEP, |buf, off| dst.write_at(buf, off))?;
             dst.flush()?;
         }
-        OutputFormat::Udsp => return Err(super::formats::udsp_missing(to)),
+        OutputFormat::Udsp => {
+            remove_any(to)?;
+            let dst =
+                crate::udsp::SparseImage::create(to, src.size(), super::formats::UDSP_BAND_SIZE)?;
+            copy(src, STEP, |buf, off| dst.write_at(buf, off))?;
+            dst.close()?;
+        }
         OutputFormat::Qcow2 | OutputFormat::Vmdk | OutputFormat::Vhdx => {
             let fmt = out.qemu_name().expect("a qemu format");
             super::qemu_out::convert(a, src, fmt, to)?;

@@ -80,16 +80,8 @@ pub fn create_other(
         CreateFormat::Asif => unreachable!("ASIF is created by the caller"),
         CreateFormat::Udrw => crate::udif::create_udrw(path, size),
         CreateFormat::Udsb => crate::udsb::SparseBundle::create(path, size, band)?.close(),
-        // Dispatch point for the UDSP module (branch h-udsp).
-        CreateFormat::Udsp => Err(udsp_missing(path)),
+        CreateFormat::Udsp => crate::udsp::create(path, size, band),
     }
-}
-
-pub fn udsp_missing(path: &Path) -> Error {
-    Error::Invalid(format!(
-        "{}: sparse images (.sparseimage, UDSP) are not supported by this build",
-        path.display()
-    ))
 }
 
 /// `check` of a format other than ASIF: its report as lines, and the exit
@@ -106,6 +98,15 @@ pub fn check_other(path: &Path, format: Format, json: bool) -> Result<i32> {
             let mut lines: Vec<String> = problems.iter().map(|p| format!("corrupt: {p}")).collect();
             let clean = problems.is_empty();
             lines.insert(0, format!("{}: sparse bundle", path.display()));
+            lines.push(if clean { "clean" } else { "corrupt" }.to_string());
+            let v = serde_json::json!({ "path": path.display().to_string(), "problems": problems });
+            (lines, clean, v)
+        }
+        Format::Udsp => {
+            let problems = crate::udsp::check(path)?;
+            let mut lines: Vec<String> = problems.iter().map(|p| format!("corrupt: {p}")).collect();
+            let clean = problems.is_empty();
+            lines.insert(0, format!("{}: sparse image", path.display()));
             lines.push(if clean { "clean" } else { "corrupt" }.to_string());
             let v = serde_json::json!({ "path": path.display().to_string(), "problems": problems });
             (lines, clean, v)

@@ -122,14 +122,35 @@ fn resized(old: u64, new: u64, json: bool) -> i32 {
     0
 }
 
+fn compact_udsp(a: &CompactArgs) -> Result<i32> {
+    let img = crate::udsp::SparseImage::open(&a.file, &OpenOptions::writable())?;
+    let pb = progress::bar(0, "compacting");
+    let report = img.compact(&mut |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    });
+    pb.finish_and_clear();
+    let report = report?;
+    img.close()?;
+    if a.json {
+        super::print_json(&report);
+    } else {
+        println!(
+            "Compacted: {} bands moved, {} all-zero bands dropped; file {} -> {} bytes.",
+            report.bands_moved, report.bands_dropped, report.old_file_size, report.new_file_size
+        );
+    }
+    Ok(0)
+}
+
 pub fn compact(a: CompactArgs) -> Result<i32> {
-    // Dispatch point for UDSP compaction (branch h-udsp).
     match super::formats::format_of(&a.file)? {
         crate::disk::Format::Asif => {}
+        crate::disk::Format::Udsp => return compact_udsp(&a),
         f => {
             return Err(super::formats::not_supported(
                 &a.file,
-                "compact (ASIF images only)",
+                "compact (ASIF and UDSP images only)",
                 f,
             ))
         }

@@ -448,7 +448,7 @@ fn check(c: CheckArgs) -> Result<i32> {
         return repair(&a, mode);
     }
     match crate::disk::probe(&a.file) {
-        Ok(Some(f @ (Format::Udif | Format::Udsb))) => {
+        Ok(Some(f @ (Format::Udif | Format::Udsb | Format::Udsp))) => {
             return formats::check_other(&a.file, f, a.json())
         }
         Err(e) if !a.json() => return Err(e),

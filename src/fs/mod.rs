@@ -713,7 +713,11 @@ mod tests {
             .mount
             .contains(&MountOption::CUSTOM("max_read=131072".into())));
         let cache = |s: &str| parse_options(&[s.into()], Path::new("/s")).map(|o| o.cache);
-        assert_eq!(cache("rw").unwrap(), crate::CacheMode::Writeback);
+        assert_eq!(cache("rw").unwrap(), crate::CacheMode::None);
+        assert_eq!(
+            cache("cache=writeback").unwrap(),
+            crate::CacheMode::Writeback
+        );
         assert_eq!(cache("cache=none").unwrap(), crate::CacheMode::None);
         assert_eq!(
             cache("cache=none,cache=writeback").unwrap(),
