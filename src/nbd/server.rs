@@ -709,7 +709,8 @@ impl Session<'_> {
     fn serial(&mut self, ctx: &Ctx, timeout: Duration) -> Step<()> {
         let mut out = Vec::new();
         loop {
-            let Some(job) = next_request(&mut self.conn, ctx, timeout, &mut out)? else {
+            let Some(job) = next_request(&mut self.conn, ctx, timeout, &mut out, &mut |_| {})?
+            else {
                 return Ok(());
             };
             out.clear();
@@ -731,12 +732,39 @@ struct Ctx<'a> {
 struct Job {
     req: Request,
     payload: Vec<u8>,
+    /// Bytes of [`BUDGET`] it holds until answered.
+    cost: u64,
 }
 
 /// Worker threads per plain connection: requests in flight at once.
 const WORKERS: usize = 16;
 /// Requests read ahead of the workers before the reader waits.
 const QUEUED: usize = 32;
+/// Payload and read data one plain connection may hold at once; a request
+/// over it waits until the others are answered (one alone always runs).
+const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
+
+/// Bytes of [`BUDGET`] in use.
+struct Budget {
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    fn take(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + n > BUDGET {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += n;
+    }
+
+    fn give(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used -= n;
+        self.freed.notify_all();
+    }
+}
 
 /// Reads the next request and its payload. `None` is a clean end (EOF or
 /// `NBD_CMD_DISC`); an oversize write is answered (bytes left in `out`,
@@ -746,6 +774,7 @@ fn next_request<S: Read + Write + ReadTimeout>(
     ctx: &Ctx,
     timeout: Duration,
     out: &mut Vec<u8>,
+    reserve: &mut dyn FnMut(u64),
 ) -> Step<Option<Job>> {
     let mut hb = [0u8; REQUEST_LEN];
     match conn.read_exact(&mut hb) {
@@ -757,6 +786,12 @@ fn next_request<S: Read + Write + ReadTimeout>(
     if req.command == CMD_DISC {
         return Ok(None);
     }
+    // Memory the request will hold: its payload or its read data.
+    let cost = match req.command {
+        CMD_WRITE | CMD_READ => req.len.min(MAX_PAYLOAD).into(),
+        _ => 0,
+    };
+    reserve(cost);
     let mut payload = Vec::new();
     if req.command == CMD_WRITE {
         if req.len > MAX_PAYLOAD {
@@ -776,7 +811,7 @@ fn next_request<S: Read + Write + ReadTimeout>(
         conn.read_exact(&mut payload)?;
         conn.read_timeout(None)?;
     }
-    Ok(Some(Job { req, payload }))
+    Ok(Some(Job { req, payload, cost }))
 }
 
 /// Setting the read timeout of whatever stream a session reads from.
@@ -806,35 +841,55 @@ fn concurrent(ctx: &Ctx, sock: &Sock, timeout: Duration) -> Step<()> {
     let mut reader = sock.try_clone()?;
     let writer = std::sync::Mutex::new(sock.try_clone()?);
     let broken: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let budget = Budget {
+        used: std::sync::Mutex::new(0),
+        freed: std::sync::Condvar::new(),
+    };
     let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUED);
     std::thread::scope(|scope| {
         for _ in 0..WORKERS {
             let rx = rx.clone();
-            let (writer, broken) = (&writer, &broken);
+            let (writer, broken, budget) = (&writer, &broken, &budget);
             scope.spawn(move || {
                 let mut out = Vec::new();
+                // Once the socket broke, the queue is still drained (without
+                // disk calls) so the reader never waits on the budget forever.
                 for job in rx {
-                    out.clear();
-                    answer(ctx, &job.req, &job.payload, &mut out);
-                    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = w.write_all(&out) {
-                        w.shutdown();
-                        let mut b = broken.lock().unwrap_or_else(|p| p.into_inner());
-                        b.get_or_insert_with(|| e.to_string());
-                        return;
+                    let dead = broken.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                    if !dead {
+                        out.clear();
+                        answer(ctx, &job.req, &job.payload, &mut out);
+                        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Err(e) = w.write_all(&out) {
+                            w.shutdown();
+                            let mut b = broken.lock().unwrap_or_else(|p| p.into_inner());
+                            b.get_or_insert_with(|| e.to_string());
+                        }
                     }
+                    let cost = job.cost;
+                    drop(job);
+                    // A big read's buffer is not kept past its reply.
+                    if out.capacity() > 256 * 1024 {
+                        out = Vec::new();
+                    }
+                    budget.give(cost);
                 }
             });
         }
         drop(rx);
         let mut out = Vec::new();
         let r = loop {
-            let job =
-                match next_request(&mut WriteVia(&mut reader, &writer), ctx, timeout, &mut out) {
-                    Ok(Some(job)) => job,
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
-                };
+            let job = match next_request(
+                &mut WriteVia(&mut reader, &writer),
+                ctx,
+                timeout,
+                &mut out,
+                &mut |n| budget.take(n),
+            ) {
+                Ok(Some(job)) => job,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
             if tx.send(job).is_err() {
                 break Ok(());
             }
