@@ -850,31 +850,38 @@ fn concurrent(ctx: &Ctx, sock: &Sock, timeout: Duration) -> Step<()> {
         for _ in 0..WORKERS {
             let rx = rx.clone();
             let (writer, broken, budget) = (&writer, &broken, &budget);
-            scope.spawn(move || {
-                let mut out = Vec::new();
-                // Once the socket broke, the queue is still drained (without
-                // disk calls) so the reader never waits on the budget forever.
-                for job in rx {
-                    let dead = broken.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-                    if !dead {
-                        out.clear();
-                        answer(ctx, &job.req, &job.payload, &mut out);
-                        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Err(e) = w.write_all(&out) {
-                            w.shutdown();
-                            let mut b = broken.lock().unwrap_or_else(|p| p.into_inner());
-                            b.get_or_insert_with(|| e.to_string());
+            let spawned = std::thread::Builder::new()
+                .name("asiffs-nbd-io".into())
+                .spawn_scoped(scope, move || {
+                    let mut out = Vec::new();
+                    // Once the socket broke, the queue is still drained (without
+                    // disk calls) so the reader never waits on the budget forever.
+                    for job in rx {
+                        let dead = broken.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                        if !dead {
+                            out.clear();
+                            answer(ctx, &job.req, &job.payload, &mut out);
+                            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Err(e) = w.write_all(&out) {
+                                w.shutdown();
+                                let mut b = broken.lock().unwrap_or_else(|p| p.into_inner());
+                                b.get_or_insert_with(|| e.to_string());
+                            }
                         }
+                        let cost = job.cost;
+                        drop(job);
+                        // A big read's buffer is not kept past its reply.
+                        if out.capacity() > 256 * 1024 {
+                            out = Vec::new();
+                        }
+                        budget.give(cost);
                     }
-                    let cost = job.cost;
-                    drop(job);
-                    // A big read's buffer is not kept past its reply.
-                    if out.capacity() > 256 * 1024 {
-                        out = Vec::new();
-                    }
-                    budget.give(cost);
-                }
-            });
+                });
+            if let Err(e) = spawned {
+                // Fewer workers still serve; none ends the session below.
+                warn!("cannot start an NBD worker thread: {e}");
+                break;
+            }
         }
         drop(rx);
         let mut out = Vec::new();
