@@ -791,3 +791,144 @@ fn tls_is_required_then_served() {
     let (data, _) = t.read(2, 0, 4096);
     assert_eq!(data, vec![0x77; 4096]);
 }
+
+/// Each request's bytes, distinct per handle.
+fn pattern(handle: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (handle as usize * 31 + i / 7) as u8)
+        .collect()
+}
+
+/// One whole reply to any request: a simple reply as (handle, error, no
+/// data), or a read's single final data chunk as (handle, 0, offset and
+/// data).
+fn any_reply(c: &mut Plain) -> (u64, u32, Vec<u8>) {
+    let magic = c.read_n(4);
+    if magic == SIMPLE_REPLY_MAGIC.to_be_bytes() {
+        let r = c.read_n(12);
+        let error = u32::from_be_bytes(r[0..4].try_into().unwrap());
+        return (
+            u64::from_be_bytes(r[4..12].try_into().unwrap()),
+            error,
+            Vec::new(),
+        );
+    }
+    assert_eq!(magic, STRUCTURED_REPLY_MAGIC.to_be_bytes(), "reply magic");
+    let h = c.read_n(16);
+    assert_eq!(h[0..2], REPLY_FLAG_DONE.to_be_bytes(), "one chunk per read");
+    assert_eq!(h[2..4], REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+    let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let handle = u64::from_be_bytes(h[4..12].try_into().unwrap());
+    (handle, 0, c.read_n(len as usize))
+}
+
+fn request_bytes(command: u16, handle: u64, offset: u64, len: u32) -> [u8; 28] {
+    Request {
+        flags: 0,
+        command,
+        handle,
+        offset,
+        len,
+    }
+    .encode()
+}
+
+/// A client with 64 requests in flight on one connection gets every reply
+/// exactly once, each whole, matched by handle in whatever order they come.
+#[test]
+fn many_requests_in_flight_on_one_connection() {
+    let f = start(Config::default());
+    // Small enough that all requests and all replies fit in the socket
+    // buffers, so sending everything first cannot deadlock.
+    const N: u32 = 2048;
+    let n = u64::from(N);
+    // What the reads will find, written straight to the shared disk.
+    for i in 0..32u64 {
+        f.disk_a
+            .write_at(&pattern(1000 + i, N as usize), 4 * MIB + i * n)
+            .unwrap();
+    }
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.go("a");
+    let mut frame = Vec::new();
+    for h in 0..64u64 {
+        let i = h / 2;
+        if h % 2 == 0 {
+            frame.extend_from_slice(&request_bytes(CMD_WRITE, h, MIB + i * n, N));
+            frame.extend_from_slice(&pattern(h, N as usize));
+        } else {
+            frame.extend_from_slice(&request_bytes(CMD_READ, h, 4 * MIB + i * n, N));
+        }
+    }
+    c.send(&frame);
+    let mut order = Vec::new();
+    for _ in 0..64 {
+        let (h, error, data) = any_reply(&mut c);
+        assert!(
+            h < 64 && !order.contains(&h),
+            "handle {h} unknown or repeated"
+        );
+        assert_eq!(error, 0, "handle {h}");
+        if h % 2 == 0 {
+            assert!(data.is_empty());
+        } else {
+            let i = h / 2;
+            assert_eq!(data[0..8], (4 * MIB + i * n).to_be_bytes(), "handle {h}");
+            assert_eq!(data[8..], pattern(1000 + i, N as usize), "handle {h}");
+        }
+        order.push(h);
+    }
+    // Every write landed where it was sent.
+    c.request(0, CMD_FLUSH, 100, 0, 0);
+    assert_eq!(c.simple(100), 0);
+    for i in 0..32u64 {
+        let mut buf = vec![0u8; N as usize];
+        f.disk_a.read_at(&mut buf, MIB + i * n).unwrap();
+        assert_eq!(buf, pattern(2 * i, N as usize), "write {}", 2 * i);
+    }
+}
+
+/// `NBD_CMD_DISC` right behind many in-flight writes: each still gets its
+/// reply before the server closes, and all of them are in the file.
+#[test]
+fn disconnect_answers_the_writes_in_flight() {
+    let f = start(Config::default());
+    const N: u32 = 2048;
+    let n = u64::from(N);
+    let mut c = connect(&f);
+    c.greet(FLAGS);
+    c.go("a");
+    let mut frame = Vec::new();
+    for h in 0..48u64 {
+        frame.extend_from_slice(&request_bytes(CMD_WRITE, h, 2 * MIB + h * n, N));
+        frame.extend_from_slice(&pattern(h, N as usize));
+    }
+    frame.extend_from_slice(&request_bytes(CMD_DISC, 99, 0, 0));
+    c.send(&frame);
+    let mut seen = Vec::new();
+    for _ in 0..48 {
+        let (h, error, data) = any_reply(&mut c);
+        assert!(
+            h < 48 && !seen.contains(&h),
+            "handle {h} unknown or repeated"
+        );
+        assert_eq!((error, data.len()), (0, 0), "handle {h}");
+        seen.push(h);
+    }
+    c.expect_closed();
+    f.disk_a.flush().unwrap();
+    let other = Image::open(
+        &f.image_a,
+        &OpenOptions {
+            lock: LockMode::None,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    for h in 0..48u64 {
+        let mut buf = vec![0u8; N as usize];
+        other.read_at(&mut buf, 2 * MIB + h * n).unwrap();
+        assert_eq!(buf, pattern(h, N as usize), "write {h}");
+    }
+}

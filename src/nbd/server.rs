@@ -4,9 +4,12 @@
 //! - every client of an image shares that image's one `Arc<dyn Disk>`, so a
 //!   flush (or FUA) on any connection covers the writes of all of them,
 //!   which is what `NBD_FLAG_CAN_MULTI_CONN` promises;
-//! - a session answers requests in order, one at a time; a request's reply
-//!   is sent only after the disk call returned (and, with FUA, after the
-//!   flush), so an acknowledged flush survives the client vanishing;
+//! - a plain session answers up to `WORKERS` requests at once, each reply
+//!   whole and contiguous, in completion order (TLS sessions: one at a
+//!   time); a request's reply is sent only after the disk call returned
+//!   (and, with FUA, after the flush), so an acknowledged flush survives
+//!   the client vanishing; a flush covers every write completed before it;
+//! - on `NBD_CMD_DISC` every request already read is answered before close;
 //! - hostile input never panics: sizes are checked before any allocation
 //!   (options over [`MAX_OPTION_LEN`], payloads over [`MAX_PAYLOAD`]), bad
 //!   magic or a broken handshake closes only that connection, and a peer
@@ -90,6 +93,13 @@ pub enum Sock {
 }
 
 impl Sock {
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+        })
+    }
+
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.set_read_timeout(t),
@@ -317,7 +327,6 @@ impl Server {
             structured: false,
             tls: false,
             meta: None,
-            buf: Vec::new(),
             deadline: Instant::now() + self.config.handshake_timeout,
         };
         debug!("{peer}: connected");
@@ -388,15 +397,8 @@ struct Session<'a> {
     tls: bool,
     /// The export `base:allocation` was selected for.
     meta: Option<String>,
-    buf: Vec<u8>,
     /// When the whole handshake must be over.
     deadline: Instant,
-}
-
-/// What the transmission loop does after a request.
-enum Next {
-    Continue,
-    Disconnect,
 }
 
 impl Session<'_> {
@@ -683,195 +685,425 @@ impl Session<'_> {
     fn transmission(&mut self, export: &Export) -> Step<()> {
         // Idle clients are normal once connected (a VM with a quiet disk).
         self.conn.set_read_timeout(None)?;
+        let ctx = Ctx {
+            export,
+            structured: self.structured,
+            meta: self.meta.as_deref() == Some(export.name.as_str()),
+        };
+        let timeout = self.server.config.handshake_timeout;
+        match std::mem::replace(&mut self.conn, Conn::Gone) {
+            Conn::Plain(sock) => {
+                let r = concurrent(&ctx, &sock, timeout);
+                self.conn = Conn::Plain(sock);
+                r
+            }
+            // A rustls stream cannot be split into a reading and a writing
+            // half, so TLS sessions answer one request at a time.
+            conn => {
+                self.conn = conn;
+                self.serial(&ctx, timeout)
+            }
+        }
+    }
+
+    fn serial(&mut self, ctx: &Ctx, timeout: Duration) -> Step<()> {
+        let mut out = Vec::new();
         loop {
-            let mut hb = [0u8; REQUEST_LEN];
-            match self.conn.read_exact(&mut hb) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-            let req = Request::decode(&hb).map_err(|e| Stop(format!("request: {e}")))?;
-            match self.request(export, req)? {
-                Next::Continue => {}
-                Next::Disconnect => return Ok(()),
-            }
+            let Some(job) = next_request(&mut self.conn, ctx, timeout, &mut out, &mut |_| {})?
+            else {
+                return Ok(());
+            };
+            out.clear();
+            answer(ctx, &job.req, &job.payload, &mut out);
+            self.send(&out)?;
         }
     }
+}
 
-    /// Answers a request that failed with `error`.
-    fn fail(&mut self, req: &Request, error: u32, message: &str) -> Step<Next> {
-        if self.structured {
-            self.send(&chunk_error(req.handle, error, message, true))?;
-        } else {
-            self.send(&simple_reply(req.handle, error))?;
+/// What answering a request needs, fixed once transmission starts.
+struct Ctx<'a> {
+    export: &'a Export,
+    structured: bool,
+    /// `base:allocation` was selected for this export.
+    meta: bool,
+}
+
+/// A request read off the wire, with its write payload.
+struct Job {
+    req: Request,
+    payload: Vec<u8>,
+    /// Bytes of [`BUDGET`] it holds until answered.
+    cost: u64,
+}
+
+/// Worker threads per plain connection: requests in flight at once.
+const WORKERS: usize = 16;
+/// Requests read ahead of the workers before the reader waits.
+const QUEUED: usize = 32;
+/// Payload and read data one plain connection may hold at once; a request
+/// over it waits until the others are answered (one alone always runs).
+const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
+
+/// Bytes of [`BUDGET`] in use.
+struct Budget {
+    used: std::sync::Mutex<u64>,
+    freed: std::sync::Condvar,
+}
+
+impl Budget {
+    fn take(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + n > BUDGET {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
         }
-        Ok(Next::Continue)
+        *used += n;
     }
 
-    fn ok(&mut self, req: &Request) -> Step<Next> {
-        self.send(&simple_reply(req.handle, 0))?;
-        Ok(Next::Continue)
+    fn give(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used -= n;
+        self.freed.notify_all();
     }
+}
 
-    fn request(&mut self, export: &Export, req: Request) -> Step<Next> {
-        if req.command == CMD_DISC {
-            return Ok(Next::Disconnect);
-        }
-        if req.command == CMD_WRITE {
-            if req.len > MAX_PAYLOAD {
-                // The payload is not read: the stream cannot be trusted past it.
-                let msg = format!(
-                    "write of {} bytes is over the {MAX_PAYLOAD} byte limit",
-                    req.len
-                );
-                self.fail(&req, EINVAL, &msg)?;
-                return Err(Stop(msg));
-            }
-            self.buf.resize(req.len as usize, 0);
-            self.conn
-                .set_read_timeout(Some(self.server.config.handshake_timeout))?;
-            self.conn.read_exact(&mut self.buf)?;
-            self.conn.set_read_timeout(None)?;
-        }
-        let allowed = match req.command {
-            CMD_READ if self.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
-            CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
-            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-            CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-            c => return self.fail(&req, EINVAL, &format!("command {c} is not supported")),
-        };
-        if req.flags & !allowed != 0 {
-            let msg = format!(
-                "flags {:#x} are not valid for command {}",
-                req.flags, req.command
-            );
-            return self.fail(&req, EINVAL, &msg);
-        }
-        let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-        if writes && export.read_only {
-            return self.fail(&req, EPERM, "the export is read-only");
-        }
-        let size = export.disk.size();
-        let end = req.offset.checked_add(req.len.into());
-        let past_end = match end {
-            Some(end) => end > size,
-            None => true,
-        };
-        if req.command != CMD_FLUSH && past_end {
-            let msg = format!(
-                "range {:#x}+{:#x} is past the end of the export ({size} bytes)",
-                req.offset, req.len
-            );
-            // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
-            return self.fail(&req, if writes { ENOSPC } else { EINVAL }, &msg);
-        }
-        let disk = &*export.disk;
-        let fua = req.flags & CMD_FLAG_FUA != 0;
-        let done = match req.command {
-            CMD_READ => return self.read(disk, &req),
-            CMD_BLOCK_STATUS => return self.block_status(export, &req),
-            CMD_WRITE => disk.write_at(&self.buf[..req.len as usize], req.offset),
-            CMD_TRIM => disk.discard(req.offset, req.len.into()),
-            CMD_WRITE_ZEROES => {
-                let r = disk.write_zeroes(req.offset, req.len.into());
-                if req.flags & CMD_FLAG_NO_HOLE != 0 {
-                    // Zeros, and stored: later writes there cannot run out of space.
-                    r.and_then(|()| disk.allocate(req.offset, req.len.into()))
-                } else {
-                    r
-                }
-            }
-            // Nothing to persist on an export that takes no writes.
-            _ if export.read_only => Ok(()),
-            _ => disk.flush(),
-        };
-        let done = done.and_then(|()| if fua && writes { disk.flush() } else { Ok(()) });
-        match done {
-            Ok(()) => self.ok(&req),
-            Err(e) => {
-                warn!("{}: {e}", export.name);
-                self.fail(&req, errno_of(&e), &e.to_string())
-            }
-        }
+/// Reads the next request and its payload. `None` is a clean end (EOF or
+/// `NBD_CMD_DISC`); an oversize write is answered (bytes left in `out`,
+/// already sent by the caller's stream) and ends the session.
+fn next_request<S: Read + Write + ReadTimeout>(
+    conn: &mut S,
+    ctx: &Ctx,
+    timeout: Duration,
+    out: &mut Vec<u8>,
+    reserve: &mut dyn FnMut(u64),
+) -> Step<Option<Job>> {
+    let mut hb = [0u8; REQUEST_LEN];
+    match conn.read_exact(&mut hb) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
     }
-
-    fn read(&mut self, disk: &dyn Disk, req: &Request) -> Step<Next> {
+    let req = Request::decode(&hb).map_err(|e| Stop(format!("request: {e}")))?;
+    if req.command == CMD_DISC {
+        return Ok(None);
+    }
+    // Memory the request will hold: its payload or its read data.
+    let cost = match req.command {
+        CMD_WRITE | CMD_READ => req.len.min(MAX_PAYLOAD).into(),
+        _ => 0,
+    };
+    reserve(cost);
+    let mut payload = Vec::new();
+    if req.command == CMD_WRITE {
         if req.len > MAX_PAYLOAD {
+            // The payload is not read: the stream cannot be trusted past it.
             let msg = format!(
-                "read of {} bytes is over the {MAX_PAYLOAD} byte limit",
+                "write of {} bytes is over the {MAX_PAYLOAD} byte limit",
                 req.len
             );
-            return self.fail(req, EINVAL, &msg);
+            out.clear();
+            fail(ctx, &req, EINVAL, &msg, out);
+            conn.write_all(out)?;
+            conn.flush()?;
+            return Err(Stop(msg));
         }
-        let len = req.len as usize;
-        if !self.structured {
-            self.buf.resize(len, 0);
-            if let Err(e) = disk.read_at(&mut self.buf, req.offset) {
-                return self.fail(req, errno_of(&e), &e.to_string());
-            }
-            self.conn.write_all(&simple_reply(req.handle, 0))?;
-            self.conn.write_all(&self.buf)?;
-            self.conn.flush()?;
-            return Ok(Next::Continue);
-        }
-        if len == 0 {
-            self.send(&chunk_none(req.handle))?;
-            return Ok(Next::Continue);
-        }
-        let segments = if req.flags & CMD_FLAG_DF != 0 {
-            vec![(req.offset, req.len.into(), false)]
-        } else {
-            segments(disk, req.offset, req.len.into())
-        };
-        let last = segments.len() - 1;
-        for (i, &(at, n, hole)) in segments.iter().enumerate() {
-            if hole {
-                self.conn
-                    .write_all(&chunk_offset_hole(req.handle, at, n as u32, i == last))?;
-                continue;
-            }
-            self.buf.resize(n as usize, 0);
-            if let Err(e) = disk.read_at(&mut self.buf, at) {
-                return self.fail(req, errno_of(&e), &e.to_string());
-            }
-            self.conn.write_all(&chunk_offset_data_header(
-                req.handle,
-                at,
-                n as u32,
-                i == last,
-            ))?;
-            self.conn.write_all(&self.buf)?;
-        }
-        self.conn.flush()?;
-        Ok(Next::Continue)
+        payload.resize(req.len as usize, 0);
+        conn.read_timeout(Some(timeout))?;
+        conn.read_exact(&mut payload)?;
+        conn.read_timeout(None)?;
     }
+    Ok(Some(Job { req, payload, cost }))
+}
 
-    fn block_status(&mut self, export: &Export, req: &Request) -> Step<Next> {
-        if !self.structured || self.meta.as_deref() != Some(export.name.as_str()) {
-            return self.fail(req, EINVAL, "no metadata context was selected");
-        }
-        if req.len == 0 {
-            return self.fail(req, EINVAL, "block status of an empty range");
-        }
-        let limit = if req.flags & CMD_FLAG_REQ_ONE != 0 {
-            1
-        } else {
-            MAX_EXTENTS
-        };
-        match allocation(&*export.disk, req.offset, req.len.into(), limit) {
-            Ok(ext) => {
-                let desc: Vec<(u32, u32)> = ext
-                    .iter()
-                    .map(|&(n, hole)| {
-                        let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
-                        (n as u32, flags)
-                    })
-                    .collect();
-                self.send(&chunk_block_status(req.handle, CONTEXT_ID, &desc, true))?;
-                Ok(Next::Continue)
+/// Setting the read timeout of whatever stream a session reads from.
+trait ReadTimeout {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl ReadTimeout for Conn {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl ReadTimeout for Sock {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+/// A plain connection: this thread reads requests and hands them to
+/// [`WORKERS`] threads, each of which does the disk call and writes its
+/// whole reply under one lock, so replies go out in completion order
+/// (NBD matches them by handle). On `NBD_CMD_DISC`, EOF or a read error the
+/// requests already read are still answered before the session ends; a
+/// failed reply write shuts the socket, which ends the reading too.
+fn concurrent(ctx: &Ctx, sock: &Sock, timeout: Duration) -> Step<()> {
+    let mut reader = sock.try_clone()?;
+    let writer = std::sync::Mutex::new(sock.try_clone()?);
+    let broken: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let budget = Budget {
+        used: std::sync::Mutex::new(0),
+        freed: std::sync::Condvar::new(),
+    };
+    let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUED);
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            let rx = rx.clone();
+            let (writer, broken, budget) = (&writer, &broken, &budget);
+            let spawned = std::thread::Builder::new()
+                .name("asiffs-nbd-io".into())
+                .spawn_scoped(scope, move || {
+                    let mut out = Vec::new();
+                    // Once the socket broke, the queue is still drained (without
+                    // disk calls) so the reader never waits on the budget forever.
+                    for job in rx {
+                        let dead = broken.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                        if !dead {
+                            out.clear();
+                            answer(ctx, &job.req, &job.payload, &mut out);
+                            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Err(e) = w.write_all(&out) {
+                                w.shutdown();
+                                let mut b = broken.lock().unwrap_or_else(|p| p.into_inner());
+                                b.get_or_insert_with(|| e.to_string());
+                            }
+                        }
+                        let cost = job.cost;
+                        drop(job);
+                        // A big read's buffer is not kept past its reply.
+                        if out.capacity() > 256 * 1024 {
+                            out = Vec::new();
+                        }
+                        budget.give(cost);
+                    }
+                });
+            if let Err(e) = spawned {
+                // Fewer workers still serve; none ends the session below.
+                warn!("cannot start an NBD worker thread: {e}");
+                break;
             }
-            Err(e) => self.fail(req, errno_of(&e), &e.to_string()),
         }
+        drop(rx);
+        let mut out = Vec::new();
+        let r = loop {
+            let job = match next_request(
+                &mut WriteVia(&mut reader, &writer),
+                ctx,
+                timeout,
+                &mut out,
+                &mut |n| budget.take(n),
+            ) {
+                Ok(Some(job)) => job,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            if tx.send(job).is_err() {
+                break Ok(());
+            }
+        };
+        drop(tx);
+        r
+    })?;
+    match broken.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(why) => Err(Stop(why)),
+        None => Ok(()),
+    }
+}
+
+/// Reads from the reader half, writes (rare: the oversize-write error)
+/// through the shared writer lock.
+struct WriteVia<'a>(&'a mut Sock, &'a std::sync::Mutex<Sock>);
+
+impl Read for WriteVia<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for WriteVia<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ReadTimeout for WriteVia<'_> {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.0.set_read_timeout(t)
+    }
+}
+
+/// Appends the reply to a request that failed with `error`.
+fn fail(ctx: &Ctx, req: &Request, error: u32, message: &str, out: &mut Vec<u8>) {
+    if ctx.structured {
+        out.extend_from_slice(&chunk_error(req.handle, error, message, true));
+    } else {
+        out.extend_from_slice(&simple_reply(req.handle, error));
+    }
+}
+
+/// Does what `req` asks and appends its whole reply to `out`.
+fn answer(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
+    let export = ctx.export;
+    let allowed = match req.command {
+        CMD_READ if ctx.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        c => {
+            return fail(
+                ctx,
+                req,
+                EINVAL,
+                &format!("command {c} is not supported"),
+                out,
+            )
+        }
+    };
+    if req.flags & !allowed != 0 {
+        let msg = format!(
+            "flags {:#x} are not valid for command {}",
+            req.flags, req.command
+        );
+        return fail(ctx, req, EINVAL, &msg, out);
+    }
+    let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && export.read_only {
+        return fail(ctx, req, EPERM, "the export is read-only", out);
+    }
+    let size = export.disk.size();
+    let end = req.offset.checked_add(req.len.into());
+    let past_end = match end {
+        Some(end) => end > size,
+        None => true,
+    };
+    if req.command != CMD_FLUSH && past_end {
+        let msg = format!(
+            "range {:#x}+{:#x} is past the end of the export ({size} bytes)",
+            req.offset, req.len
+        );
+        // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
+        return fail(ctx, req, if writes { ENOSPC } else { EINVAL }, &msg, out);
+    }
+    let disk = &*export.disk;
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let done = match req.command {
+        CMD_READ => return read(ctx, disk, req, out),
+        CMD_BLOCK_STATUS => return block_status(ctx, req, out),
+        CMD_WRITE => disk.write_at(&payload[..req.len as usize], req.offset),
+        CMD_TRIM => disk.discard(req.offset, req.len.into()),
+        CMD_WRITE_ZEROES => {
+            let r = disk.write_zeroes(req.offset, req.len.into());
+            if req.flags & CMD_FLAG_NO_HOLE != 0 {
+                // Zeros, and stored: later writes there cannot run out of space.
+                r.and_then(|()| disk.allocate(req.offset, req.len.into()))
+            } else {
+                r
+            }
+        }
+        // Nothing to persist on an export that takes no writes.
+        _ if export.read_only => Ok(()),
+        // Covers every write completed so far, which includes every write
+        // replied to before this flush arrived (all the spec asks).
+        _ => disk.flush(),
+    };
+    let done = done.and_then(|()| if fua && writes { disk.flush() } else { Ok(()) });
+    match done {
+        Ok(()) => out.extend_from_slice(&simple_reply(req.handle, 0)),
+        Err(e) => {
+            warn!("{}: {e}", export.name);
+            fail(ctx, req, errno_of(&e), &e.to_string(), out)
+        }
+    }
+}
+
+/// Reads at most this long are sent as one data chunk without asking the
+/// index for holes: the walk would cost more than the zeros it saves.
+const SMALL_READ: u32 = 64 * 1024;
+
+fn read(ctx: &Ctx, disk: &dyn Disk, req: &Request, out: &mut Vec<u8>) {
+    if req.len > MAX_PAYLOAD {
+        let msg = format!(
+            "read of {} bytes is over the {MAX_PAYLOAD} byte limit",
+            req.len
+        );
+        return fail(ctx, req, EINVAL, &msg, out);
+    }
+    let len = req.len as usize;
+    if !ctx.structured {
+        let start = out.len();
+        out.extend_from_slice(&simple_reply(req.handle, 0));
+        let at = out.len();
+        out.resize(at + len, 0);
+        if let Err(e) = disk.read_at(&mut out[at..], req.offset) {
+            out.truncate(start);
+            fail(ctx, req, errno_of(&e), &e.to_string(), out);
+        }
+        return;
+    }
+    if len == 0 {
+        return out.extend_from_slice(&chunk_none(req.handle));
+    }
+    let segments = if req.flags & CMD_FLAG_DF != 0 || req.len <= SMALL_READ {
+        vec![(req.offset, req.len.into(), false)]
+    } else {
+        segments(disk, req.offset, req.len.into())
+    };
+    let last = segments.len() - 1;
+    for (i, &(at, n, hole)) in segments.iter().enumerate() {
+        if hole {
+            out.extend_from_slice(&chunk_offset_hole(req.handle, at, n as u32, i == last));
+            continue;
+        }
+        let start = out.len();
+        out.extend_from_slice(&chunk_offset_data_header(
+            req.handle,
+            at,
+            n as u32,
+            i == last,
+        ));
+        let data = out.len();
+        out.resize(data + n as usize, 0);
+        if let Err(e) = disk.read_at(&mut out[data..], at) {
+            // The chunks before this one stand; the error ends the reply.
+            out.truncate(start);
+            return fail(ctx, req, errno_of(&e), &e.to_string(), out);
+        }
+    }
+}
+
+fn block_status(ctx: &Ctx, req: &Request, out: &mut Vec<u8>) {
+    if !ctx.structured || !ctx.meta {
+        return fail(ctx, req, EINVAL, "no metadata context was selected", out);
+    }
+    if req.len == 0 {
+        return fail(ctx, req, EINVAL, "block status of an empty range", out);
+    }
+    let limit = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    match allocation(&*ctx.export.disk, req.offset, req.len.into(), limit) {
+        Ok(ext) => {
+            let desc: Vec<(u32, u32)> = ext
+                .iter()
+                .map(|&(n, hole)| {
+                    let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
+                    (n as u32, flags)
+                })
+                .collect();
+            out.extend_from_slice(&chunk_block_status(req.handle, CONTEXT_ID, &desc, true));
+        }
+        Err(e) => fail(ctx, req, errno_of(&e), &e.to_string(), out),
     }
 }
 
