@@ -287,7 +287,10 @@ fn refusals_are_one_line() {
         "resizing udif images is not supported",
     );
     one_error(&["compact", s(&dmg)], "compact (ASIF and UDSP images only)");
-    one_error(&["compact", s(&bundle)], "compact (ASIF and UDSP images only)");
+    one_error(
+        &["compact", s(&bundle)],
+        "compact (ASIF and UDSP images only)",
+    );
     let other = d.join("dir");
     fs::create_dir(&other).unwrap();
     one_error(
