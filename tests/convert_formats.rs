@@ -205,6 +205,14 @@ fn create_info_check_each_format() {
             serde_json::from_str(&ok(&["check", "--json", s(&p)]).stdout).unwrap();
         assert_eq!(j["exit_code"], 0, "{name}");
     }
+    // A sparse image grows and shrinks like a bundle.
+    let sp = t.path().join("f.sparseimage");
+    ok(&["resize", s(&sp), "+6M"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["info", "--json", s(&sp)]).stdout).unwrap();
+    assert_eq!(info["virtual_size"], 22 << 20);
+    ok(&["resize", s(&sp), "16M", "--shrink"]);
+    assert!(ok(&["check", s(&sp)]).stdout.ends_with("clean\n"));
     // hdiutil's band size for bundles: 8 MiB.
     let plist = fs::read_to_string(t.path().join("c.sparsebundle/Info.plist")).unwrap();
     assert!(plist.contains("<integer>8388608</integer>"), "{plist}");

@@ -142,17 +142,17 @@ pub fn format_of(path: &Path) -> Result<Format> {
     Ok(crate::disk::probe(path)?.unwrap_or(Format::Asif))
 }
 
-/// `resize` of a bundle (the one other format that can change size): the
-/// size rounded up to whole sectors, as the bundle stores it.
+/// `resize` of a bundle or a sparse image (the other formats that can
+/// change size): the size rounded up to whole sectors, as they store it.
 pub fn resize_other(
     path: &Path,
     format: Format,
     wanted: impl Fn(u64) -> Result<u64>,
     shrink: bool,
 ) -> Result<(u64, u64)> {
-    if format != Format::Udsb {
+    if !matches!(format, Format::Udsb | Format::Udsp) {
         return Err(Error::Invalid(format!(
-            "{}: resizing {} images is not supported (sparse bundles and ASIF images can be resized)",
+            "{}: resizing {} images is not supported (ASIF images, sparse images and sparse bundles can be resized)",
             path.display(),
             format.name()
         )));
