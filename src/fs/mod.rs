@@ -317,6 +317,30 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
         return serve(args, opts, source_kind, &mountpoint, None);
     }
     // Fork before anything starts threads; the child reports readiness on a pipe.
+    match fork_daemon()? {
+        Forked::Parent { message, pid } => {
+            if message.starts_with("OK") {
+                return Ok(0);
+            }
+            // The child already printed why; pass on its exit status.
+            Ok(failed_child_status(pid))
+        }
+        Forked::Child(wr) => serve(args, opts, source_kind, &mountpoint, Some(wr)),
+    }
+}
+
+/// Which side of [`fork_daemon`] this is.
+pub(crate) enum Forked {
+    /// What the child wrote on the readiness pipe before closing it.
+    Parent { message: String, pid: libc::pid_t },
+    /// The write end of the readiness pipe; the child is in a session of
+    /// its own.
+    Child(OwnedFd),
+}
+
+/// Forks a daemon that tells its parent, over a pipe, when it is ready
+/// (`mount` and `serve`). Call before any thread exists.
+pub(crate) fn fork_daemon() -> Result<Forked> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills two fds we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -324,33 +348,39 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
     }
     // SAFETY: fds are fresh and owned here.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the process is single-threaded here (nothing spawned yet).
+    // SAFETY: the caller is single-threaded (nothing spawned yet).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(io_err("fork", io::Error::last_os_error()));
     }
     if pid > 0 {
         drop(wr);
-        let mut msg = String::new();
-        let _ = std::fs::File::from(rd).read_to_string(&mut msg);
-        if msg.starts_with("OK") {
-            return Ok(0);
-        }
-        // The child already printed why; pass on its exit status.
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        let code = if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            1
-        };
-        return Ok(if code == 0 { 1 } else { code });
+        let mut message = String::new();
+        let _ = std::fs::File::from(rd).read_to_string(&mut message);
+        return Ok(Forked::Parent { message, pid });
     }
     drop(rd);
     // SAFETY: in the child; a new session so the terminal's hangup does not reach us.
     unsafe { libc::setsid() };
-    serve(args, opts, source_kind, &mountpoint, Some(wr))
+    Ok(Forked::Child(wr))
+}
+
+/// The exit status of a child that did not report ready: its own, or 1
+/// if it exited 0 or died of a signal.
+pub(crate) fn failed_child_status(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        1
+    };
+    if code == 0 {
+        1
+    } else {
+        code
+    }
 }
 
 fn serve(

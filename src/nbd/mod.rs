@@ -14,9 +14,9 @@ pub mod server;
 pub mod tls;
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -300,40 +300,16 @@ pub fn cmd_serve(a: &ServeArgs) -> Result<i32> {
         return run(a, &images, config, socket, tcp, None);
     }
     // As `mount`: fork before any thread exists; the child says when it is ready.
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io_err("pipe", io::Error::last_os_error()));
-    }
-    // SAFETY: fds are fresh and owned here.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the process is single-threaded here (nothing spawned yet).
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io_err("fork", io::Error::last_os_error()));
-    }
-    if pid > 0 {
-        drop(wr);
-        let mut msg = String::new();
-        let _ = std::fs::File::from(rd).read_to_string(&mut msg);
-        if let Some(line) = msg.strip_prefix("OK ") {
-            print!("{line}");
-            return Ok(0);
+    match crate::fs::fork_daemon()? {
+        crate::fs::Forked::Parent { message, pid } => {
+            if let Some(line) = message.strip_prefix("OK ") {
+                print!("{line}");
+                return Ok(0);
+            }
+            Ok(crate::fs::failed_child_status(pid))
         }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        let code = if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            1
-        };
-        return Ok(if code == 0 { 1 } else { code });
+        crate::fs::Forked::Child(wr) => run(a, &images, config, socket, tcp, Some(wr)),
     }
-    drop(rd);
-    // SAFETY: in the child; a new session so the terminal's hangup does not reach us.
-    unsafe { libc::setsid() };
-    run(a, &images, config, socket, tcp, Some(wr))
 }
 
 fn run(
