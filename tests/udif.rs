@@ -7,6 +7,7 @@ mod common;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use asiffs::disk::{self, Disk, Format};
 use asiffs::udif::blkx::{Mish, RunEntry, RunKind};
@@ -14,6 +15,7 @@ use asiffs::udif::create::{create_udrw, write_image};
 use asiffs::udif::trailer::Checksum;
 use asiffs::udif::{self, Udif};
 use asiffs::{Error, LockMode, OpenOptions};
+use common::crash::{check_sectors, run_steps, sweep, Mem, Model, Recorder, Step};
 use common::{pattern, vectors_dir, Rng};
 use md5::{Digest, Md5};
 
@@ -930,4 +932,126 @@ fn created_udrw_layout() {
         ]
     );
     assert_eq!(u.variant(), "UDRW");
+}
+
+// ---- crash-point replay (common::crash) ----------------------------------
+
+/// Crash images: 8 MiB, so the workload crosses several 1 MiB tables.
+const CDISK: u64 = 8 * MIB;
+
+fn open_mem(store: Arc<Recorder>, writable: bool) -> asiffs::Result<Udif> {
+    Udif::from_storage(Path::new("crash.dmg"), store, writable)
+}
+
+fn crash_verify(state: Mem, model: &Model, durable: usize, started: usize, ctx: &str) {
+    let store = Recorder::new(state);
+    let img =
+        open_mem(store.clone(), false).unwrap_or_else(|e| panic!("{ctx}: does not open: {e}"));
+    let report = img.check().unwrap_or_else(|e| panic!("{ctx}: check: {e}"));
+    assert_eq!(report.problems, Vec::<String>::new(), "{ctx}");
+    check_sectors(&img, model, durable, started, ctx);
+    drop(img);
+    let img = open_mem(store, true).unwrap_or_else(|e| panic!("{ctx}: no writable reopen: {e}"));
+    img.write_at(&[0xEE; 3 * 4096], CDISK - 3 * 4096).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.check().unwrap().problems, Vec::<String>::new(), "{ctx}");
+    let mut big = vec![0u8; 3 * 4096];
+    img.read_at(&mut big, CDISK - 3 * 4096).unwrap();
+    assert!(big.iter().all(|&b| b == 0xEE), "{ctx}: recovery write lost");
+}
+
+fn crash_workload(seed: u64, steps: usize) -> Vec<Step> {
+    let sectors = CDISK / 512;
+    let mut r = Rng(seed);
+    let mut tag = 0;
+    (0..steps)
+        .map(|_| {
+            let sector = r.below(sectors - 64);
+            match r.below(10) {
+                0..=5 => {
+                    tag += 1;
+                    Step::Write {
+                        sector,
+                        count: 1 + r.below(40),
+                        tag,
+                    }
+                }
+                6..=7 => Step::Discard {
+                    sector,
+                    count: 1 + r.below(64),
+                },
+                _ => Step::Flush,
+            }
+        })
+        .collect()
+}
+
+/// A UDRW image with checksums (as `create` makes it): the first change
+/// clears them, then writes go in place and discards punch the file.
+fn udrw_replay(seed: u64, steps: usize) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("base.dmg");
+    create_udrw(&p, CDISK).unwrap();
+    let store = Recorder::new(Mem::from_file(&p));
+    assert!(
+        open_mem(store.clone(), false)
+            .unwrap()
+            .check()
+            .unwrap()
+            .checksums_verified
+            > 0,
+        "the base image has no checksums to clear"
+    );
+    let base = store.start();
+    let plan = crash_workload(seed, steps);
+    {
+        let img = open_mem(store.clone(), true).unwrap();
+        run_steps(&*store, &img, &plan, 0);
+    }
+    let log = store.take_log();
+    let points = sweep(seed, base, &log, &plan, 0, 4, crash_verify);
+    assert!(points > 100, "seed {seed}: only {points} crash points");
+}
+
+#[test]
+fn every_udrw_crash_point_opens_and_keeps_flushed_writes() {
+    for seed in [1, 7, 4242] {
+        udrw_replay(seed, 30);
+    }
+}
+
+#[test]
+fn the_udrw_replay_detects_a_lost_flushed_write() {
+    let plan = vec![
+        Step::Write {
+            sector: 0,
+            count: 1,
+            tag: 1,
+        },
+        Step::Flush,
+        Step::Write {
+            sector: 8,
+            count: 1,
+            tag: 2,
+        },
+        Step::Flush,
+    ];
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("base.dmg");
+    create_udrw(&p, CDISK).unwrap();
+    let store = Recorder::new(Mem::from_file(&p));
+    let mut state = store.start();
+    {
+        let img = open_mem(store.clone(), true).unwrap();
+        run_steps(&*store, &img, &plan[..2], 0);
+    }
+    for op in store.take_log().iter() {
+        state.apply(op);
+    }
+    let model = Model::new(&plan);
+    let outcome = std::panic::catch_unwind(|| crash_verify(state, &model, 4, 4, "planted loss"));
+    assert!(
+        outcome.is_err(),
+        "the checker accepted a state missing a flushed write"
+    );
 }

@@ -6,18 +6,15 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use asiffs::disk::{self, Format};
-use asiffs::engine::storage::Storage;
 use asiffs::udsp::{self, SparseImage};
 use asiffs::{Error, LockMode, OpenOptions};
+use common::crash::{check_sectors, run_steps, sweep, Mem, Model, Op, Recorder, Step};
 use common::{assert_same_bytes, Rng};
-use parking_lot::Mutex;
 
 const SECTOR: u64 = 512;
 const KIB: u64 = 1 << 10;
@@ -697,164 +694,7 @@ fn check_lists_every_problem() {
     );
 }
 
-// ---- crash-point replay -------------------------------------------------
-
-const PAGE: u64 = 4096;
-
-/// A sparse in-memory file.
-#[derive(Clone, Default)]
-struct Mem {
-    pages: BTreeMap<u64, Box<[u8]>>,
-    len: u64,
-}
-
-impl Mem {
-    fn spans(off: u64, len: usize, mut f: impl FnMut(u64, usize, usize, usize)) {
-        let mut done = 0;
-        while done < len {
-            let o = off + done as u64;
-            let n = ((PAGE - o % PAGE) as usize).min(len - done);
-            f(o / PAGE, (o % PAGE) as usize, done, n);
-            done += n;
-        }
-    }
-
-    fn read(&self, buf: &mut [u8], off: u64) {
-        let len = self.len;
-        Self::spans(off, buf.len(), |p, at, i, n| {
-            let dst = &mut buf[i..i + n];
-            match self.pages.get(&p) {
-                Some(pg) => dst.copy_from_slice(&pg[at..at + n]),
-                None => dst.fill(0),
-            }
-            let o = off + i as u64;
-            if o + n as u64 > len {
-                dst[len.saturating_sub(o) as usize..].fill(0);
-            }
-        });
-    }
-
-    fn write(&mut self, data: &[u8], off: u64) {
-        let pages = &mut self.pages;
-        Self::spans(off, data.len(), |p, at, i, n| {
-            pages
-                .entry(p)
-                .or_insert_with(|| vec![0u8; PAGE as usize].into())[at..at + n]
-                .copy_from_slice(&data[i..i + n]);
-        });
-        self.len = self.len.max(off + data.len() as u64);
-    }
-
-    fn zero(&mut self, off: u64, len: u64) {
-        let end = off + len;
-        let mut o = off;
-        while o < end {
-            let p = o / PAGE;
-            let page_end = (p + 1) * PAGE;
-            let e = page_end.min(end);
-            if o % PAGE == 0 && e == page_end {
-                self.pages.remove(&p);
-            } else if let Some(pg) = self.pages.get_mut(&p) {
-                pg[(o % PAGE) as usize..(e - p * PAGE) as usize].fill(0);
-            }
-            o = e;
-        }
-    }
-
-    fn set_len(&mut self, len: u64) {
-        if len < self.len {
-            self.zero(len, self.len - len);
-        }
-        self.len = len;
-    }
-
-    fn apply(&mut self, op: &Op) {
-        match op {
-            Op::Write(off, data) => self.write(data, *off),
-            Op::SetLen(len) => self.set_len(*len),
-            Op::Extend(len) => self.set_len(self.len.max(*len)),
-            Op::Punch(off, len) => self.zero(*off, *len),
-            Op::Sync | Op::Mark(_) => {}
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-enum Op {
-    Write(u64, Vec<u8>),
-    SetLen(u64),
-    /// Grow to a length that is durable at once.
-    Extend(u64),
-    Punch(u64, u64),
-    Sync,
-    /// Workload step `n` has returned.
-    Mark(usize),
-}
-
-/// Storage that applies operations to a [`Mem`] and records them.
-#[derive(Default)]
-struct Recorder {
-    mem: Mutex<Mem>,
-    log: Mutex<Vec<Op>>,
-    recording: AtomicBool,
-}
-
-impl Recorder {
-    fn new(mem: Mem) -> Arc<Recorder> {
-        Arc::new(Recorder {
-            mem: Mutex::new(mem),
-            ..Default::default()
-        })
-    }
-
-    fn record(&self, op: Op) {
-        if self.recording.load(Ordering::Relaxed) {
-            self.log.lock().push(op.clone());
-        }
-        self.mem.lock().apply(&op);
-    }
-}
-
-impl Storage for Recorder {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.mem.lock().read(buf, offset);
-        Ok(())
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.record(Op::Write(offset, buf.to_vec()));
-        Ok(())
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.mem.lock().len)
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.record(Op::SetLen(len));
-        Ok(())
-    }
-    fn extend(&self, len: u64) -> io::Result<()> {
-        self.record(Op::Extend(len));
-        Ok(())
-    }
-    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.record(Op::Punch(offset, len));
-        Ok(())
-    }
-    fn reserve(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        Ok(())
-    }
-    fn sync(&self) -> io::Result<()> {
-        self.record(Op::Sync);
-        Ok(())
-    }
-    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        let m = self.mem.lock();
-        let first = m.pages.range(offset / PAGE..).next().map(|(&p, _)| p);
-        Ok(first.map(|p| (p * PAGE).max(offset)).filter(|&o| o < m.len))
-    }
-    fn allocated_bytes(&self) -> io::Result<u64> {
-        Ok(self.mem.lock().pages.len() as u64 * PAGE)
-    }
-}
+// ---- crash-point replay (common::crash) ----------------------------------
 
 fn open_mem(store: Arc<Recorder>, writable: bool) -> asiffs::Result<SparseImage> {
     let opts = OpenOptions {
@@ -865,24 +705,6 @@ fn open_mem(store: Arc<Recorder>, writable: bool) -> asiffs::Result<SparseImage>
     SparseImage::from_storage(Path::new("crash.sparseimage"), store, &opts)
 }
 
-/// The bytes sector `s` holds after the write tagged `tag` (0: zeros).
-fn pattern(tag: u32, s: u64) -> Vec<u8> {
-    if tag == 0 {
-        return vec![0; SECTOR as usize];
-    }
-    let mut v = vec![(tag as u8) ^ (s as u8) | 1; SECTOR as usize];
-    v[..4].copy_from_slice(&tag.to_le_bytes());
-    v[4..12].copy_from_slice(&s.to_le_bytes());
-    v
-}
-
-#[derive(Clone, Debug)]
-enum Step {
-    Write { sector: u64, count: u64, tag: u32 },
-    Discard { sector: u64, count: u64 },
-    Flush,
-}
-
 /// Crash images: 4 KiB bands, so that the header node's 1008 slots fill
 /// and an index node is chained during the workload.
 const CBAND: u64 = 4 * KIB;
@@ -890,121 +712,11 @@ const CBANDS: u64 = 3000;
 const CDISK: u64 = CBANDS * CBAND;
 const SPB: u64 = CBAND / SECTOR;
 
-/// Per sector: the tags it holds over the plan, as (step, tag).
-struct Model {
-    history: BTreeMap<u64, Vec<(usize, u32)>>,
-}
-
-impl Model {
-    fn new(steps: &[Step]) -> Model {
-        let mut history: BTreeMap<u64, Vec<(usize, u32)>> = BTreeMap::new();
-        for (i, st) in steps.iter().enumerate() {
-            let (sector, count, tag) = match *st {
-                Step::Write { sector, count, tag } => (sector, count, tag),
-                Step::Discard { sector, count } => (sector, count, 0),
-                Step::Flush => continue,
-            };
-            for s in sector..sector + count {
-                history.entry(s).or_default().push((i, tag));
-            }
-        }
-        Model { history }
-    }
-
-    /// Tags sector `s` may hold after a crash once steps `..started` have
-    /// begun and every step before `durable` is covered by a flush.
-    fn allowed(&self, s: u64, durable: usize, started: usize) -> Vec<u32> {
-        let h = &self.history[&s];
-        let mut v = vec![h.iter().rfind(|(i, _)| *i < durable).map_or(0, |x| x.1)];
-        v.extend(
-            h.iter()
-                .filter(|(i, _)| *i >= durable && *i < started)
-                .map(|x| x.1),
-        );
-        v
-    }
-}
-
-fn run_steps(store: &Recorder, img: &SparseImage, steps: &[Step], first: usize) {
-    for (i, st) in steps.iter().enumerate().skip(first) {
-        match *st {
-            Step::Write { sector, count, tag } => {
-                let buf: Vec<u8> = (sector..sector + count)
-                    .flat_map(|s| pattern(tag, s))
-                    .collect();
-                img.write_at(&buf, sector * SECTOR).unwrap();
-            }
-            Step::Discard { sector, count } => {
-                img.discard(sector * SECTOR, count * SECTOR).unwrap()
-            }
-            Step::Flush => img.flush().unwrap(),
-        }
-        if store.recording.load(Ordering::Relaxed) {
-            store.log.lock().push(Op::Mark(i));
-        }
-    }
-}
-
-/// A crash state: the synced state plus some of the operations since:
-/// none, all, or each write torn at sector granularity and kept or lost
-/// at random, in log order or shuffled.
-fn crash_state(synced: &Mem, pending: &[Op], r: &mut Rng, mode: u64) -> Mem {
-    let mut m = synced.clone();
-    let mut ops: Vec<&Op> = pending.iter().collect();
-    if mode == 3 {
-        for i in (1..ops.len()).rev() {
-            ops.swap(i, r.below(i as u64 + 1) as usize);
-        }
-    }
-    for op in ops {
-        match (mode, op) {
-            (0, _) => {}
-            (1, op) => m.apply(op),
-            (_, Op::Write(off, data)) => {
-                let mut at = *off;
-                let end = off + data.len() as u64;
-                while at < end {
-                    let piece_end = ((at / SECTOR + 1) * SECTOR).min(end);
-                    if r.below(2) == 0 {
-                        m.write(&data[(at - off) as usize..(piece_end - off) as usize], at);
-                    }
-                    at = piece_end;
-                }
-            }
-            (_, Op::Punch(off, len)) => {
-                let mut at = *off;
-                while at < off + len {
-                    let piece_end = ((at / SECTOR + 1) * SECTOR).min(off + len);
-                    if r.below(2) == 0 {
-                        m.zero(at, piece_end - at);
-                    }
-                    at = piece_end;
-                }
-            }
-            (_, op) => {
-                if r.below(2) == 0 {
-                    m.apply(op)
-                }
-            }
-        }
-    }
-    m
-}
-
 fn verify(state: Mem, model: &Model, durable: usize, started: usize, ctx: &str) {
     let store = Recorder::new(state);
     let img =
         open_mem(store.clone(), false).unwrap_or_else(|e| panic!("{ctx}: does not open: {e}"));
-    let mut buf = vec![0u8; SECTOR as usize];
-    for &s in model.history.keys() {
-        img.read_at(&mut buf, s * SECTOR).unwrap();
-        let allowed = model.allowed(s, durable, started);
-        assert!(
-            allowed.iter().any(|&t| pattern(t, s) == buf),
-            "{ctx}: sector {s} holds tag {}, allowed {allowed:?}",
-            u32::from_le_bytes(buf[..4].try_into().unwrap())
-        );
-    }
+    check_sectors(&img, model, durable, started, ctx);
     drop(img);
     // The survivor takes new bands and stays consistent.
     let img = open_mem(store, true).unwrap_or_else(|e| panic!("{ctx}: no writable reopen: {e}"));
@@ -1017,54 +729,11 @@ fn verify(state: Mem, model: &Model, durable: usize, started: usize, ctx: &str) 
     assert!(big.iter().all(|&b| b == 0xEE), "{ctx}: recovery write lost");
 }
 
-/// Replays every crash point of `log` applied to `base`; steps before
-/// `durable_from_start` count as flushed from the outset.
-fn sweep(seed: u64, base: Mem, log: &[Op], plan: &[Step], durable_from_start: usize) -> usize {
-    let model = Model::new(plan);
-    let mut r = Rng(seed ^ 0x9E37_79B9_7F4A_7C15);
-    let mut synced = base;
-    let mut last_sync = 0;
-    let mut durable = durable_from_start;
-    let mut started = durable_from_start;
-    let mut points = 0;
-    for i in 0..=log.len() {
-        for mode in 0..4 {
-            let state = crash_state(&synced, &log[last_sync..i], &mut r, mode);
-            let ctx = format!(
-                "seed {seed}, crash before op {i} of {}, mode {mode}",
-                log.len()
-            );
-            verify(state, &model, durable, started + 1, &ctx);
-            points += 1;
-        }
-        let Some(op) = log.get(i) else { break };
-        match op {
-            Op::Sync => {
-                for o in &log[last_sync..i] {
-                    synced.apply(o);
-                }
-                last_sync = i + 1;
-            }
-            Op::Extend(_) => synced.apply(op),
-            Op::Mark(n) => {
-                started = n + 1;
-                if matches!(plan[*n], Step::Flush) {
-                    durable = n + 1;
-                }
-            }
-            _ => {}
-        }
-    }
-    points
-}
-
 fn fresh_mem() -> Mem {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("base.sparseimage");
     udsp::create(&p, CDISK, CBAND).unwrap();
-    let mut m = Mem::default();
-    m.write(&std::fs::read(&p).unwrap(), 0);
-    m
+    Mem::from_file(&p)
 }
 
 /// 1005 even bands written and flushed before the recording starts, so
@@ -1118,22 +787,21 @@ fn replay(seed: u64, steps: usize) {
     let first = plan.len();
     {
         let img = open_mem(store.clone(), true).unwrap();
-        run_steps(&store, &img, &plan, 0);
+        run_steps(&*store, &img, &plan, 0);
     }
-    let base = store.mem.lock().clone();
     plan.extend(workload(seed, 5000, steps));
-    store.recording.store(true, Ordering::Relaxed);
+    let base = store.start();
     {
         let img = open_mem(store.clone(), true).unwrap();
-        run_steps(&store, &img, &plan, first);
+        run_steps(&*store, &img, &plan, first);
         assert_eq!(
             img.index_nodes().len(),
             1,
             "seed {seed}: the workload chains no node"
         );
     }
-    let log = store.log.lock().clone();
-    let points = sweep(seed, base, &log, &plan, first);
+    let log = store.take_log();
+    let points = sweep(seed, base, &log, &plan, first, 4, verify);
     assert!(points > 100, "seed {seed}: only {points} crash points");
 }
 
@@ -1172,23 +840,22 @@ fn every_crash_point_during_compaction_keeps_all_data() {
     plan.push(Step::Flush);
     {
         let img = open_mem(store.clone(), true).unwrap();
-        run_steps(&store, &img, &plan, 0);
+        run_steps(&*store, &img, &plan, 0);
     }
-    let base = store.mem.lock().clone();
-    store.recording.store(true, Ordering::Relaxed);
+    let base = store.start();
     {
         let img = open_mem(store.clone(), true).unwrap();
         let rep = img.compact(&mut |_, _| {}).unwrap();
         assert_eq!((rep.bands_dropped, rep.bands_moved), (40, 40));
         assert_eq!(img.index_nodes().len(), 0);
     }
-    let log = store.log.lock().clone();
+    let log = store.take_log();
     assert!(
         log.iter().any(|op| matches!(op, Op::Write(0x24, _))),
         "no band move was recorded in the header"
     );
     let n = plan.len();
-    sweep(11, base, &log, &plan, n);
+    sweep(11, base, &log, &plan, n, 4, verify);
 }
 
 #[test]
@@ -1211,13 +878,13 @@ fn the_replay_detects_a_lost_flushed_write() {
     ];
     let base = fresh_mem();
     let store = Recorder::new(base.clone());
-    store.recording.store(true, Ordering::Relaxed);
+    store.start();
     {
         let img = open_mem(store.clone(), true).unwrap();
-        run_steps(&store, &img, &plan[..2], 0);
+        run_steps(&*store, &img, &plan[..2], 0);
     }
     let mut state = base;
-    for op in store.log.lock().iter() {
+    for op in store.take_log().iter() {
         state.apply(op);
     }
     let model = Model::new(&plan);

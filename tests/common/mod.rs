@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod crash;
+
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
