@@ -20,6 +20,7 @@
 //! bundle that opens, with every band inside the size it names.
 
 pub mod info;
+pub mod store;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -31,7 +32,7 @@ use std::sync::Arc;
 
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
-use rustix::fs::{AtFlags, FallocateFlags, Mode, OFlags, RenameFlags, SeekFrom, CWD};
+use rustix::fs::{Mode, OFlags, RenameFlags, CWD};
 use rustix::io::Errno;
 
 use crate::disk::{Disk, Format};
@@ -39,6 +40,7 @@ use crate::engine::{lock_file, Extent, LockMode, OpenOptions};
 use crate::error::{Error, Result};
 pub use info::{band_name, parse_band_name, Info, InfoError, DEFAULT_BAND_SIZE};
 use info::{MAX_INFO_LEN, SECTOR};
+use store::{BandFile, BundleDir, HostDir};
 
 pub const INFO: &str = "Info.plist";
 pub const BACKUP: &str = "Info.bckup";
@@ -67,20 +69,27 @@ pub struct SparseBundle {
     /// Held while files taken from `dirty` are synced, so that a flush
     /// cannot return while an early sync of a file it owes is under way.
     syncing: Mutex<()>,
-    root: File,
-    bands_dir: File,
-    /// Holds the lock for as long as the bundle is open.
-    _token: File,
+    dir: Arc<dyn BundleDir>,
+    /// Holds the lock for as long as the bundle is open (none on a store
+    /// that is not the host's).
+    _token: Option<File>,
     counters: Counters,
 }
 
+type Band = Arc<dyn BandFile>;
+
 struct Bands {
     present: BTreeSet<u64>,
-    open: LruCache<u64, Arc<File>>,
+    open: LruCache<u64, Band>,
     /// Files to sync at the next flush, by address (a band removed and made
     /// again is another file); `true` when a sync must cover metadata too.
-    dirty: HashMap<usize, (Arc<File>, bool)>,
+    dirty: HashMap<usize, (Band, bool)>,
     dir_dirty: bool,
+}
+
+/// The key of a band file in `Bands::dirty`.
+fn file_key(f: &Band) -> usize {
+    Arc::as_ptr(f) as *const () as usize
 }
 
 #[derive(Default)]
@@ -100,34 +109,38 @@ fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// What opening found before looking at the bands.
-struct Parts {
-    root: File,
-    token: File,
-    info: Info,
-}
-
 impl SparseBundle {
     /// Opens the bundle at `path`. Refuses, with one line naming the
     /// problem and without writing anything, a bundle that is encrypted,
     /// of another layout version, or damaged.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<SparseBundle> {
         let path = path.as_ref();
-        let parts = open_parts(path, opts.lock)?;
-        let bands_dir = open_bands_dir(&parts.root, path)?;
-        let (present, mut problems) = scan_bands(path, &bands_dir, &parts.info)?;
+        let (dir, token) = open_host(path, opts.lock)?;
+        SparseBundle::from_store(path, Arc::new(dir), Some(token), opts.writable)
+    }
+
+    /// Opens a bundle on any [`BundleDir`]; `token`, when given, holds the
+    /// lock the caller took. Tests replaying crashes pass none.
+    pub fn from_store(
+        path: &Path,
+        dir: Arc<dyn BundleDir>,
+        token: Option<File>,
+        writable: bool,
+    ) -> Result<SparseBundle> {
+        let info = read_info(&*dir, path)?;
+        let (present, mut problems) = scan_bands(path, &*dir, &info)?;
         if !problems.is_empty() {
             return Err(problems.swap_remove(0));
         }
-        if opts.writable {
-            remove_leftovers(path, &parts.root)?;
+        if writable {
+            remove_leftovers(path, &*dir)?;
         }
         Ok(SparseBundle {
             path: path.to_path_buf(),
-            writable: opts.writable,
-            band_size: parts.info.band_size,
-            size: AtomicU64::new(parts.info.size),
-            info: Mutex::new(parts.info),
+            writable,
+            band_size: info.band_size,
+            size: AtomicU64::new(info.size),
+            info: Mutex::new(info),
             exclusive: RwLock::new(()),
             bands: Mutex::new(Bands {
                 present,
@@ -136,9 +149,8 @@ impl SparseBundle {
                 dir_dirty: false,
             }),
             syncing: Mutex::new(()),
-            root: parts.root,
-            bands_dir,
-            _token: parts.token,
+            dir,
+            _token: token,
             counters: Counters::default(),
         })
     }
@@ -239,7 +251,7 @@ impl SparseBundle {
     }
 
     /// Band `n`'s file, made if `create` and absent; `None` if absent.
-    fn band(&self, n: u64, create: bool) -> Result<Option<Arc<File>>> {
+    fn band(&self, n: u64, create: bool) -> Result<Option<Band>> {
         let mut st = self.bands.lock();
         if let Some(f) = st.open.get(&n) {
             return Ok(Some(f.clone()));
@@ -248,24 +260,10 @@ impl SparseBundle {
         if !known && !create {
             return Ok(None);
         }
-        let mut flags = OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        flags |= if self.writable {
-            OFlags::RDWR
-        } else {
-            OFlags::RDONLY
-        };
-        if create {
-            flags |= OFlags::CREATE;
-        }
-        let fd = match rustix::fs::openat(
-            &self.bands_dir,
-            band_name(n),
-            flags,
-            Mode::from_raw_mode(0o644),
-        ) {
-            Ok(fd) => fd,
+        let f = match self.dir.open_band(&band_name(n), create, self.writable) {
+            Ok(Some(f)) => f,
             // Removed behind our back (an unlocked reader): reads as zeros.
-            Err(Errno::NOENT) if !create => {
+            Ok(None) => {
                 st.present.remove(&n);
                 return Ok(None);
             }
@@ -276,23 +274,22 @@ impl SparseBundle {
             st.dir_dirty = true;
             bump(&self.counters.bands_created, 1);
         }
-        let f = Arc::new(File::from(fd));
         st.open.put(n, f.clone());
         Ok(Some(f))
     }
 
-    fn band_for_write(&self, n: u64) -> Result<Arc<File>> {
+    fn band_for_write(&self, n: u64) -> Result<Band> {
         self.band(n, true)?
             .ok_or_else(|| Error::Corrupt(format!("{}: vanished", self.band_path(n))))
     }
 
     /// Records that `f` changed; syncs early when too many files wait.
-    fn mark_dirty(&self, f: &Arc<File>, metadata: bool) -> Result<()> {
+    fn mark_dirty(&self, f: &Band, metadata: bool) -> Result<()> {
         let spill = {
             let mut st = self.bands.lock();
             let e = st
                 .dirty
-                .entry(Arc::as_ptr(f) as usize)
+                .entry(file_key(f))
                 .or_insert_with(|| (f.clone(), false));
             e.1 |= metadata;
             st.dirty.len() > DIRTY_LIMIT
@@ -306,15 +303,10 @@ impl SparseBundle {
     }
 
     /// Syncs the files; on failure puts back the ones not yet synced.
-    fn sync_files(&self, files: HashMap<usize, (Arc<File>, bool)>) -> Result<()> {
+    fn sync_files(&self, files: HashMap<usize, (Band, bool)>) -> Result<()> {
         let mut left = files.into_iter();
         while let Some((key, (f, metadata))) = left.next() {
-            let r = if metadata {
-                f.sync_all()
-            } else {
-                f.sync_data()
-            };
-            if let Err(e) = r {
+            if let Err(e) = f.sync(metadata) {
                 let mut st = self.bands.lock();
                 st.dirty.insert(key, (f, metadata));
                 st.dirty.extend(left);
@@ -341,7 +333,7 @@ impl SparseBundle {
             return Err(e);
         }
         if dir {
-            if let Err(e) = self.bands_dir.sync_all() {
+            if let Err(e) = self.dir.sync_bands() {
                 self.bands.lock().dir_dirty = true;
                 return Err(Error::io(
                     format!("{}/{BANDS}: syncing", self.path.display()),
@@ -359,10 +351,9 @@ impl SparseBundle {
             return Ok(());
         }
         st.open.pop(&n);
-        match rustix::fs::unlinkat(&self.bands_dir, band_name(n), AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => {}
-            Err(e) => return Err(self.band_err(n, "removing", e)),
-        }
+        self.dir
+            .remove_band(&band_name(n))
+            .map_err(|e| self.band_err(n, "removing", e))?;
         st.present.remove(&n);
         st.dir_dirty = true;
         bump(&self.counters.bands_removed, 1);
@@ -375,23 +366,8 @@ impl SparseBundle {
         let Some(f) = self.band(n, false)? else {
             return Ok(());
         };
-        let mode = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&*f, mode, within, len) {
-            Ok(()) => {}
-            Err(Errno::OPNOTSUPP) => {
-                let flen = f.metadata().map_err(|e| self.band_err(n, "stat", e))?.len();
-                let zeros = vec![0u8; 64 << 10];
-                let mut at = within;
-                let stop = (within + len).min(flen);
-                while at < stop {
-                    let k = (stop - at).min(zeros.len() as u64) as usize;
-                    f.write_all_at(&zeros[..k], at)
-                        .map_err(|e| self.band_err(n, "zeroing", e))?;
-                    at += k as u64;
-                }
-            }
-            Err(e) => return Err(self.band_err(n, "punching a hole", e)),
-        }
+        f.punch(within, len)
+            .map_err(|e| self.band_err(n, "punching a hole", e))?;
         self.mark_dirty(&f, true)
     }
 
@@ -418,10 +394,10 @@ impl SparseBundle {
         let Some(f) = self.band(n, false)? else {
             return Ok(());
         };
-        let len = f.metadata().map_err(|e| self.band_err(n, "stat", e))?.len();
+        let len = f.len().map_err(|e| self.band_err(n, "stat", e))?;
         if len > within {
             f.set_len(within)
-                .and_then(|()| f.sync_all())
+                .and_then(|()| f.sync(true))
                 .map_err(|e| self.band_err(n, "truncating", e))?;
         }
         Ok(())
@@ -432,21 +408,24 @@ impl SparseBundle {
     fn write_info(&self, info: &Info) -> Result<()> {
         let bytes = info.encode();
         for name in [INFO, BACKUP] {
-            replace_file(&self.root, &self.path, name, &bytes)?;
+            self.dir
+                .replace(name, &bytes)
+                .map_err(|e| Error::io(format!("{}/{name}: replacing", self.path.display()), e))?;
         }
-        self.root
-            .sync_all()
+        self.dir
+            .sync_root()
             .map_err(|e| Error::io(format!("{}: syncing", self.path.display()), e))
     }
 
-    /// `SEEK_DATA`/`SEEK_HOLE` inside band `n`'s file; `None` when the
-    /// kernel says nothing of the kind lies at or past the offset.
-    fn seek_in(&self, n: u64, f: &File, whence: SeekFrom) -> Result<Option<u64>> {
-        match rustix::fs::seek(f, whence) {
-            Ok(p) => Ok(Some(p)),
-            Err(Errno::NXIO) => Ok(None),
-            Err(e) => Err(self.band_err(n, "seeking", e)),
-        }
+    /// `SEEK_DATA` inside band `n`'s file; `None` when only a hole or the
+    /// end follows.
+    fn data_in(&self, n: u64, f: &Band, at: u64) -> Result<Option<u64>> {
+        f.seek_data(at).map_err(|e| self.band_err(n, "seeking", e))
+    }
+
+    /// `SEEK_HOLE` inside band `n`'s file; `None` past its end.
+    fn hole_in(&self, n: u64, f: &Band, at: u64) -> Result<Option<u64>> {
+        f.seek_hole(at).map_err(|e| self.band_err(n, "seeking", e))
     }
 
     fn next_present(&self, from: u64) -> Option<u64> {
@@ -491,15 +470,9 @@ impl Disk for SparseBundle {
                 continue;
             };
             // A short band file reads as zeros past its end.
-            let mut got = 0;
-            while got < piece.len() {
-                match f.read_at(&mut piece[got..], within + got as u64) {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(self.band_err(n, "reading", e)),
-                }
-            }
+            let got = f
+                .read_at(piece, within)
+                .map_err(|e| self.band_err(n, "reading", e))?;
             piece[got..].fill(0);
         }
         bump(&self.counters.reads, 1);
@@ -553,10 +526,11 @@ impl Disk for SparseBundle {
         self.check_range(offset, len)?;
         for (n, within, len) in self.pieces(offset, len) {
             let f = self.band_for_write(n)?;
-            match rustix::fs::fallocate(&*f, FallocateFlags::empty(), within, len) {
-                Ok(()) => self.mark_dirty(&f, true)?,
-                Err(Errno::OPNOTSUPP) => {}
-                Err(e) => return Err(self.band_err(n, "reserving space", e)),
+            let reserved = f
+                .reserve(within, len)
+                .map_err(|e| self.band_err(n, "reserving space", e))?;
+            if reserved {
+                self.mark_dirty(&f, true)?;
             }
         }
         Ok(())
@@ -614,7 +588,7 @@ impl Disk for SparseBundle {
             let within = offset.saturating_sub(start);
             let limit = bs.min(size - start);
             if let Some(f) = self.band(n, false)? {
-                if let Some(p) = self.seek_in(n, &f, SeekFrom::Data(within))? {
+                if let Some(p) = self.data_in(n, &f, within)? {
                     if p < limit {
                         return Ok(Some(start + p));
                     }
@@ -646,7 +620,7 @@ impl Disk for SparseBundle {
                 return Ok(at);
             };
             let limit = bs.min(size - start);
-            match self.seek_in(n, &f, SeekFrom::Hole(at - start))? {
+            match self.hole_in(n, &f, at - start)? {
                 Some(p) if p < limit => return Ok(start + p),
                 Some(_) => n += 1,
                 // Past the file's end: zeros.
@@ -687,16 +661,13 @@ impl Disk for SparseBundle {
             let limit = bs.min(size - start);
             let mut w = 0;
             while w < limit {
-                let Some(d) = self.seek_in(n, &f, SeekFrom::Data(w))? else {
+                let Some(d) = self.data_in(n, &f, w)? else {
                     break;
                 };
                 if d >= limit {
                     break;
                 }
-                let h = self
-                    .seek_in(n, &f, SeekFrom::Hole(d))?
-                    .unwrap_or(limit)
-                    .min(limit);
+                let h = self.hole_in(n, &f, d)?.unwrap_or(limit).min(limit);
                 push(at, start + d, false);
                 push(start + d, start + h, true);
                 at = start + h;
@@ -709,24 +680,23 @@ impl Disk for SparseBundle {
 
     fn allocated_bytes(&self) -> Result<u64> {
         let _shared = self.exclusive.read();
-        let blocks = |dir: &File, name: &str| -> Result<u64> {
-            match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => Ok(st.st_blocks as u64 * 512),
-                Err(Errno::NOENT) => Ok(0),
-                Err(e) => Err(Error::io(
-                    format!("{}/{name}: stat", self.path.display()),
-                    e.into(),
-                )),
-            }
-        };
+        let stat_err =
+            |name: &str, e| Error::io(format!("{}/{name}: stat", self.path.display()), e);
         let mut total = 0;
         for name in [INFO, BACKUP, TOKEN] {
-            total += blocks(&self.root, name)?;
+            total += self
+                .dir
+                .root_allocated(name)
+                .map_err(|e| stat_err(name, e))?;
         }
         let mut from = 0;
         while let Some(n) = self.next_present(from) {
             from = n + 1;
-            total += blocks(&self.bands_dir, &band_name(n))?;
+            let name = band_name(n);
+            total += self
+                .dir
+                .band_allocated(&name)
+                .map_err(|e| stat_err(&format!("{BANDS}/{name}"), e))?;
         }
         Ok(total)
     }
@@ -765,32 +735,19 @@ fn open_dir(path: &Path) -> Result<File> {
     Ok(File::from(fd))
 }
 
-/// A small file of the bundle, no larger than `limit`, not followed if a
+/// A root file of the bundle, no larger than `limit`, not followed if a
 /// symlink.
-fn read_small(root: &File, bundle: &Path, name: &str, limit: usize) -> Result<Vec<u8>> {
-    use std::io::Read;
+fn read_small(dir: &dyn BundleDir, bundle: &Path, name: &str, limit: usize) -> Result<Vec<u8>> {
     let shown = format!("{}/{name}", bundle.display());
-    let fd = rustix::fs::openat(
-        root,
-        name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| match e {
-        Errno::NOENT => Error::Corrupt(format!("{shown}: missing")),
-        Errno::LOOP => Error::Corrupt(format!("{shown}: is a symbolic link")),
-        e => Error::io(shown.clone(), e.into()),
-    })?;
-    let f = File::from(fd);
-    let md = f.metadata().map_err(|e| Error::io(shown.clone(), e))?;
-    if !md.is_file() {
-        return Err(Error::Corrupt(format!("{shown}: not a regular file")));
-    }
-    let mut b = Vec::new();
-    f.take(limit as u64 + 1)
-        .read_to_end(&mut b)
-        .map_err(|e| Error::io(shown, e))?;
-    Ok(b)
+    dir.read_small(name, limit)
+        .map_err(|e| match (e.kind(), e.raw_os_error()) {
+            (std::io::ErrorKind::InvalidData, _) => {
+                Error::Corrupt(format!("{shown}: not a regular file"))
+            }
+            (_, Some(libc::ENOENT)) => Error::Corrupt(format!("{shown}: missing")),
+            (_, Some(libc::ELOOP)) => Error::Corrupt(format!("{shown}: is a symbolic link")),
+            _ => Error::io(shown, e),
+        })
 }
 
 fn decode_info(bundle: &Path, name: &str, bytes: &[u8]) -> Result<Info> {
@@ -803,9 +760,8 @@ fn decode_info(bundle: &Path, name: &str, bytes: &[u8]) -> Result<Info> {
     })
 }
 
-/// Opens the bundle directory and `token`, takes the lock, then reads the
-/// plist and refuses encrypted bundles.
-fn open_parts(path: &Path, lock: LockMode) -> Result<Parts> {
+/// Opens the bundle directory and `token`, and takes the lock.
+fn open_host(path: &Path, lock: LockMode) -> Result<(HostDir, File)> {
     let root = open_dir(path)?;
     let token_path = path.join(TOKEN);
     let fd = rustix::fs::openat(
@@ -821,9 +777,14 @@ fn open_parts(path: &Path, lock: LockMode) -> Result<Parts> {
     })?;
     let token = File::from(fd);
     lock_file(&token, lock, path)?;
-    let bytes = read_small(&root, path, INFO, MAX_INFO_LEN)?;
+    Ok((HostDir::new(root), token))
+}
+
+/// Reads the plist and refuses encrypted bundles.
+fn read_info(dir: &dyn BundleDir, path: &Path) -> Result<Info> {
+    let bytes = read_small(dir, path, INFO, MAX_INFO_LEN)?;
     let info = decode_info(path, INFO, &bytes)?;
-    let head = read_small(&root, path, TOKEN, 4096)?;
+    let head = read_small(dir, path, TOKEN, 4096)?;
     if head.starts_with(ENCRYPTED_MAGIC) {
         return Err(Error::Invalid(format!(
             "{}: encrypted (token holds an encrcdsa header); encrypted bundles are not supported",
@@ -836,38 +797,24 @@ fn open_parts(path: &Path, lock: LockMode) -> Result<Parts> {
             path.display()
         )));
     }
-    Ok(Parts { root, token, info })
-}
-
-/// `bands/`, not followed if a symlink (writes must stay in the bundle).
-fn open_bands_dir(root: &File, bundle: &Path) -> Result<File> {
-    let shown = format!("{}/{BANDS}", bundle.display());
-    let fd = rustix::fs::openat(
-        root,
-        BANDS,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| match e {
-        Errno::NOENT => Error::Corrupt(format!("{shown}: missing")),
-        Errno::NOTDIR | Errno::LOOP => Error::Corrupt(format!("{shown}: not a directory")),
-        e => Error::io(shown.clone(), e.into()),
-    })?;
-    Ok(File::from(fd))
+    Ok(info)
 }
 
 /// The bands present, and every band file that breaks the layout (each
 /// one line, in name order).
-fn scan_bands(path: &Path, dir: &File, info: &Info) -> Result<(BTreeSet<u64>, Vec<Error>)> {
+fn scan_bands(
+    path: &Path,
+    dir: &dyn BundleDir,
+    info: &Info,
+) -> Result<(BTreeSet<u64>, Vec<Error>)> {
     let shown_dir = format!("{}/{BANDS}", path.display());
-    let list_err = |e: Errno| Error::io(shown_dir.clone(), e.into());
-    let mut names = Vec::new();
-    for e in rustix::fs::Dir::read_from(dir).map_err(list_err)? {
-        let name = e.map_err(list_err)?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            names.push(name);
+    let mut names = dir.list_bands().map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT) => Error::Corrupt(format!("{shown_dir}: missing")),
+        Some(libc::ENOTDIR | libc::ELOOP) => {
+            Error::Corrupt(format!("{shown_dir}: not a directory"))
         }
-    }
+        _ => Error::io(shown_dir.clone(), e),
+    })?;
     names.sort();
     let mut present = BTreeSet::new();
     let mut problems = Vec::new();
@@ -892,17 +839,17 @@ fn scan_bands(path: &Path, dir: &File, info: &Info) -> Result<(BTreeSet<u64>, Ve
             )));
             continue;
         }
-        let st = rustix::fs::statat(dir, text, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| Error::io(shown.clone(), e.into()))?;
-        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        let st = dir
+            .stat_band(text)
+            .map_err(|e| Error::io(shown.clone(), e))?;
+        if !st.regular {
             problems.push(Error::Corrupt(format!("{shown}: not a regular file")));
             continue;
         }
-        let len = st.st_size as u64;
-        if len > info.band_size {
+        if st.len > info.band_size {
             problems.push(Error::Corrupt(format!(
-                "{shown}: {len} bytes, longer than the {}-byte band size",
-                info.band_size
+                "{shown}: {} bytes, longer than the {}-byte band size",
+                st.len, info.band_size
             )));
             continue;
         }
@@ -913,38 +860,13 @@ fn scan_bands(path: &Path, dir: &File, info: &Info) -> Result<(BTreeSet<u64>, Ve
 
 /// Removes plists a crash left half-replaced (only a writer, holding the
 /// lock, may).
-fn remove_leftovers(path: &Path, root: &File) -> Result<()> {
+fn remove_leftovers(path: &Path, dir: &dyn BundleDir) -> Result<()> {
     for name in [INFO, BACKUP] {
         let tmp = format!("{name}{TEMP_SUFFIX}");
-        match rustix::fs::unlinkat(root, tmp.as_str(), AtFlags::empty()) {
-            Ok(()) | Err(Errno::NOENT) => {}
-            Err(e) => {
-                return Err(Error::io(
-                    format!("{}/{tmp}: removing", path.display()),
-                    e.into(),
-                ))
-            }
-        }
+        dir.remove(&tmp)
+            .map_err(|e| Error::io(format!("{}/{tmp}: removing", path.display()), e))?;
     }
     Ok(())
-}
-
-/// Writes `bytes` to `name` in `root` by temp file, sync and rename.
-fn replace_file(root: &File, bundle: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let tmp = format!("{name}{TEMP_SUFFIX}");
-    let ctx = |e: std::io::Error| Error::io(format!("{}/{name}: replacing", bundle.display()), e);
-    let fd = rustix::fs::openat(
-        root,
-        tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o644),
-    )
-    .map_err(|e| ctx(e.into()))?;
-    let f = File::from(fd);
-    f.write_all_at(bytes, 0)
-        .and_then(|()| f.sync_all())
-        .map_err(ctx)?;
-    rustix::fs::renameat(root, tmp.as_str(), root, name).map_err(|e| ctx(e.into()))
 }
 
 /// Lays out a fresh bundle in `dir` (which must not exist), synced.
@@ -979,7 +901,7 @@ pub fn is_bundle(path: &Path) -> bool {
     let Ok(root) = open_dir(path) else {
         return false;
     };
-    let Ok(bytes) = read_small(&root, path, INFO, MAX_INFO_LEN) else {
+    let Ok(bytes) = read_small(&HostDir::new(root), path, INFO, MAX_INFO_LEN) else {
         return false;
     };
     plist::Value::from_reader(std::io::Cursor::new(bytes))
@@ -997,16 +919,22 @@ pub fn is_bundle(path: &Path) -> bool {
 /// sound. Takes a shared lock, so it fails with [`Error::Locked`] while a
 /// writer has the bundle open.
 pub fn check(path: &Path) -> Result<Vec<String>> {
-    let parts = match open_parts(path, LockMode::Shared) {
-        Ok(p) => p,
-        Err(e @ Error::Locked { .. }) => return Err(e),
-        Err(e) => return Ok(vec![e.to_string()]),
+    match open_host(path, LockMode::Shared) {
+        Ok((dir, _token)) => Ok(check_store(path, &dir)),
+        Err(e @ Error::Locked { .. }) => Err(e),
+        Err(e) => Ok(vec![e.to_string()]),
+    }
+}
+
+/// [`check`] of a bundle on any [`BundleDir`] (no lock).
+pub fn check_store(path: &Path, dir: &dyn BundleDir) -> Vec<String> {
+    let info = match read_info(dir, path) {
+        Ok(i) => i,
+        Err(e) => return vec![e.to_string()],
     };
     let mut lines = Vec::new();
-    match read_small(&parts.root, path, BACKUP, MAX_INFO_LEN)
-        .and_then(|b| decode_info(path, BACKUP, &b))
-    {
-        Ok(copy) if copy == parts.info => {}
+    match read_small(dir, path, BACKUP, MAX_INFO_LEN).and_then(|b| decode_info(path, BACKUP, &b)) {
+        Ok(copy) if copy == info => {}
         Ok(_) => lines.push(format!(
             "{}/{BACKUP}: does not match {INFO}",
             path.display()
@@ -1015,16 +943,16 @@ pub fn check(path: &Path) -> Result<Vec<String>> {
     }
     for name in [INFO, BACKUP] {
         let tmp = format!("{name}{TEMP_SUFFIX}");
-        if rustix::fs::statat(&parts.root, tmp.as_str(), AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        if dir.exists(&tmp) {
             lines.push(format!(
                 "{}/{tmp}: left by an interrupted resize (a writable open removes it)",
                 path.display()
             ));
         }
     }
-    match open_bands_dir(&parts.root, path).and_then(|d| scan_bands(path, &d, &parts.info)) {
+    match scan_bands(path, dir, &info) {
         Ok((_, problems)) => lines.extend(problems.iter().map(|e| e.to_string())),
         Err(e) => lines.push(e.to_string()),
     }
-    Ok(lines)
+    lines
 }
