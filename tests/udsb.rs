@@ -13,6 +13,8 @@ use std::sync::Arc;
 use asiffs::disk::{self, Disk, Format};
 use asiffs::udsb::{self, Info, SparseBundle, DEFAULT_BAND_SIZE};
 use asiffs::{Error, LockMode, OpenOptions};
+use common::crash::{self, check_sectors, run_steps, Step};
+use common::crash_dir::{self, DirOp, DirRecorder, Store, Tree};
 use common::{pattern, Rng};
 
 const KIB: u64 = 1 << 10;
@@ -883,18 +885,24 @@ fn a_resize_cut_between_the_two_plists_opens_at_the_new_size() {
     let b = reopen(&path);
     b.resize(2 * 64 * KIB).unwrap();
     drop(b);
-    fs::write(path.join("Info.bckup"), old).unwrap();
+    fs::write(path.join("Info.bckup"), &old).unwrap();
+    let mismatch = format!("{}/Info.bckup: does not match Info.plist", path.display());
+    // A reader serves the new size and leaves the copy alone.
+    let r = SparseBundle::open(&path, &OpenOptions::default()).unwrap();
+    assert_eq!(r.size(), 2 * 64 * KIB);
+    assert_eq!(read(&r, 0, 100), pattern(1, 100));
+    drop(r);
+    assert_eq!(fs::read(path.join("Info.bckup")).unwrap(), old);
+    assert_eq!(udsb::check(&path).unwrap(), [mismatch]);
+    // A writer restores the copy from Info.plist.
     let b = reopen(&path);
     assert_eq!(b.size(), 2 * 64 * KIB);
-    assert_eq!(read(&b, 0, 100), pattern(1, 100));
     drop(b);
     assert_eq!(
-        udsb::check(&path).unwrap(),
-        [format!(
-            "{}/Info.bckup: does not match Info.plist",
-            path.display()
-        )]
+        fs::read(path.join("Info.bckup")).unwrap(),
+        fs::read(path.join("Info.plist")).unwrap()
     );
+    assert_eq!(udsb::check(&path).unwrap(), Vec::<String>::new());
 }
 
 #[test]
@@ -1004,4 +1012,156 @@ fn allocate_reserves_band_space_that_reads_as_zeros() {
     let r = SparseBundle::open(&path, &OpenOptions::default()).unwrap();
     assert!(matches!(r.allocate(0, 512), Err(Error::ReadOnly)));
     assert!(matches!(r.discard(0, 512), Err(Error::ReadOnly)));
+}
+
+// ---- crash-point replay (common::crash_dir) -------------------------------
+
+/// Crash bundles: 48 bands of 4 KiB, so that the workload makes, punches
+/// and removes many band files.
+const CBAND: u64 = 4 * KIB;
+const CDISK: u64 = 48 * CBAND;
+const SPB: u64 = CBAND / 512;
+
+fn crash_path() -> &'static Path {
+    Path::new("crash.sparsebundle")
+}
+
+fn open_mem(rec: &Arc<DirRecorder>, writable: bool) -> asiffs::Result<SparseBundle> {
+    SparseBundle::from_store(crash_path(), Arc::new(Store(rec.clone())), None, writable)
+}
+
+fn fresh_tree() -> Tree {
+    let t = tempfile::tempdir().unwrap();
+    let (p, b) = new_bundle(t.path(), CDISK, CBAND);
+    b.close().unwrap();
+    DirRecorder::load(&p)
+}
+
+fn bundle_verify(state: Tree, model: &crash::Model, durable: usize, started: usize, ctx: &str) {
+    let rec = DirRecorder::new(state);
+    let b = open_mem(&rec, false).unwrap_or_else(|e| panic!("{ctx}: does not open: {e}"));
+    check_sectors(&b, model, durable, started, ctx);
+    drop(b);
+    // A writer takes the survivor, repairs what a crash may leave, and
+    // everything checks clean after.
+    let b = open_mem(&rec, true).unwrap_or_else(|e| panic!("{ctx}: no writable reopen: {e}"));
+    check_sectors(&b, model, durable, started, ctx);
+    b.write_at(&[0xEE; 3 * CBAND as usize], CBAND + 512)
+        .unwrap();
+    b.flush().unwrap();
+    let mut big = vec![0u8; 3 * CBAND as usize];
+    b.read_at(&mut big, CBAND + 512).unwrap();
+    assert!(big.iter().all(|&x| x == 0xEE), "{ctx}: recovery write lost");
+    drop(b);
+    assert_eq!(
+        udsb::check_store(crash_path(), &Store(rec)),
+        Vec::<String>::new(),
+        "{ctx}"
+    );
+}
+
+/// Writes, partial and whole-band discards, flushes, and now and then a
+/// shrink followed later by a grow back (writes stay inside the size).
+fn bundle_workload(seed: u64, steps: usize) -> Vec<Step> {
+    let mut r = Rng(seed);
+    let mut tag = 0;
+    let mut size = CDISK;
+    let mut plan = Vec::new();
+    for _ in 0..steps {
+        let sectors = size / 512;
+        let sector = r.below(sectors - 2 * SPB);
+        match r.below(12) {
+            0..=5 => {
+                tag += 1;
+                plan.push(Step::Write {
+                    sector,
+                    count: 1 + r.below(2 * SPB),
+                    tag,
+                });
+            }
+            6 => plan.push(Step::Discard {
+                sector,
+                count: 1 + r.below(SPB),
+            }),
+            7 => {
+                let band = sector / SPB;
+                plan.push(Step::Discard {
+                    sector: band * SPB,
+                    count: SPB * (1 + r.below(2)),
+                });
+            }
+            8..=9 if size == CDISK => {
+                // Shrink to a size that cuts a band in two.
+                size = CDISK / 2 + (1 + r.below(SPB - 1)) * 512;
+                plan.push(Step::Resize(size));
+            }
+            8..=9 => {
+                size = CDISK;
+                plan.push(Step::Resize(size));
+            }
+            _ => plan.push(Step::Flush),
+        }
+    }
+    plan
+}
+
+fn bundle_replay(seed: u64, steps: usize) {
+    let rec = DirRecorder::new(fresh_tree());
+    let base = rec.start();
+    let plan = bundle_workload(seed, steps);
+    assert!(
+        plan.iter().any(|s| matches!(s, Step::Resize(_))),
+        "seed {seed}: the workload never resizes"
+    );
+    {
+        let b = open_mem(&rec, true).unwrap();
+        run_steps(&*rec, &b, &plan, 0);
+    }
+    let log = rec.take_log();
+    assert!(
+        log.iter().any(|op| matches!(op, DirOp::Unlink(..))),
+        "seed {seed}: no band was removed"
+    );
+    let points = crash_dir::sweep(seed, base, &log, &plan, 0, 4, bundle_verify);
+    assert!(points > 100, "seed {seed}: only {points} crash points");
+}
+
+#[test]
+fn every_bundle_crash_point_opens_and_keeps_flushed_writes() {
+    for seed in [1, 7, 4242] {
+        bundle_replay(seed, 40);
+    }
+}
+
+#[test]
+fn the_bundle_replay_detects_a_lost_flushed_write() {
+    let plan = vec![
+        Step::Write {
+            sector: 0,
+            count: 1,
+            tag: 1,
+        },
+        Step::Flush,
+        Step::Write {
+            sector: 5 * SPB,
+            count: 1,
+            tag: 2,
+        },
+        Step::Flush,
+    ];
+    let rec = DirRecorder::new(fresh_tree());
+    let mut state = rec.start();
+    {
+        let b = open_mem(&rec, true).unwrap();
+        run_steps(&*rec, &b, &plan[..2], 0);
+    }
+    for op in rec.take_log().iter() {
+        state.apply(op);
+    }
+    let model = crash::Model::new(&plan);
+    let outcome = std::panic::catch_unwind(|| bundle_verify(state, &model, 4, 4, "planted loss"));
+    assert!(
+        outcome.is_err(),
+        "the checker accepted a state missing a flushed write"
+    );
 }

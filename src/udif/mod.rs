@@ -562,12 +562,15 @@ impl Udif {
             .write_at(&k.encode(), len - TRAILER_SIZE as u64)
             .and_then(|()| self.storage.sync())
             .map_err(io)?;
-        let type_only = |t: &mut Vec<u8>| {
-            t[0x40..0x44].copy_from_slice(&trailer::CHECKSUM_NONE.to_be_bytes());
-        };
-        let whole = |t: &mut Vec<u8>| Checksum::NONE.encode(&mut t[0x40..0xC8]);
-        let phases: [&dyn Fn(&mut Vec<u8>); 2] = [&type_only, &whole];
-        for edit in phases {
+        // The type alone, then the whole field.
+        for whole in [false, true] {
+            let edit = |t: &mut Vec<u8>| {
+                if whole {
+                    Checksum::NONE.encode(&mut t[0x40..0xC8]);
+                } else {
+                    t[0x40..0x44].copy_from_slice(&trailer::CHECKSUM_NONE.to_be_bytes());
+                }
+            };
             let xml = read_vec(
                 &*self.storage,
                 koly.plist_offset,

@@ -17,7 +17,10 @@
 //! before the plist says the smaller size, and a grow cuts the last band
 //! back to the old end before the plist says the larger one; the plist and
 //! its copy are each replaced by rename. So a crash at any instant leaves a
-//! bundle that opens, with every band inside the size it names.
+//! bundle that opens, with every band inside the size it names; a crash
+//! between the two renames leaves the copy stale, and the next writable
+//! open restores it from `Info.plist`. `tests/udsb.rs` replays every crash
+//! point of a workload through a recording [`store::BundleDir`].
 
 pub mod info;
 pub mod store;
@@ -134,6 +137,7 @@ impl SparseBundle {
         }
         if writable {
             remove_leftovers(path, &*dir)?;
+            restore_backup(path, &*dir, &info)?;
         }
         Ok(SparseBundle {
             path: path.to_path_buf(),
@@ -867,6 +871,23 @@ fn remove_leftovers(path: &Path, dir: &dyn BundleDir) -> Result<()> {
             .map_err(|e| Error::io(format!("{}/{tmp}: removing", path.display()), e))?;
     }
     Ok(())
+}
+
+/// Copies `Info.plist` over `Info.bckup` when they differ, as a crash
+/// between replacing the one and the other leaves them (`Info.plist` is the
+/// one that counts).
+fn restore_backup(path: &Path, dir: &dyn BundleDir, info: &Info) -> Result<()> {
+    let copy = read_small(dir, path, BACKUP, MAX_INFO_LEN)
+        .and_then(|b| decode_info(path, BACKUP, &b))
+        .ok();
+    if copy.as_ref() == Some(info) {
+        return Ok(());
+    }
+    tracing::info!("{}: {BACKUP} restored from {INFO}", path.display());
+    let bytes = read_small(dir, path, INFO, MAX_INFO_LEN)?;
+    let ctx = |e| Error::io(format!("{}/{BACKUP}: replacing", path.display()), e);
+    dir.replace(BACKUP, &bytes).map_err(ctx)?;
+    dir.sync_root().map_err(ctx)
 }
 
 /// Lays out a fresh bundle in `dir` (which must not exist), synced.

@@ -17,6 +17,7 @@ use rustix::io::Errno;
 use super::TEMP_SUFFIX;
 
 /// One band file.
+#[allow(clippy::len_without_is_empty)] // a length, not a collection
 pub trait BandFile: Send + Sync {
     /// Reads from `offset` until `buf` is full or the file ends; returns
     /// the bytes read.

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod crash;
+pub mod crash_dir;
 
 use std::fs;
 use std::os::unix::fs::FileExt;
