@@ -18,6 +18,7 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod nbd;
+pub mod stats;
 pub mod udif;
 pub mod udsb;
 pub mod udsp;
