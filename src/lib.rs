@@ -11,6 +11,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod atomic_file;
 pub mod cli;
 pub mod disk;
 pub mod engine;
