@@ -11,6 +11,7 @@
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod atomic_file;
 pub mod cli;
 pub mod disk;
 pub mod engine;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod nbd;
+pub mod stats;
 pub mod udif;
 pub mod udsb;
 pub mod udsp;

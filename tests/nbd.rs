@@ -295,11 +295,38 @@ impl<S: Read + Write> Client<S> {
 const HOLE: u32 = STATE_HOLE | STATE_ZERO;
 const FLAGS: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
 
+/// A client past the greeting, having answered with [`FLAGS`].
+fn greeted(f: &Fixture) -> Plain {
+    let mut c = connect(f);
+    c.greet(FLAGS);
+    c
+}
+
+/// A client in transmission on export `a`, with structured replies and
+/// `base:allocation` (see [`Client::go`]).
+fn session_a(f: &Fixture) -> Plain {
+    let mut c = greeted(f);
+    c.go("a");
+    c
+}
+
+/// `a.asif` opened apart from the server, without a lock: what another
+/// reader of the file sees.
+fn other_reader(f: &Fixture) -> Image {
+    Image::open(
+        &f.image_a,
+        &OpenOptions {
+            lock: LockMode::None,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A fresh client still gets served: GO on `a`, and a read of what
 /// `expect` says lies at 1 MiB.
 fn still_serves(f: &Fixture, expect: u8) {
-    let mut c = connect(f);
-    c.greet(FLAGS);
+    let mut c = greeted(f);
     assert_eq!(c.go("a").0, 8 * MIB);
     let (data, _) = c.read(77, MIB, 4096);
     assert!(data.iter().all(|&b| b == expect), "data at 1 MiB");
@@ -310,8 +337,7 @@ fn still_serves(f: &Fixture, expect: u8) {
 #[test]
 fn well_behaved_session() {
     let f = start(Config::default());
-    let mut c = connect(&f);
-    c.greet(FLAGS);
+    let mut c = greeted(&f);
 
     c.option(OPT_LIST, &[]);
     assert_eq!(c.reply(), (OPT_LIST, REP_SERVER, rep_server("a")));
@@ -397,14 +423,7 @@ fn well_behaved_session() {
     );
 
     // What FUA acknowledged is in the file for any other reader.
-    let other = Image::open(
-        &f.image_a,
-        &OpenOptions {
-            lock: LockMode::None,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let other = other_reader(&f);
     let mut buf = vec![0u8; 4096];
     other.read_at(&mut buf, MIB + 4096).unwrap();
     assert_eq!(buf, pattern);
@@ -468,8 +487,7 @@ fn bad_handshakes_close_only_their_connection() {
     let f = start(Config::default());
 
     // Bad option magic: closed, nothing sent.
-    let mut c = connect(&f);
-    c.greet(FLAGS);
+    let mut c = greeted(&f);
     c.send(b"IHAVEOPX\x00\x00\x00\x03\x00\x00\x00\x00");
     c.expect_closed();
 
@@ -479,8 +497,7 @@ fn bad_handshakes_close_only_their_connection() {
     c.expect_closed();
 
     // Option data over the limit: TOO_BIG, then closed.
-    let mut c = connect(&f);
-    c.greet(FLAGS);
+    let mut c = greeted(&f);
     c.send(
         &OptionHeader {
             option: OPT_GO,
@@ -493,8 +510,7 @@ fn bad_handshakes_close_only_their_connection() {
 
     // Unknown, malformed and out-of-order options are refused one by one
     // and the session goes on.
-    let mut c = connect(&f);
-    c.greet(FLAGS);
+    let mut c = greeted(&f);
     c.option(99, b"junk");
     assert_eq!(c.reply_type(99), REP_ERR_UNSUP);
     c.option(OPT_LIST, b"x");
@@ -528,8 +544,7 @@ fn bad_handshakes_close_only_their_connection() {
     c.expect_closed();
 
     // EXPORT_NAME cannot be refused politely: an unknown name closes.
-    let mut c = connect(&f);
-    c.greet(FLAGS);
+    let mut c = greeted(&f);
     c.option(OPT_EXPORT_NAME, b"nosuch");
     c.expect_closed();
 
@@ -539,9 +554,7 @@ fn bad_handshakes_close_only_their_connection() {
 #[test]
 fn bad_requests_get_the_spec_errors() {
     let f = start(Config::default());
-    let mut c = connect(&f);
-    c.greet(FLAGS);
-    c.go("a");
+    let mut c = session_a(&f);
     let end = 8 * MIB;
     // Past the end: ENOSPC for writes, EINVAL for reads and block status.
     assert_eq!(c.write(1, end - 512, &[1; 1024], 0), ENOSPC);
@@ -576,9 +589,7 @@ fn bad_requests_get_the_spec_errors() {
     c.expect_closed();
 
     // Bad request magic closes the connection without a reply.
-    let mut c = connect(&f);
-    c.greet(FLAGS);
-    c.go("a");
+    let mut c = session_a(&f);
     let mut r = Request {
         flags: 0,
         command: CMD_READ,
@@ -597,9 +608,7 @@ fn bad_requests_get_the_spec_errors() {
 #[test]
 fn a_vanishing_client_loses_nothing_it_flushed() {
     let f = start(Config::default());
-    let mut c = connect(&f);
-    c.greet(FLAGS);
-    c.go("a");
+    let mut c = session_a(&f);
     assert_eq!(c.write(1, MIB, &[0x11; 8192], 0), 0);
     c.request(0, CMD_FLUSH, 2, 0, 0);
     assert_eq!(c.simple(2), 0);
@@ -609,14 +618,7 @@ fn a_vanishing_client_loses_nothing_it_flushed() {
     drop(c);
 
     // The flushed bytes are in the file, and the torn write never landed.
-    let other = Image::open(
-        &f.image_a,
-        &OpenOptions {
-            lock: LockMode::None,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let other = other_reader(&f);
     let mut buf = vec![0u8; 8192];
     other.read_at(&mut buf, MIB).unwrap();
     assert_eq!(buf, vec![0x11; 8192]);
@@ -637,13 +639,10 @@ fn slow_peers_are_dropped_after_the_handshake_timeout() {
     let mut idle = connect(&f);
     assert_eq!(idle.read_n(18).len(), 18);
     // Half an option header, then silence.
-    let mut half = connect(&f);
-    half.greet(FLAGS);
+    let mut half = greeted(&f);
     half.send(b"IHAVE");
     // A write payload that never comes.
-    let mut stall = connect(&f);
-    stall.greet(FLAGS);
-    stall.go("a");
+    let mut stall = session_a(&f);
     stall.request(0, CMD_WRITE, 1, 0, 4096);
     stall.send(&[1; 100]);
 
@@ -655,8 +654,7 @@ fn slow_peers_are_dropped_after_the_handshake_timeout() {
 
     // Busy but never done: options every 50 ms keep each read short, but
     // the handshake as a whole has 500 ms.
-    let mut busy = connect(&f);
-    busy.greet(FLAGS);
+    let mut busy = greeted(&f);
     let t = Instant::now();
     let mut replies = 0;
     loop {
@@ -691,9 +689,7 @@ fn clients_in_parallel_share_one_disk() {
         .map(|i| {
             let f = Arc::clone(&f);
             std::thread::spawn(move || {
-                let mut c = connect(&f);
-                c.greet(FLAGS);
-                c.go("a");
+                let mut c = session_a(&f);
                 let at = u64::from(i) * MIB;
                 for k in 0..16u64 {
                     assert_eq!(c.write(k, at + k * 4096, &[i + 1; 4096], 0), 0);
@@ -707,9 +703,7 @@ fn clients_in_parallel_share_one_disk() {
         t.join().unwrap();
     }
     // Each client's writes are visible to another connection.
-    let mut c = connect(&f);
-    c.greet(FLAGS);
-    c.go("a");
+    let mut c = session_a(&f);
     for i in 0..4u8 {
         let (data, _) = c.read(1, u64::from(i) * MIB, 16 * 4096);
         assert!(data.iter().all(|&b| b == i + 1), "client {i}");
@@ -722,8 +716,7 @@ fn connections_over_the_limit_are_closed() {
         max_connections: 1,
         ..Config::default()
     });
-    let mut first = connect(&f);
-    first.greet(FLAGS);
+    let mut first = greeted(&f);
     let mut second = connect(&f);
     second.expect_closed();
     // The first is unaffected.
@@ -749,8 +742,7 @@ fn tls_is_required_then_served() {
     });
 
     // Nothing but STARTTLS before TLS.
-    let mut c = connect(&f);
-    c.greet(FLAGS);
+    let mut c = greeted(&f);
     c.option(OPT_LIST, &[]);
     assert_eq!(c.reply_type(OPT_LIST), REP_ERR_TLS_REQD);
     c.option(OPT_STRUCTURED_REPLY, &[]);
@@ -761,8 +753,7 @@ fn tls_is_required_then_served() {
     c.expect_closed();
 
     // STARTTLS, a rustls client, then a whole session inside TLS.
-    let mut c = connect(&f);
-    c.greet(FLAGS);
+    let mut c = greeted(&f);
     c.option(OPT_STARTTLS, &[]);
     assert_eq!(c.reply_type(OPT_STARTTLS), REP_ACK);
     let mut roots = rustls::RootCertStore::empty();
@@ -848,9 +839,7 @@ fn many_requests_in_flight_on_one_connection() {
             .write_at(&pattern(1000 + i, N as usize), 4 * MIB + i * n)
             .unwrap();
     }
-    let mut c = connect(&f);
-    c.greet(FLAGS);
-    c.go("a");
+    let mut c = session_a(&f);
     let mut frame = Vec::new();
     for h in 0..64u64 {
         let i = h / 2;
@@ -896,9 +885,7 @@ fn disconnect_answers_the_writes_in_flight() {
     let f = start(Config::default());
     const N: u32 = 2048;
     let n = u64::from(N);
-    let mut c = connect(&f);
-    c.greet(FLAGS);
-    c.go("a");
+    let mut c = session_a(&f);
     let mut frame = Vec::new();
     for h in 0..48u64 {
         frame.extend_from_slice(&request_bytes(CMD_WRITE, h, 2 * MIB + h * n, N));
@@ -918,14 +905,7 @@ fn disconnect_answers_the_writes_in_flight() {
     }
     c.expect_closed();
     f.disk_a.flush().unwrap();
-    let other = Image::open(
-        &f.image_a,
-        &OpenOptions {
-            lock: LockMode::None,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let other = other_reader(&f);
     for h in 0..48u64 {
         let mut buf = vec![0u8; N as usize];
         other.read_at(&mut buf, 2 * MIB + h * n).unwrap();

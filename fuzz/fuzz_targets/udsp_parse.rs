@@ -14,6 +14,9 @@ use asiffs::udsp::SparseImage;
 use asiffs::{LockMode, OpenOptions};
 use libfuzzer_sys::fuzz_target;
 
+mod common;
+use common::Reads;
+
 const DATA_BUDGET: u64 = 2 << 20;
 const HOLE_BUDGET: u64 = 128 << 10;
 /// Cap on the file's length, holes included.
@@ -31,29 +34,7 @@ fn open(data: &[u8], writable: bool) -> Option<SparseImage> {
 
 fn read_all(img: &SparseImage) {
     assert_eq!(img.check().unwrap(), Vec::<String>::new(), "opened but not clean");
-    let extents = img.extents().expect("extents of an open image");
-    let mut at = 0;
-    for e in &extents {
-        assert_eq!(e.start, at, "extents leave a gap or overlap");
-        at += e.length;
-    }
-    assert_eq!(at, img.size(), "extents do not cover the disk");
-    let (mut data, mut holes) = (DATA_BUDGET, HOLE_BUDGET);
-    let mut buf = Vec::new();
-    for e in &extents {
-        let budget = if e.data { &mut data } else { &mut holes };
-        let n = e.length.min(*budget);
-        *budget -= n;
-        if n == 0 {
-            continue;
-        }
-        buf.clear();
-        buf.resize(n as usize, 0xA5);
-        img.read_at(&mut buf, e.start).expect("reading inside the disk");
-        if !e.data {
-            assert!(buf.iter().all(|&b| b == 0), "hole at {:#x} reads as data", e.start);
-        }
-    }
+    common::read_extents(img, DATA_BUDGET, HOLE_BUDGET, Reads::MustSucceed);
     if img.size() > 0 {
         let hole = img.seek_hole(0).unwrap();
         assert!(hole <= img.size());

@@ -28,7 +28,7 @@ use slab::Slab;
 
 use super::alloc::OwnedGateGuard;
 use super::storage::{aligned, AlignedBuf, AsyncFds, DIRECT_ALIGN};
-use super::{bump, Image};
+use super::Image;
 use crate::error::Result;
 use crate::format::ChunkState;
 
@@ -376,8 +376,7 @@ impl Op {
         match done {
             Done::Read(f) => match (error, buf) {
                 (None, Some(buf)) => {
-                    bump(&image.counters.reads, 1);
-                    bump(&image.counters.bytes_read, self.len as u64);
+                    image.counters.io.read(self.len as u64);
                     f(Ok(ReadBuf {
                         buf: Some(buf),
                         pool: Some(self.pool.clone()),
@@ -394,8 +393,7 @@ impl Op {
                 }
                 match error {
                     None => {
-                        bump(&image.counters.writes, 1);
-                        bump(&image.counters.bytes_written, self.len as u64);
+                        image.counters.io.write(self.len as u64);
                         f(Ok(()))
                     }
                     Some(e) => f(Err(image.io_err("writing a data chunk", e))),

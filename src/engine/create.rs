@@ -5,9 +5,9 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::{lock_file, LockMode};
+use crate::atomic_file::{check_replaceable, write_new, Place, NEW_TAG};
 use crate::error::{Error, Result};
 use crate::format::{
     put_u64, BitmapEntry, ChunkEntry, ChunkState, Directory, Geometry, Header, Metadata,
@@ -75,7 +75,8 @@ pub fn new_header(opts: &CreateOptions) -> Result<(Header, Geometry)> {
     Ok((h, geo))
 }
 
-/// Writes the fresh image into `file` (already sized to zero length).
+/// Writes the fresh image into `file` (already sized to zero length);
+/// the caller syncs it.
 pub fn write_fresh(file: &File, h: &Header, geo: &Geometry, stable_uuid: &str) -> io::Result<()> {
     let cs = geo.chunk_size;
     let (table, meta, bitmap) = (1u64, 2u64, 3u64);
@@ -110,68 +111,23 @@ pub fn write_fresh(file: &File, h: &Header, geo: &Geometry, stable_uuid: &str) -
     for s in first..first + count {
         bits[(s / 4 - span.start) as usize] |= 1 << ((s % 4) * 2);
     }
-    file.write_all_at(&bits, bitmap * cs + span.start)?;
-    file.sync_all()
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.asiffs-new-{}", std::process::id()))
+    file.write_all_at(&bits, bitmap * cs + span.start)
 }
 
 /// Creates the image at `path`: written beside it under a temporary name,
 /// synced, then moved into place, so a crash never leaves half an image.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-    let ctx = |e| Error::io(path.display().to_string(), e);
     let (h, geo) = new_header(opts)?;
-    match std::fs::symlink_metadata(path) {
-        Ok(_) if !opts.force => {
-            return Err(Error::Invalid(format!(
-                "{}: file exists (use --force to replace it)",
-                path.display()
-            )))
-        }
-        Ok(m) if !m.is_file() => {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                path.display()
-            )))
-        }
-        Ok(_) => {
-            // Refuse to replace an image someone has open.
-            let f = File::open(path).map_err(ctx)?;
-            lock_file(&f, LockMode::Exclusive, path)?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(ctx(e)),
-    }
-    let tmp = temp_path(path);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(ctx)?;
+    check_replaceable(path, opts.force)?;
+    // Without --force, linking fails if the name appeared meanwhile.
+    let place = if opts.force {
+        Place::Rename
+    } else {
+        Place::Link
+    };
     let stable = uuid::Uuid::new_v4().hyphenated().to_string();
-    let done = write_fresh(&file, &h, &geo, &stable).and_then(|()| {
-        if opts.force {
-            std::fs::rename(&tmp, path)
-        } else {
-            // hard_link fails if the name appeared meanwhile: never clobber.
-            std::fs::hard_link(&tmp, path).and_then(|()| std::fs::remove_file(&tmp))
-        }
-    });
-    if let Err(e) = done {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(ctx(e));
-    }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(ctx)?;
-    Ok(())
+    write_new(path, NEW_TAG, place, |file| {
+        write_fresh(file, &h, &geo, &stable)
+    })
+    .map_err(|f| Error::io(path.display().to_string(), f.error))
 }

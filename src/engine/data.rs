@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::alloc::Released;
 use super::cache::Group;
 use super::types::{GroupKey, PhysChunk};
-use super::{bump, Image};
+use super::Image;
 use crate::error::{Error, Result};
 use crate::format::{bitmap_span, BitmapEntry, ChunkState, Location, SectorState};
 
@@ -116,7 +116,7 @@ impl Image {
             d.table_chunks.insert(n);
             d.versions[slot] = version;
             d.active = slot;
-            bump(&self.counters.chunks_allocated, 1);
+            self.counters.chunks_allocated.bump(1);
         }
         drop(d);
         self.grow_ahead_if(a.grow_ahead);
@@ -154,8 +154,7 @@ impl Image {
         let _shared = self.exclusive.read();
         let _io = self.gate.enter();
         self.read_inner(buf, offset)?;
-        bump(&self.counters.reads, 1);
-        bump(&self.counters.bytes_read, buf.len() as u64);
+        self.counters.io.read(buf.len() as u64);
         Ok(())
     }
 
@@ -260,8 +259,7 @@ impl Image {
                     .map_err(|e| self.io_err("writing a data chunk", e))?;
             }
             self.note_data_change();
-            bump(&self.counters.writes, 1);
-            bump(&self.counters.bytes_written, buf.len() as u64);
+            self.counters.io.write(buf.len() as u64);
         }
         self.flush_if_too_dirty()
     }
@@ -303,7 +301,7 @@ impl Image {
                 self.cache
                     .write(g)
                     .set_state(k, ChunkState::Full(a.chunk.0));
-                bump(&self.counters.chunks_allocated, 1);
+                self.counters.chunks_allocated.bump(1);
                 self.write_through(g, k)?;
                 Ok((a.chunk, true))
             }
@@ -349,8 +347,7 @@ impl Image {
             return Ok(());
         }
         self.discard_range(offset, end)?;
-        bump(&self.counters.discards, 1);
-        bump(&self.counters.bytes_discarded, end - offset);
+        self.counters.io.discard(end - offset);
         self.flush_if_too_dirty()
     }
 
@@ -401,7 +398,7 @@ impl Image {
                 // Even if the entry did not reach the file, memory says
                 // unmapped: the flush writes it or the chunk stays pending.
                 self.alloc.release(released);
-                bump(&self.counters.chunks_freed, 1);
+                self.counters.chunks_freed.bump(1);
                 through
             }
             Some(ChunkState::Partial(n)) => {

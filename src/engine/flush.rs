@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{bump, Image};
+use super::Image;
 use crate::error::{Error, Result};
 use crate::format::Directory;
 
@@ -70,7 +70,7 @@ impl Image {
         match result {
             Ok(()) => {
                 self.alloc.recycle(released);
-                bump(&self.counters.flushes, 1);
+                self.counters.io.flush();
                 Ok(())
             }
             Err(e) => {

@@ -57,6 +57,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::{BitmapEntry, ChunkEntry, Directory, Geometry, Header, Metadata, HEADER_SIZE};
+use crate::stats::{Counter, IoCounters, IoStats};
 use alloc::{Allocator, IoGate};
 use cache::GroupCache;
 pub use compact::CompactReport;
@@ -126,13 +127,8 @@ impl OpenOptions {
 /// Counters of one open image, for `asiffs stats`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
-    pub reads: u64,
-    pub writes: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub discards: u64,
-    pub bytes_discarded: u64,
-    pub flushes: u64,
+    #[serde(flatten)]
+    pub io: IoStats,
     pub chunks_allocated: u64,
     pub chunks_freed: u64,
     pub cache_hits: u64,
@@ -146,19 +142,9 @@ pub struct Stats {
 
 #[derive(Default)]
 struct Counters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    discards: AtomicU64,
-    bytes_discarded: AtomicU64,
-    flushes: AtomicU64,
-    chunks_allocated: AtomicU64,
-    chunks_freed: AtomicU64,
-}
-
-fn bump(c: &AtomicU64, by: u64) {
-    c.fetch_add(by, Ordering::Relaxed);
+    io: IoCounters,
+    chunks_allocated: Counter,
+    chunks_freed: Counter,
 }
 
 /// The directory as the engine keeps it.
@@ -472,18 +458,11 @@ impl Image {
 
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let cc = self.cache.counters();
         Stats {
-            reads: l(&c.reads),
-            writes: l(&c.writes),
-            bytes_read: l(&c.bytes_read),
-            bytes_written: l(&c.bytes_written),
-            discards: l(&c.discards),
-            bytes_discarded: l(&c.bytes_discarded),
-            flushes: l(&c.flushes),
-            chunks_allocated: l(&c.chunks_allocated),
-            chunks_freed: l(&c.chunks_freed),
+            io: c.io.snapshot(),
+            chunks_allocated: c.chunks_allocated.get(),
+            chunks_freed: c.chunks_freed.get(),
             cache_hits: cc.hits,
             cache_misses: cc.misses,
             dirty_groups: self.cache.dirty_len() as u64,

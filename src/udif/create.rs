@@ -8,11 +8,12 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::blkx::{Mish, RunEntry, RunKind, SECTOR};
 use super::plist::{self, BlkxResource};
 use super::trailer::{Checksum, Koly, KOLY_VERSION, TRAILER_SIZE};
+use crate::atomic_file::{write_new, Place};
 use crate::error::{Error, Result};
 
 /// Sectors per raw run of a new UDRW image: 1 MiB, the run size hdiutil
@@ -186,36 +187,14 @@ fn write_atomically(
             path.display()
         )));
     }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| io("creating a temporary file", e))?;
-        fill(&mut f).map_err(|e| io("writing", e))?;
-        f.sync_all().map_err(|e| io("syncing", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io("renaming into place", e))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("syncing the directory", e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if path.file_name().is_none() {
+        return Err(Error::Invalid(format!(
+            "{}: not a file name",
+            path.display()
+        )));
     }
-    result
+    write_new(path, "tmp-", Place::Rename, fill)
+        .map_err(|f| Error::io(format!("{}: {}", path.display(), f.step), f.error))
 }
 
 #[cfg(test)]

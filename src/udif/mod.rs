@@ -28,7 +28,7 @@ pub mod trailer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
@@ -39,6 +39,7 @@ use crate::disk::{Disk, Format};
 use crate::engine::storage::{FileStorage, Storage};
 use crate::engine::{lock_file, Extent, OpenOptions};
 use crate::error::{Error, Result};
+use crate::stats::{Counter, IoCounters, IoStats};
 use blkx::{Mish, RunKind, RunMap, SECTOR};
 pub use check::{check, CheckReport};
 pub use create::create_udrw;
@@ -231,31 +232,16 @@ enum Mode {
 
 #[derive(Default)]
 struct Counters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    discards: AtomicU64,
-    bytes_discarded: AtomicU64,
-    flushes: AtomicU64,
-    decompressions: AtomicU64,
-    cache_hits: AtomicU64,
-}
-
-fn bump(c: &AtomicU64, by: u64) {
-    c.fetch_add(by, Ordering::Relaxed);
+    io: IoCounters,
+    decompressions: Counter,
+    cache_hits: Counter,
 }
 
 /// Counters of one open image, for `asiffs stats`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
-    pub reads: u64,
-    pub writes: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub discards: u64,
-    pub bytes_discarded: u64,
-    pub flushes: u64,
+    #[serde(flatten)]
+    pub io: IoStats,
     /// Runs decompressed (each miss of the run cache).
     pub decompressions: u64,
     pub cache_hits: u64,
@@ -381,23 +367,16 @@ impl Udif {
 
     /// Runs decompressed so far.
     pub fn decompressions(&self) -> u64 {
-        self.counters.decompressions.load(Ordering::Relaxed)
+        self.counters.decompressions.get()
     }
 
     pub fn udif_stats(&self) -> Stats {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let c = &self.counters;
         let cache = self.cache.lock();
         Stats {
-            reads: l(&c.reads),
-            writes: l(&c.writes),
-            bytes_read: l(&c.bytes_read),
-            bytes_written: l(&c.bytes_written),
-            discards: l(&c.discards),
-            bytes_discarded: l(&c.bytes_discarded),
-            flushes: l(&c.flushes),
-            decompressions: l(&c.decompressions),
-            cache_hits: l(&c.cache_hits),
+            io: c.io.snapshot(),
+            decompressions: c.decompressions.get(),
+            cache_hits: c.cache_hits.get(),
             cached_runs: cache.lru.len() as u64,
             cached_bytes: cache.bytes as u64,
             variant: self.variant(),
@@ -451,11 +430,11 @@ impl Udif {
     /// Run `i`, decompressed, from the cache or the file.
     fn expanded(&self, i: usize) -> Result<Arc<Vec<u8>>> {
         if let Some(b) = self.cache.lock().lru.get(&i) {
-            bump(&self.counters.cache_hits, 1);
+            self.counters.cache_hits.bump(1);
             return Ok(b.clone());
         }
         let bytes = Arc::new(self.decompress_run(i)?);
-        bump(&self.counters.decompressions, 1);
+        self.counters.decompressions.bump(1);
         let mut c = self.cache.lock();
         if c.lru.put(i, bytes.clone()).is_none() {
             c.bytes += bytes.len();
@@ -690,8 +669,7 @@ impl Disk for Udif {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.read_inner(buf, offset)?;
-        bump(&self.counters.reads, 1);
-        bump(&self.counters.bytes_read, buf.len() as u64);
+        self.counters.io.read(buf.len() as u64);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -708,8 +686,7 @@ impl Disk for Udif {
                 .map_err(|e| Error::io(self.ctx("writing a raw run"), e))?;
         }
         self.dirty.store(true, Ordering::Release);
-        bump(&self.counters.writes, 1);
-        bump(&self.counters.bytes_written, buf.len() as u64);
+        self.counters.io.write(buf.len() as u64);
         Ok(())
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -717,8 +694,7 @@ impl Disk for Udif {
         let start = offset.min(size);
         let end = offset.saturating_add(len).min(size);
         self.punch(start, end - start)?;
-        bump(&self.counters.discards, 1);
-        bump(&self.counters.bytes_discarded, end - start);
+        self.counters.io.discard(end - start);
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
@@ -739,7 +715,7 @@ impl Disk for Udif {
     }
     fn flush(&self) -> Result<()> {
         if self.dirty.swap(false, Ordering::AcqRel) {
-            bump(&self.counters.flushes, 1);
+            self.counters.io.flush();
             if let Err(e) = self.storage.sync() {
                 self.dirty.store(true, Ordering::Release);
                 return Err(Error::io(self.ctx("syncing"), e));

@@ -41,6 +41,7 @@ use rustix::io::Errno;
 use crate::disk::{Disk, Format};
 use crate::engine::{lock_file, Extent, LockMode, OpenOptions};
 use crate::error::{Error, Result};
+use crate::stats::{Counter, IoCounters};
 pub use info::{band_name, parse_band_name, Info, InfoError, DEFAULT_BAND_SIZE};
 use info::{MAX_INFO_LEN, SECTOR};
 use store::{BandFile, BundleDir, HostDir};
@@ -97,19 +98,9 @@ fn file_key(f: &Band) -> usize {
 
 #[derive(Default)]
 struct Counters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    discards: AtomicU64,
-    bytes_discarded: AtomicU64,
-    flushes: AtomicU64,
-    bands_created: AtomicU64,
-    bands_removed: AtomicU64,
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+    io: IoCounters,
+    bands_created: Counter,
+    bands_removed: Counter,
 }
 
 impl SparseBundle {
@@ -276,7 +267,7 @@ impl SparseBundle {
         if !known {
             st.present.insert(n);
             st.dir_dirty = true;
-            bump(&self.counters.bands_created, 1);
+            self.counters.bands_created.bump(1);
         }
         st.open.put(n, f.clone());
         Ok(Some(f))
@@ -345,7 +336,7 @@ impl SparseBundle {
                 ));
             }
         }
-        bump(&self.counters.flushes, 1);
+        self.counters.io.flush();
         Ok(())
     }
 
@@ -360,7 +351,7 @@ impl SparseBundle {
             .map_err(|e| self.band_err(n, "removing", e))?;
         st.present.remove(&n);
         st.dir_dirty = true;
-        bump(&self.counters.bands_removed, 1);
+        self.counters.bands_removed.bump(1);
         Ok(())
     }
 
@@ -479,8 +470,7 @@ impl Disk for SparseBundle {
                 .map_err(|e| self.band_err(n, "reading", e))?;
             piece[got..].fill(0);
         }
-        bump(&self.counters.reads, 1);
-        bump(&self.counters.bytes_read, buf.len() as u64);
+        self.counters.io.read(buf.len() as u64);
         Ok(())
     }
 
@@ -499,8 +489,7 @@ impl Disk for SparseBundle {
             // landed must leave the file for the next one.
             self.mark_dirty(&f, false)?;
         }
-        bump(&self.counters.writes, 1);
-        bump(&self.counters.bytes_written, buf.len() as u64);
+        self.counters.io.write(buf.len() as u64);
         Ok(())
     }
 
@@ -513,8 +502,7 @@ impl Disk for SparseBundle {
             return Ok(());
         }
         self.discard_range(offset, end, size)?;
-        bump(&self.counters.discards, 1);
-        bump(&self.counters.bytes_discarded, end - offset);
+        self.counters.io.discard(end - offset);
         Ok(())
     }
 
@@ -707,21 +695,13 @@ impl Disk for SparseBundle {
 
     fn stats(&self) -> serde_json::Value {
         let c = &self.counters;
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let st = self.bands.lock();
-        serde_json::json!({
-            "reads": l(&c.reads),
-            "writes": l(&c.writes),
-            "bytes_read": l(&c.bytes_read),
-            "bytes_written": l(&c.bytes_written),
-            "discards": l(&c.discards),
-            "bytes_discarded": l(&c.bytes_discarded),
-            "flushes": l(&c.flushes),
-            "bands_created": l(&c.bands_created),
-            "bands_removed": l(&c.bands_removed),
-            "bands": st.present.len(),
-            "open_bands": st.open.len(),
-        })
+        let mut v = serde_json::to_value(c.io.snapshot()).unwrap_or_default();
+        v["bands_created"] = c.bands_created.get().into();
+        v["bands_removed"] = c.bands_removed.get().into();
+        v["bands"] = st.present.len().into();
+        v["open_bands"] = st.open.len().into();
+        v
     }
 }
 

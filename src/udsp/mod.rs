@@ -47,6 +47,7 @@ use crate::disk::{Disk, Format};
 use crate::engine::storage::{FileStorage, Storage};
 use crate::engine::{lock_file, CacheMode, Extent, OpenOptions};
 use crate::error::{Error, Result};
+use crate::stats::{Counter, IoCounters, IoStats};
 pub use compact::CompactReport;
 pub use create::{create, create_with, CreateOptions};
 use header::{Header, NODE_SIZE, SECTOR};
@@ -56,13 +57,8 @@ use layout::{locate, Layout};
 /// Counters of one open image, for `asiffs stats`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
-    pub reads: u64,
-    pub writes: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub discards: u64,
-    pub bytes_discarded: u64,
-    pub flushes: u64,
+    #[serde(flatten)]
+    pub io: IoStats,
     pub bands_allocated: u64,
     pub bands_used: u64,
     pub index_nodes: u64,
@@ -71,18 +67,8 @@ pub struct Stats {
 
 #[derive(Default)]
 struct Counters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    discards: AtomicU64,
-    bytes_discarded: AtomicU64,
-    flushes: AtomicU64,
-    bands_allocated: AtomicU64,
-}
-
-fn bump(c: &AtomicU64, by: u64) {
-    c.fetch_add(by, Ordering::Relaxed);
+    io: IoCounters,
+    bands_allocated: Counter,
 }
 
 /// An open `.sparseimage`. Every method takes `&self` and may run on many
@@ -418,7 +404,7 @@ impl SparseImage {
             l.map.insert(band, g);
             l.next_slot = g + 1;
         }
-        bump(&self.counters.bands_allocated, 1);
+        self.counters.bands_allocated.bump(1);
         Ok(())
     }
 
@@ -460,8 +446,7 @@ impl SparseImage {
                 None => dst.fill(0),
             }
         }
-        bump(&self.counters.reads, 1);
-        bump(&self.counters.bytes_read, buf.len() as u64);
+        self.counters.io.read(buf.len() as u64);
         Ok(())
     }
 
@@ -482,8 +467,7 @@ impl SparseImage {
         // Even a failed write may have changed the file.
         self.dirty.store(true, Ordering::Release);
         result?;
-        bump(&self.counters.writes, 1);
-        bump(&self.counters.bytes_written, buf.len() as u64);
+        self.counters.io.write(buf.len() as u64);
         Ok(())
     }
 
@@ -498,8 +482,7 @@ impl SparseImage {
                     .map_err(|e| self.io_err("punching a band", e))?;
             }
         }
-        bump(&self.counters.discards, 1);
-        bump(&self.counters.bytes_discarded, len);
+        self.counters.io.discard(len);
         Ok(())
     }
 
@@ -533,7 +516,7 @@ impl SparseImage {
                 return Err(self.io_err("sync", e));
             }
         }
-        bump(&self.counters.flushes, 1);
+        self.counters.io.flush();
         Ok(())
     }
 
@@ -713,17 +696,10 @@ impl SparseImage {
 
     pub fn stats(&self) -> Stats {
         let c = &self.counters;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let l = self.layout.read();
         Stats {
-            reads: g(&c.reads),
-            writes: g(&c.writes),
-            bytes_read: g(&c.bytes_read),
-            bytes_written: g(&c.bytes_written),
-            discards: g(&c.discards),
-            bytes_discarded: g(&c.bytes_discarded),
-            flushes: g(&c.flushes),
-            bands_allocated: g(&c.bands_allocated),
+            io: c.io.snapshot(),
+            bands_allocated: c.bands_allocated.get(),
             bands_used: l.used(),
             index_nodes: l.nodes.len() as u64 - 1,
             band_size: self.band_size,
