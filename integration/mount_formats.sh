@@ -18,12 +18,6 @@ set -euo pipefail
 require_asiffs
 command -v fio >/dev/null || fail "fio not installed (apt-get install fio)"
 
-# Until the CLI creates .dmg and .sparsebundle, two examples do.
-(cd "$REPO_ROOT" && cargo build --release --quiet --example udif_tool --example udsb_tool) \
-    || fail "building examples/udif_tool and examples/udsb_tool"
-EXAMPLES="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/examples"
-[[ -x $EXAMPLES/udif_tool && -x $EXAMPLES/udsb_tool ]] || fail "no udif_tool/udsb_tool in $EXAMPLES"
-
 cd "$TESTDIR"
 mkdir -p src mnt mnt2
 MiB=$((1 << 20))
@@ -31,16 +25,16 @@ GiB=$((1 << 30))
 
 cp "$VECTORS/udif/hfsplus_zlib.dmg" "$VECTORS/udif/hfsplus_bzip2.dmg" src/
 vector_md5="$(md5sum src/hfsplus_*.dmg)"
-"$EXAMPLES/udif_tool" create "$GiB" src/rw.dmg
-"$EXAMPLES/udsb_tool" create "$GiB" $((8 * MiB)) src/bundle.sparsebundle
+"$ASIFFS" create src/rw.dmg --size 1G >/dev/null
+"$ASIFFS" create src/bundle.sparsebundle --size 1G --band-size 8M >/dev/null
 "$ASIFFS" create src/disk.asif --size 64M >/dev/null
-"$EXAMPLES/udif_tool" create $((32 * MiB)) src/disk.dmg
+"$ASIFFS" create src/disk.dmg --size 32M >/dev/null
 # bad_images DIR SUFFIX: a truncated .dmg and a bundle whose Info.plist is
 # not a property list, built in a staging directory and moved into DIR.
 bad_images() {
     mkdir -p stage
     head -c $(($(stat -c %s src/hfsplus_zlib.dmg) / 2)) src/hfsplus_zlib.dmg >"stage/trunc$2.dmg"
-    "$EXAMPLES/udsb_tool" create "$GiB" $((8 * MiB)) "stage/badinfo$2.sparsebundle"
+    "$ASIFFS" create "stage/badinfo$2.sparsebundle" --size 1G --band-size 8M >/dev/null
     echo "this is not a property list" >"stage/badinfo$2.sparsebundle/Info.plist"
     mv "stage/trunc$2.dmg" "stage/badinfo$2.sparsebundle" "$1/"
 }
