@@ -79,15 +79,6 @@ impl Tree {
     fn lookup(&self, d: Dir, name: &str) -> Option<u64> {
         self.entries.get(&(d, name.to_string())).copied()
     }
-
-    /// Every file reachable by name, as (dir, name, bytes): what a test
-    /// compares.
-    pub fn listing(&self) -> Vec<(Dir, String, Vec<u8>)> {
-        self.entries
-            .iter()
-            .map(|((d, n), ino)| (*d, n.clone(), self.files[ino].bytes()))
-            .collect()
-    }
 }
 
 struct Shared {
@@ -134,10 +125,6 @@ impl DirRecorder {
             }
         }
         t
-    }
-
-    pub fn tree(&self) -> Tree {
-        self.shared.lock().tree.clone()
     }
 
     /// Starts the log afresh from the current state, which it returns.
