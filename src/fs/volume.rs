@@ -740,3 +740,5 @@ impl Volume {
     }
 }
 
+#[cfg(test)]
+mod tests;
