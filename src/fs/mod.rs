@@ -4,15 +4,15 @@
 //! `NAME.sparseimage`, `NAME.sparsebundle`), each shown as a flat raw file
 //! `NAME.img`, or a single image (the mountpoint may then be a regular file
 //! itself). Which name shows which container, and how images come and go
-//! while mounted, is [`namespace`]'s.
+//! while mounted, is `namespace`'s.
 //!
 //! Three parts, so that only the last knows FUSE:
-//! - [`namespace`]: the names and open images (create, unlink and rename
+//! - `namespace`: the names and open images (create, unlink and rename
 //!   act on the containers in SOURCE);
-//! - [`volume`]: every request's logic as plain calls answering an errno,
+//! - `volume`: every request's logic as plain calls answering an errno,
 //!   tested in-process without a mount;
-//! - [`ops`]: the fuser `Filesystem`, which decodes, calls the volume and
-//!   replies, on fuser's threads, the [`pool`], or (ASIF with io_uring)
+//! - `ops`: the fuser `Filesystem`, which decodes, calls the volume and
+//!   replies, on fuser's threads, the `pool`, or (ASIF with io_uring)
 //!   from the ring's thread.
 //!
 //! This file parses the mount options and runs the session. Per-image
