@@ -492,3 +492,46 @@ impl Filesystem for AsifFs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opened_and_attr_convert_to_fusers_types() {
+        let direct = fopen_flags(Opened {
+            fh: 1,
+            direct_io: true,
+        });
+        assert_eq!(
+            direct,
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+        );
+        let cached = fopen_flags(Opened {
+            fh: 0,
+            direct_io: false,
+        });
+        assert_eq!(cached, FopenFlags::FOPEN_KEEP_CACHE);
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let a = Attr {
+            ino: 7,
+            kind: Kind::File,
+            size: 1 << 30,
+            blocks: 4096,
+            atime: t,
+            mtime: t + Duration::from_secs(1),
+            ctime: t + Duration::from_secs(2),
+            perm: 0o640,
+            nlink: 1,
+            uid: 1000,
+            gid: 100,
+        };
+        let f = file_attr(&a);
+        assert_eq!(f.ino, INodeNo(7));
+        assert_eq!((f.size, f.blocks, f.blksize), (1 << 30, 4096, 4096));
+        assert_eq!(f.kind, FileType::RegularFile);
+        assert_eq!((f.mtime, f.ctime, f.crtime), (a.mtime, a.ctime, a.ctime));
+        assert_eq!((f.perm, f.nlink, f.uid, f.gid), (0o640, 1, 1000, 100));
+        assert_eq!(kind(Kind::Directory), FileType::Directory);
+    }
+}

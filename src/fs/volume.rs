@@ -409,7 +409,8 @@ impl Volume {
 
     pub fn open(&self, ino: u64, flags: i32) -> Result<Opened, Errno> {
         let node = self.node(ino)?;
-        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        // An impossible access mode reads, as fuser decodes it.
+        let write = matches!(flags & libc::O_ACCMODE, libc::O_WRONLY | libc::O_RDWR);
         if write && !node.disk.is_writable() {
             return Err(libc::EROFS);
         }

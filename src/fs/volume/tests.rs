@@ -712,6 +712,8 @@ fn open_asks_for_direct_io_as_the_policy_says() {
     );
     assert!(!Volume::flushes(o.fh));
     assert_eq!(v.open(999, libc::O_RDONLY), Err(libc::ENOENT));
+    assert_eq!(v.open(a, libc::O_ACCMODE).unwrap().fh, 0);
+    assert_eq!(v.open(a, libc::O_WRONLY).unwrap().fh, FH_WRITE);
     // The images stay locked by `v` until it goes.
     drop(v);
     let md = std::fs::metadata(d.path()).unwrap();
@@ -810,4 +812,16 @@ fn the_ring_path_round_trips_through_completion_closures() {
     assert_eq!(v.getattr(a.ino).unwrap().size, SIZE + 512);
     // The blocking path reads what the ring wrote.
     assert_eq!(read_at(&v, a.ino, SIZE, 4).unwrap(), b"grow");
+}
+
+#[test]
+fn statfs_reports_sources_file_system_in_4k_blocks() {
+    let d = tempfile::tempdir().unwrap();
+    let v = volume(d.path());
+    let s = v.statfs().unwrap();
+    let st = rustix::fs::statvfs(d.path()).unwrap();
+    assert_eq!((s.bsize, s.frsize, s.namelen), (4096, 4096, 255));
+    assert_eq!(s.blocks, st.f_blocks * st.f_frsize / 4096);
+    assert_eq!(s.files, st.f_files);
+    assert!(s.bavail <= s.bfree && s.bfree <= s.blocks);
 }
