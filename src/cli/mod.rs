@@ -4,6 +4,7 @@ mod convert;
 mod docs;
 mod formats;
 mod lifecycle;
+mod mount_clients;
 mod progress;
 mod qemu_out;
 pub mod size;
@@ -53,9 +54,9 @@ enum Command {
     /// Present a directory of ASIF images as raw files through FUSE.
     Mount(crate::fs::MountArgs),
     /// Flush and unmount an asiffs mount.
-    Umount(crate::fs::UmountArgs),
+    Umount(mount_clients::UmountArgs),
     /// Per-image counters of a running mount, as JSON.
-    Stats(crate::fs::StatsArgs),
+    Stats(mount_clients::StatsArgs),
     /// Serve images over NBD (a Unix socket or TCP, optionally with TLS).
     Serve(crate::nbd::ServeArgs),
 }
@@ -200,8 +201,8 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Resize(a) => lifecycle::resize(a),
         Command::Compact(a) => lifecycle::compact(a),
         Command::Mount(a) => crate::fs::cmd_mount(&a),
-        Command::Umount(a) => crate::fs::cmd_umount(&a),
-        Command::Stats(a) => crate::fs::cmd_stats(&a),
+        Command::Umount(a) => mount_clients::cmd_umount(&a),
+        Command::Stats(a) => mount_clients::cmd_stats(&a),
         Command::Serve(a) => crate::nbd::cmd_serve(&a),
     }
 }

@@ -1,18 +1,29 @@
-//! The FUSE layer: `asiffs mount`, `asiffs umount`, `asiffs stats`.
+//! The FUSE layer: `asiffs mount`.
 //!
-//! A thin adapter: every request maps onto one [`Image`](crate::Image) call.
-//! SOURCE is a directory of `NAME.asif` (shown as flat files `NAME.img`) or a
-//! single `.asif` file (the mountpoint may then be a regular file itself).
+//! SOURCE is a directory of images (`NAME.asif`, `NAME.dmg`,
+//! `NAME.sparseimage`, `NAME.sparsebundle`), each shown as a flat raw file
+//! `NAME.img`, or a single image (the mountpoint may then be a regular file
+//! itself). Which name shows which container, and how images come and go
+//! while mounted, is `namespace`'s.
 //!
-//! Namespace choices: creating `NAME.img` creates `SOURCE/NAME.asif`;
-//! unlinking `NAME.img` deletes `SOURCE/NAME.asif` (an open image keeps
-//! working until its last handle closes, as in a real directory); renaming
-//! renames the container. Per-image counters are the JSON value of the xattr
-//! `user.asiffs.stats`; the root carries `user.asiffs.pid` for `umount`.
+//! Three parts, so that only the last knows FUSE:
+//! - `namespace`: the names and open images (create, unlink and rename
+//!   act on the containers in SOURCE);
+//! - `volume`: every request's logic as plain calls answering an errno,
+//!   tested in-process without a mount;
+//! - `ops`: the fuser `Filesystem`, which decodes, calls the volume and
+//!   replies, on fuser's threads, the `pool`, or (ASIF with io_uring)
+//!   from the ring's thread.
+//!
+//! This file parses the mount options and runs the session. Per-image
+//! counters are the JSON value of the xattr `user.asiffs.stats`; the root
+//! carries `user.asiffs.pid`; `asiffs umount` and `asiffs stats` read them
+//! (`cli::mount_clients`).
 
 mod namespace;
 mod ops;
 mod pool;
+mod volume;
 
 use std::ffi::CString;
 use std::io::{self, Read, Write};
@@ -20,15 +31,16 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, Session, SessionACL};
 use tracing::{debug, error, info, warn};
 
 use crate::{Error, Result};
 use namespace::{Namespace, Source};
-use ops::{AsifFs, XATTR_PID, XATTR_STATS};
+use ops::AsifFs;
 use pool::Pool;
+use volume::Volume;
+pub(crate) use volume::{XATTR_PID, XATTR_STATS};
 
 /// How requests are spread over threads.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,29 +111,6 @@ pub struct MountArgs {
     /// Once detached, append log lines to FILE (default: discarded).
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct UmountArgs {
-    /// The mountpoint of an asiffs mount.
-    pub mountpoint: PathBuf,
-    /// Detach now even if busy; the daemon ends once the last file is closed.
-    #[arg(short, long)]
-    pub lazy: bool,
-    /// Seconds to wait for the daemon to flush and exit.
-    #[arg(long, value_name = "SECS", default_value_t = 120)]
-    pub timeout: u64,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct StatsArgs {
-    /// The mountpoint of an asiffs mount.
-    pub mountpoint: PathBuf,
-    /// One image (NAME or NAME.img); default: all of them.
-    pub name: Option<String>,
-    /// Indent the JSON.
-    #[arg(long)]
-    pub pretty: bool,
 }
 
 fn io_err(context: impl Into<String>, e: io::Error) -> Error {
@@ -447,7 +436,8 @@ fn serve(
     } else {
         "blocking"
     };
-    let fs = AsifFs::new(ns.clone(), pool.clone(), ring, direct_io, root_md);
+    let vol = Arc::new(Volume::new(ns.clone(), ring, direct_io, root_md));
+    let fs = AsifFs::new(vol, pool.clone());
     let mut config = Config::default();
     config.mount_options = opts.mount.clone();
     config.acl = opts.acl;
@@ -581,13 +571,8 @@ pub(crate) fn detach_stdio(log: Option<&Path>) {
     }
 }
 
-fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| Error::Invalid(format!("{}: NUL in path", p.display())))
-}
-
 /// Unmounts directly (root), else through fusermount3.
-fn unmount(mp: &Path, lazy: bool) -> io::Result<()> {
+pub(crate) fn unmount(mp: &Path, lazy: bool) -> io::Result<()> {
     let c = CString::new(mp.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: NUL-terminated path.
@@ -609,112 +594,6 @@ fn unmount(mp: &Path, lazy: bool) -> io::Result<()> {
     } else {
         Err(io::Error::other(format!("fusermount3 -u failed ({st})")))
     }
-}
-
-fn get_xattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let n = CString::new(name).map_err(io::Error::other)?;
-    loop {
-        // SAFETY: size query with a null buffer.
-        let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
-        if len < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; len as usize + 1];
-        // SAFETY: buf is writable for buf.len() bytes.
-        let got =
-            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if got < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue; // grew in between
-            }
-            return Err(e);
-        }
-        buf.truncate(got as usize);
-        return Ok(buf);
-    }
-}
-
-fn pid_alive(pid: i32) -> bool {
-    // A zombie has exited already: only its parent has yet to reap it.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// `asiffs umount MOUNTPOINT`: unmounts and waits until the server has flushed and exited.
-pub fn cmd_umount(args: &UmountArgs) -> Result<i32> {
-    let mp = std::path::absolute(&args.mountpoint)
-        .map_err(|e| io_err(args.mountpoint.display().to_string(), e))?;
-    let _ = cstr(&mp)?;
-    let pid = get_xattr(&mp, XATTR_PID)
-        .ok()
-        .and_then(|v| String::from_utf8(v).ok())
-        .and_then(|s| s.trim().parse::<i32>().ok());
-    if pid.is_none() {
-        warn!(
-            "{}: no asiffs server answers here; unmounting anyway",
-            mp.display()
-        );
-    }
-    unmount(&mp, args.lazy).map_err(|e| {
-        let hint = if e.raw_os_error() == Some(libc::EBUSY) {
-            " (busy: try --lazy)"
-        } else {
-            ""
-        };
-        io_err(format!("unmounting {}{hint}", mp.display()), e)
-    })?;
-    let Some(pid) = pid else { return Ok(0) };
-    if args.lazy {
-        return Ok(0);
-    }
-    let deadline = Instant::now() + Duration::from_secs(args.timeout);
-    while pid_alive(pid) {
-        if Instant::now() > deadline {
-            error!("server {pid} still running after {} s", args.timeout);
-            return Ok(1);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(0)
-}
-
-/// `asiffs stats MOUNTPOINT [NAME]`: prints the engine counters as JSON.
-pub fn cmd_stats(args: &StatsArgs) -> Result<i32> {
-    let mut path = args.mountpoint.clone();
-    if let Some(name) = &args.name {
-        let direct = args.mountpoint.join(name);
-        path = if direct.exists() || name.ends_with(".img") {
-            direct
-        } else {
-            args.mountpoint.join(format!("{name}.img"))
-        };
-    }
-    let raw = get_xattr(&path, XATTR_STATS).map_err(|e| {
-        let what = if e.raw_os_error() == Some(libc::ENODATA)
-            || e.raw_os_error() == Some(libc::EOPNOTSUPP)
-        {
-            io::Error::other("not an asiffs mount")
-        } else {
-            e
-        };
-        io_err(path.display().to_string(), what)
-    })?;
-    let value: serde_json::Value = serde_json::from_slice(&raw)
-        .map_err(|e| Error::Invalid(format!("{}: bad stats: {e}", path.display())))?;
-    let text = if args.pretty {
-        serde_json::to_string_pretty(&value)
-    } else {
-        serde_json::to_string(&value)
-    }
-    .map_err(|e| Error::Invalid(e.to_string()))?;
-    println!("{text}");
-    Ok(0)
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ impl Node {
 }
 
 pub(crate) enum Source {
-    /// A directory of `NAME.asif`.
+    /// A directory of images (`NAME.asif`, `.dmg`, `.sparseimage`, `.sparsebundle`).
     Dir(PathBuf),
     /// One image; `root_is_file` when the mountpoint itself is the image.
     File { path: PathBuf, root_is_file: bool },
@@ -517,7 +517,8 @@ impl Namespace {
         Ok(node)
     }
 
-    /// Removes `SOURCE/NAME.asif`, like unlink in a real directory.
+    /// Removes the container shown as `name` (a bundle as a whole
+    /// directory), like unlink in a real directory.
     pub fn unlink(&self, name: &OsStr) -> Result<(), i32> {
         if !self.writable {
             return Err(libc::EROFS);
@@ -540,7 +541,8 @@ impl Namespace {
         Ok(())
     }
 
-    /// Renames `SOURCE/OLD.asif` to `SOURCE/NEW.asif`.
+    /// Renames the container shown as `old` to `new`'s stem, keeping its
+    /// extension (`OLD.dmg` -> `NEW.dmg`).
     pub fn rename(&self, old: &OsStr, new: &OsStr, noreplace: bool) -> Result<(), i32> {
         if !self.writable {
             return Err(libc::EROFS);
