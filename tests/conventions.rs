@@ -127,7 +127,7 @@ fn make_install_and_uninstall() {
     let mount = man(&man1.join("asiffs-mount.1"));
     assert!(
         mount.contains(
-            "asiffs-mount - Present a directory of ASIF images as raw files through FUSE"
+            "asiffs-mount - Present a directory of disk images as raw files through FUSE"
         ),
         "{mount}"
     );

@@ -51,7 +51,7 @@ enum Command {
     Resize(lifecycle::ResizeArgs),
     /// Pack an image's chunks and give unused space back to the host.
     Compact(lifecycle::CompactArgs),
-    /// Present a directory of ASIF images as raw files through FUSE.
+    /// Present a directory of disk images as raw files through FUSE.
     Mount(crate::fs::MountArgs),
     /// Flush and unmount an asiffs mount.
     Umount(mount_clients::UmountArgs),

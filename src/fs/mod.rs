@@ -76,7 +76,8 @@ pub enum DirectIo {
 
 #[derive(clap::Args, Debug)]
 pub struct MountArgs {
-    /// A directory of NAME.asif images, or one .asif file.
+    /// A directory of images (NAME.asif, NAME.dmg, NAME.sparseimage,
+    /// NAME.sparsebundle), or one image.
     pub source: PathBuf,
     /// Where to mount: a directory, or (for a single image) a regular file.
     pub mountpoint: PathBuf,

@@ -43,6 +43,9 @@ pub(crate) struct Node {
     pub detached: AtomicBool,
     /// Serialises size changes so that "grow if smaller" cannot race into a shrink.
     pub resize_lock: Mutex<()>,
+    /// The container's stat when last seen, for a node no longer reachable
+    /// by name (its path is gone, or names another file).
+    pub last_md: Mutex<std::fs::Metadata>,
 }
 
 impl Node {
@@ -51,6 +54,10 @@ impl Node {
     }
     pub fn path(&self) -> PathBuf {
         self.loc.lock().1.clone()
+    }
+    /// Whether `md` is this node's container (not one that replaced it).
+    pub fn is_container(&self, md: &std::fs::Metadata) -> bool {
+        (md.dev(), md.ino()) == self.dev_ino
     }
 }
 
@@ -613,6 +620,7 @@ impl Node {
             open: AtomicU32::new(0),
             detached: AtomicBool::new(false),
             resize_lock: Mutex::new(()),
+            last_md: Mutex::new(md.clone()),
         }
     }
 }

@@ -264,11 +264,23 @@ impl Volume {
     }
 
     fn node_attr(&self, node: &Node) -> Result<Attr, Errno> {
-        let md = std::fs::metadata(node.path()).map_err(io_errno)?;
-        let nlink = if node.detached.load(Ordering::SeqCst) {
-            0
+        // An open image outlives its name, as an unlinked file does.
+        let current = if node.detached.load(Ordering::SeqCst) {
+            None
         } else {
-            1
+            match std::fs::metadata(node.path()) {
+                Ok(md) if node.is_container(&md) => Some(md),
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_errno(e)),
+            }
+        };
+        let (md, nlink) = match current {
+            Some(md) => {
+                *node.last_md.lock() = md.clone();
+                (md, 1)
+            }
+            None => (node.last_md.lock().clone(), 0),
         };
         let mut attr = attr_from(node.ino, Kind::File, node.disk.size(), &md, nlink);
         // A bundle is a directory; its search bits do not make the disk executable.

@@ -449,6 +449,12 @@ impl Disk for SparseBundle {
         self.size.load(Ordering::Acquire)
     }
 
+    /// The largest size a plist may name, in whole sectors: bands are files
+    /// made as they are written, so growth costs nothing until then.
+    fn max_size(&self) -> u64 {
+        info::MAX_SIZE / SECTOR * SECTOR
+    }
+
     fn is_writable(&self) -> bool {
         self.writable
     }

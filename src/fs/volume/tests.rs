@@ -397,9 +397,8 @@ fn truncate_grows_where_the_format_can_and_refuses_where_it_cannot() {
         assert_eq!(truncate(&v, i, 4 * MIB).unwrap().size, 4 * MIB, "{shown}");
         assert_eq!(read_at(&v, i, 12 * MIB - 4, 4).unwrap(), b"", "{shown}");
     }
-    // Writes and fallocate past the end grow ASIF and sparse images (a
-    // bundle's max_size is its size, so there they are EFBIG).
-    for shown in ["a.img", "c.img"] {
+    // Writes and fallocate past the end grow them too.
+    for shown in ["a.img", "c.img", "d.img"] {
         let i = ino(&v, shown);
         // To the next sector.
         assert_eq!(write(&v, i, 20 * MIB + 1, b"tail"), Ok(4), "{shown}");
@@ -592,8 +591,18 @@ fn an_open_image_outlives_its_name_and_new_images_appear() {
     let a = ino(&v, "a.img");
     v.open(a, libc::O_RDWR).unwrap();
     write(&v, a, 0, b"still here").unwrap();
+    let before = v.getattr(a).unwrap();
+    assert_eq!(before.nlink, 1);
     std::fs::remove_file(d.path().join("a.asif")).unwrap();
+    // fstat of the open file still answers, with no link left, before and
+    // after the namespace notices.
+    let after = v.getattr(a).unwrap();
+    assert_eq!(
+        (after.size, after.nlink, after.perm),
+        (before.size, 0, before.perm)
+    );
     assert_eq!(v.lookup(ROOT_INO, OsStr::new("a.img")), Err(libc::ENOENT));
+    assert_eq!(v.getattr(a).unwrap().nlink, 0);
     // The open handle keeps working until it is released.
     assert_eq!(read_at(&v, a, 0, 10).unwrap(), b"still here");
     assert_eq!(write(&v, a, 10, b"!"), Ok(1));
