@@ -9,7 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use asiffs::{CreateOptions, Image, LockMode, OpenOptions};
-use common::crash::{check_sectors, run_steps, sweep, Mem, Model, Op, Recorder, Step, SECTOR};
+use common::crash::{
+    assert_catches_lost_write, check_sectors, lost_write_plan, run_steps, sweep, Mem, Model, Op,
+    Recorder, Step, SECTOR,
+};
 use common::Rng;
 
 const MIB: u64 = 1 << 20;
@@ -294,48 +297,9 @@ fn crash_points_with_other_seeds() {
 
 #[test]
 fn harness_detects_a_lost_flushed_write() {
-    // The checker itself must fail when a flushed write is missing: drop
-    // every operation after the first flush and claim it covered more.
-    let plan = vec![
-        Step::Write {
-            sector: 0,
-            count: 1,
-            tag: 1,
-        },
-        Step::Flush,
-        Step::Write {
-            sector: 8,
-            count: 1,
-            tag: 2,
-        },
-        Step::Flush,
-    ];
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("base.asif");
-    Image::create(
-        &path,
-        &CreateOptions {
-            size: DISK,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    let store = Recorder::new(Mem::from_file(&path));
-    let base = store.start();
-    {
-        let img = open(store.clone(), true).unwrap();
-        run(&store, &img, &plan[..2]);
-    }
-    let mut state = base;
-    for op in store.take_log().iter() {
-        state.apply(op);
-    }
-    let model = Model::new(&plan);
-    let outcome = std::panic::catch_unwind(|| verify(state, &model, 4, 4, "planted loss"));
-    assert!(
-        outcome.is_err(),
-        "the checker accepted a state missing a flushed write"
-    );
+    let plan = lost_write_plan(8);
+    let store = Recorder::new(fresh_image());
+    run(&store, &open(store.clone(), true).unwrap(), &plan[..2]);
+    let state = store.mem.lock().clone();
+    assert_catches_lost_write(&plan, state, verify);
 }

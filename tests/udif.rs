@@ -15,7 +15,10 @@ use asiffs::udif::create::{create_udrw, write_image};
 use asiffs::udif::trailer::Checksum;
 use asiffs::udif::{self, Udif};
 use asiffs::{Error, LockMode, OpenOptions};
-use common::crash::{check_sectors, run_steps, sweep, Mem, Model, Recorder, Step};
+use common::crash::{
+    assert_catches_lost_write, check_sectors, lost_write_plan, run_steps, sweep, Mem, Model,
+    Recorder, Step,
+};
 use common::{pattern, vectors_dir, Rng};
 use md5::{Digest, Md5};
 
@@ -1022,36 +1025,17 @@ fn every_udrw_crash_point_opens_and_keeps_flushed_writes() {
 
 #[test]
 fn the_udrw_replay_detects_a_lost_flushed_write() {
-    let plan = vec![
-        Step::Write {
-            sector: 0,
-            count: 1,
-            tag: 1,
-        },
-        Step::Flush,
-        Step::Write {
-            sector: 8,
-            count: 1,
-            tag: 2,
-        },
-        Step::Flush,
-    ];
+    let plan = lost_write_plan(8);
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("base.dmg");
     create_udrw(&p, CDISK).unwrap();
     let store = Recorder::new(Mem::from_file(&p));
-    let mut state = store.start();
-    {
-        let img = open_mem(store.clone(), true).unwrap();
-        run_steps(&*store, &img, &plan[..2], 0);
-    }
-    for op in store.take_log().iter() {
-        state.apply(op);
-    }
-    let model = Model::new(&plan);
-    let outcome = std::panic::catch_unwind(|| crash_verify(state, &model, 4, 4, "planted loss"));
-    assert!(
-        outcome.is_err(),
-        "the checker accepted a state missing a flushed write"
+    run_steps(
+        &*store,
+        &open_mem(store.clone(), true).unwrap(),
+        &plan[..2],
+        0,
     );
+    let state = store.mem.lock().clone();
+    assert_catches_lost_write(&plan, state, crash_verify);
 }

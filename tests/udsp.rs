@@ -13,7 +13,10 @@ use std::sync::Arc;
 use asiffs::disk::{self, Format};
 use asiffs::udsp::{self, SparseImage};
 use asiffs::{Error, LockMode, OpenOptions};
-use common::crash::{check_sectors, run_steps, sweep, Mem, Model, Op, Recorder, Step};
+use common::crash::{
+    assert_catches_lost_write, check_sectors, lost_write_plan, run_steps, sweep, Mem, Model, Op,
+    Recorder, Step,
+};
 use common::{assert_same_bytes, Rng};
 
 const SECTOR: u64 = 512;
@@ -860,39 +863,16 @@ fn every_crash_point_during_compaction_keeps_all_data() {
 
 #[test]
 fn the_replay_detects_a_lost_flushed_write() {
-    // Drop everything after the first flush and claim more was flushed:
-    // the checker must object.
-    let plan = vec![
-        Step::Write {
-            sector: 0,
-            count: 1,
-            tag: 1,
-        },
-        Step::Flush,
-        Step::Write {
-            sector: 4 * SPB,
-            count: 1,
-            tag: 2,
-        },
-        Step::Flush,
-    ];
-    let base = fresh_mem();
-    let store = Recorder::new(base.clone());
-    store.start();
-    {
-        let img = open_mem(store.clone(), true).unwrap();
-        run_steps(&*store, &img, &plan[..2], 0);
-    }
-    let mut state = base;
-    for op in store.take_log().iter() {
-        state.apply(op);
-    }
-    let model = Model::new(&plan);
-    let outcome = std::panic::catch_unwind(|| verify(state, &model, 4, 4, "planted loss"));
-    assert!(
-        outcome.is_err(),
-        "the checker accepted a state missing a flushed write"
+    let plan = lost_write_plan(4 * SPB);
+    let store = Recorder::new(fresh_mem());
+    run_steps(
+        &*store,
+        &open_mem(store.clone(), true).unwrap(),
+        &plan[..2],
+        0,
     );
+    let state = store.mem.lock().clone();
+    assert_catches_lost_write(&plan, state, verify);
 }
 
 #[test]

@@ -387,6 +387,13 @@ pub fn check_sectors(disk: &dyn Disk, model: &Model, durable: usize, started: us
     }
 }
 
+/// Fisher-Yates, from the test's own generator so a failure names its seed.
+pub fn shuffle<T>(v: &mut [T], r: &mut Rng) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, r.below(i as u64 + 1) as usize);
+    }
+}
+
 /// A crash state: the synced state plus some of the operations since.
 /// Mode 0: none; 1: all; 2: each torn and kept at random, in order; 3:
 /// the same, shuffled.
@@ -394,9 +401,7 @@ pub fn crash_state(synced: &Mem, pending: &[Op], r: &mut Rng, mode: u64) -> Mem 
     let mut m = synced.clone();
     let mut ops: Vec<&Op> = pending.iter().collect();
     if mode == 3 {
-        for i in (1..ops.len()).rev() {
-            ops.swap(i, r.below(i as u64 + 1) as usize);
-        }
+        shuffle(&mut ops, r);
     }
     for op in ops {
         match mode {
@@ -459,4 +464,40 @@ pub fn sweep(
         }
     }
     points
+}
+
+/// Two writes, each followed by a flush, the second at `sector`: the plan
+/// for [`assert_catches_lost_write`].
+pub fn lost_write_plan(sector: u64) -> Vec<Step> {
+    vec![
+        Step::Write {
+            sector: 0,
+            count: 1,
+            tag: 1,
+        },
+        Step::Flush,
+        Step::Write {
+            sector,
+            count: 1,
+            tag: 2,
+        },
+        Step::Flush,
+    ]
+}
+
+/// The checker itself must object to a state that lacks a flushed write:
+/// `state` holds only the first half of `plan`, and `verify` is told the
+/// whole plan is durable.
+pub fn assert_catches_lost_write<S: std::panic::UnwindSafe>(
+    plan: &[Step],
+    state: S,
+    verify: impl FnOnce(S, &Model, usize, usize, &str) + std::panic::UnwindSafe,
+) {
+    let model = Model::new(plan);
+    let n = plan.len();
+    let outcome = std::panic::catch_unwind(|| verify(state, &model, n, n, "planted loss"));
+    assert!(
+        outcome.is_err(),
+        "the checker accepted a state missing a flushed write"
+    );
 }

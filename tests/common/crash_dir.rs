@@ -16,7 +16,7 @@ use asiffs::udsb::store::{BandFile, BandStat, BundleDir};
 use asiffs::udsb::TEMP_SUFFIX;
 use parking_lot::Mutex;
 
-use super::crash::{Marks, Mem, Model, Op, Step, PAGE};
+use super::crash::{shuffle, Marks, Mem, Model, Op, Step, PAGE};
 use super::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -125,6 +125,11 @@ impl DirRecorder {
             }
         }
         t
+    }
+
+    /// The bundle as it is now.
+    pub fn tree(&self) -> Tree {
+        self.shared.lock().tree.clone()
     }
 
     /// Starts the log afresh from the current state, which it returns.
@@ -353,9 +358,7 @@ pub fn crash_state(durable: &Tree, pending: &[DirOp], r: &mut Rng, mode: u64) ->
     let mut t = durable.clone();
     let mut ops: Vec<&DirOp> = pending.iter().collect();
     if mode == 3 {
-        for i in (1..ops.len()).rev() {
-            ops.swap(i, r.below(i as u64 + 1) as usize);
-        }
+        shuffle(&mut ops, r);
     }
     for op in ops {
         match mode {
