@@ -103,7 +103,8 @@ impl Tables {
     }
 
     pub fn any_changed(&self) -> bool {
-        self.changed.iter().any(|&c| c) || self.origin.iter().enumerate().any(|(i, o)| *o != Some(i))
+        self.changed.iter().any(|&c| c)
+            || self.origin.iter().enumerate().any(|(i, o)| *o != Some(i))
     }
 
     pub fn map(&self, fork_len: u64) -> Result<RunMap, super::Malformed> {
@@ -322,7 +323,10 @@ mod tests {
         let mut t = Tables::new(&[b, a], 30);
         t.cover();
         assert_eq!(t.changed, vec![true, true]);
-        assert_eq!((t.tables[1].first_sector, t.tables[1].sector_count), (0, 20));
+        assert_eq!(
+            (t.tables[1].first_sector, t.tables[1].sector_count),
+            (0, 20)
+        );
         assert_eq!(
             shape(&t.tables[1]),
             vec![
@@ -405,7 +409,10 @@ mod tests {
             ]
         );
         // A piece in the middle of a run splits it in three.
-        let mut t = Tables::new(&[table(0, 8192, vec![run(RunKind::Zero, 0, 8192, 0, 0)])], 8192);
+        let mut t = Tables::new(
+            &[table(0, 8192, vec![run(RunKind::Zero, 0, 8192, 0, 0)])],
+            8192,
+        );
         let map = t.map(0).unwrap();
         let p = Tables::pieces(&map, &[(3000, 3001)]);
         assert_eq!(p, vec![(2048, 4096)]);

@@ -57,9 +57,9 @@ use crate::engine::{lock_file, Extent, OpenOptions};
 use crate::error::{Error, Result};
 use crate::stats::{Counter, IoCounters, IoStats};
 use blkx::{Mish, RunKind, RunMap, SECTOR};
-use edit::Tables;
 pub use check::{check, CheckReport};
 pub use create::{create_udrw, MAX_UDRW_SIZE};
+use edit::Tables;
 use trailer::{Checksum, Koly, TRAILER_SIZE};
 
 /// A structure of the image breaks the format's rules (one line).
@@ -758,7 +758,8 @@ impl Udif {
             garbage.push((fork_end, start - fork_end));
         }
         for (at, n) in garbage {
-            s.punch(at, n).map_err(io("punching the old property list"))?;
+            s.punch(at, n)
+                .map_err(io("punching the old property list"))?;
         }
         self.dirty.store(true, Ordering::Release);
         Ok(())
@@ -906,7 +907,9 @@ impl Disk for Udif {
         let l = self.backed(offset, buf.len() as u64)?;
         for p in Self::pieces(&l, offset, buf.len() as u64) {
             let Some(i) = p.run.filter(|&i| l.map.runs[i].kind == RunKind::Raw) else {
-                return Err(Error::Corrupt(self.ctx("a write fell outside every raw run")));
+                return Err(Error::Corrupt(
+                    self.ctx("a write fell outside every raw run"),
+                ));
             };
             let src = &buf[(p.at - offset) as usize..(p.at - offset + p.len) as usize];
             self.storage

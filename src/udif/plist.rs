@@ -170,7 +170,10 @@ pub fn rewrite(
     let new = entries
         .iter()
         .map(|(origin, data)| {
-            let mut d = match origin.and_then(|i| old.get(i)).and_then(Value::as_dictionary) {
+            let mut d = match origin
+                .and_then(|i| old.get(i))
+                .and_then(Value::as_dictionary)
+            {
                 Some(d) => d.clone(),
                 None => {
                     let mut d = Dictionary::new();
@@ -341,19 +344,37 @@ mod tests {
              <key>Data</key><data>AAAA</data><key>Extra</key><integer>5</integer></dict></array>\
              <key>plst</key><array><dict><key>Data</key><data>AAAA</data></dict></array>\
              </dict><key>other</key><string>kept</string></dict></plist>";
-        let out = rewrite(xml, &[(Some(0), Some(b"one".to_vec())), (None, Some(b"two".to_vec()))]).unwrap();
+        let out = rewrite(
+            xml,
+            &[
+                (Some(0), Some(b"one".to_vec())),
+                (None, Some(b"two".to_vec())),
+            ],
+        )
+        .unwrap();
         let got = decode(&out).unwrap();
         assert_eq!(got.len(), 2);
-        assert_eq!((got[0].id.as_str(), got[0].data.as_slice()), ("-1", &b"one"[..]));
-        assert_eq!((got[1].id.as_str(), got[1].data.as_slice()), ("1", &b"two"[..]));
+        assert_eq!(
+            (got[0].id.as_str(), got[0].data.as_slice()),
+            ("-1", &b"one"[..])
+        );
+        assert_eq!(
+            (got[1].id.as_str(), got[1].data.as_slice()),
+            ("1", &b"two"[..])
+        );
         assert_eq!(got[1].name, "whole disk (unknown partition : 0)");
         let root = Value::from_reader_xml(Cursor::new(&out)).unwrap();
         let root = root.as_dictionary().unwrap();
         assert_eq!(root.get("other").and_then(Value::as_string), Some("kept"));
         let fork = root.get("resource-fork").unwrap().as_dictionary().unwrap();
         assert!(fork.get("plst").is_some());
-        let e0 = fork.get("blkx").unwrap().as_array().unwrap()[0].as_dictionary().unwrap();
-        assert_eq!(e0.get("Extra").and_then(Value::as_unsigned_integer), Some(5));
+        let e0 = fork.get("blkx").unwrap().as_array().unwrap()[0]
+            .as_dictionary()
+            .unwrap();
+        assert_eq!(
+            e0.get("Extra").and_then(Value::as_unsigned_integer),
+            Some(5)
+        );
     }
 
     #[test]
