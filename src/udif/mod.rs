@@ -24,12 +24,13 @@
 //!   bytes. Either is a new property list and trailer, written by
 //!   `commit` in an order that only ever leaves a valid trailer in the
 //!   file's last sector: (a) a copy of the current trailer at the new end
-//!   of the file, synced; (b) the new property list after the new space,
-//!   synced; (c) the new trailer over the copy (one sector), synced. Only
-//!   then are the old property list and trailer, now unreferenced bytes
-//!   inside the data fork, punched. The file never shrinks: the data fork
-//!   only grows, holding holes where old tails were. The file's length
-//!   grows only with a write that extends it, as on Linux filesystems;
+//!   of the file (a whole 512-byte sector of it), synced; (b) the new
+//!   property list after the new space, synced; (c) the new trailer over
+//!   the copy (one sector), synced. Only then are the old property list
+//!   and trailer, now unreferenced bytes inside the data fork, punched.
+//!   The file never shrinks: the data fork only grows, holding holes
+//!   where old tails were. The file's length grows only with a write
+//!   that extends it, as on Linux filesystems;
 //! - a crash at any instant leaves an image that opens and checks clean,
 //!   holding every write a completed flush (or resize) covered: replayed
 //!   crash point by crash point in `tests/udif.rs`.
@@ -706,7 +707,9 @@ impl Udif {
         k.data_checksum = Checksum::NONE;
         k.master_checksum = Checksum::NONE;
         k.sector_count = t.sectors;
-        let new_len = end + xml.len() as u64 + TRAILER_SIZE as u64;
+        // The trailer takes a whole sector of the file, so that a torn
+        // write of it is the old sector or the new one.
+        let new_len = (end + xml.len() as u64).next_multiple_of(SECTOR) + TRAILER_SIZE as u64;
         // Never write what would not open, writable, again.
         k.validate(new_len).map_err(corrupt)?;
         let blkx = plist::decode(&xml).map_err(corrupt)?;
