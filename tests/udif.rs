@@ -872,33 +872,67 @@ fn writes_that_still_cannot_land_are_refused() {
     }
     drop(d);
     assert_eq!(std::fs::read(&p).unwrap(), before);
-    // A resource fork would end up inside a larger data fork: writes to
-    // raw runs land, new space is refused.
-    let p = dir.path().join("rsrc.dmg");
+    // A disk so much larger than its tables that covering it would take
+    // more runs than fit a property list asiffs reads.
+    let p = dir.path().join("vast.dmg");
+    let runs = vec![
+        entry(RunKind::Raw, 0, 8, 0, 4096),
+        entry(RunKind::Zero, 8, 8, 0, 0),
+    ];
+    let crc = runs_crc(&runs, &fork);
+    write_image(&p, &fork, &[("d".into(), table(0, 16, crc, runs))], 1 << 40).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    let d = udrw_rw(&p);
+    let why = "runs covering the disk's 1099511627776 sectors would number 8388611, more than the 2097152 asiffs writes";
+    assert_eq!(d.write_refusal().as_deref(), Some(why));
+    assert_eq!(
+        d.write_at(b"x", 0).unwrap_err().to_string(),
+        format!("{}: not writable: {why}", p.display())
+    );
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    // A resource fork would end up inside a larger data fork: an image
+    // that needs new space is refused; an all-raw one takes writes but
+    // not a resize.
+    let why = "the image has a resource fork, which a larger data fork would cover";
+    let with_rsrc = |b: &[u8]| {
+        with_trailer(b, |t| {
+            t[0x28..0x30].copy_from_slice(&4096u64.to_be_bytes());
+            t[0x30..0x38].copy_from_slice(&16u64.to_be_bytes());
+        })
+    };
+    let p = dir.path().join("rsrc-zero.dmg");
     let runs = vec![
         entry(RunKind::Raw, 0, 8, 0, 4096),
         entry(RunKind::Zero, 8, 8, 0, 0),
     ];
     let crc = runs_crc(&runs, &fork);
     write_image(&p, &fork, &[("d".into(), table(0, 16, crc, runs))], 16).unwrap();
-    let b = std::fs::read(&p).unwrap();
-    let b = with_trailer(&b, |t| {
-        t[0x28..0x30].copy_from_slice(&4096u64.to_be_bytes());
-        t[0x30..0x38].copy_from_slice(&16u64.to_be_bytes());
-    });
+    let b = with_rsrc(&std::fs::read(&p).unwrap());
     std::fs::write(&p, &b).unwrap();
     let d = udrw_rw(&p);
+    assert_eq!(d.write_refusal().as_deref(), Some(why));
+    assert!(matches!(
+        d.write_at(b"x", 0),
+        Err(Error::WritesRefused { .. })
+    ));
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), b);
+    let p = dir.path().join("rsrc-raw.dmg");
+    let runs = vec![entry(RunKind::Raw, 0, 8, 0, 4096)];
+    let crc = runs_crc(&runs, &fork);
+    write_image(&p, &fork, &[("d".into(), table(0, 8, crc, runs))], 8).unwrap();
+    let b = with_rsrc(&std::fs::read(&p).unwrap());
+    std::fs::write(&p, &b).unwrap();
+    let d = udrw_rw(&p);
+    assert_eq!(d.write_refusal(), None);
     d.write_at(b"x", 0).unwrap();
-    let why = "the image has a resource fork, which a larger data fork would cover";
-    for e in [
-        d.write_at(b"x", 8 * 512).unwrap_err(),
-        d.resize(MIB).unwrap_err(),
-    ] {
-        assert_eq!(
-            e.to_string(),
-            format!("{}: not writable: {why}", p.display())
-        );
-    }
+    let e = d.resize(MIB).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{}: not writable: {why}", p.display())
+    );
+    assert_eq!(d.size(), 4096);
     drop(d);
     let after = std::fs::read(&p).unwrap();
     assert_eq!(after.len(), b.len());

@@ -24,6 +24,11 @@ pub const ALLOC_SECTORS: u64 = 2048;
 /// accepts in one run.
 pub const FREE_RUN_SECTORS: u64 = 131_072;
 
+/// Most runs an image's tables may need for it to be written: twice the
+/// 1 MiB runs of a 1 TiB disk; their property list stays well under
+/// [`super::MAX_PLIST`].
+pub const MAX_RUNS: u64 = 1 << 21;
+
 /// The tables as they will be rewritten.
 #[derive(Debug, Clone)]
 pub struct Tables {
@@ -66,6 +71,11 @@ fn contiguous(runs: &[RunEntry], count: u64) -> bool {
         at += r.sectors;
     }
     at == count
+}
+
+/// Free runs that fill `from..to`.
+fn fills(from: u64, to: u64) -> u64 {
+    to.saturating_sub(from).div_ceil(FREE_RUN_SECTORS)
 }
 
 /// Sets `m`'s runs to `runs` (sorted, not overlapping), free runs filling
@@ -129,33 +139,66 @@ impl Tables {
             self.origin.push(None);
             self.changed.push(true);
         }
+        for (i, first, count, runs) in self.cover_plan() {
+            let m = &mut self.tables[i];
+            m.first_sector = first;
+            m.sector_count = count;
+            set_runs(m, runs);
+            self.changed[i] = true;
+        }
+    }
+
+    /// Runs the tables hold once covered, counted without building them
+    /// (a hostile image may need more than fit in memory).
+    pub fn cover_cost(&self) -> u64 {
+        if self.tables.is_empty() {
+            return fills(0, self.sectors).saturating_add(1);
+        }
+        let plan = self.cover_plan();
+        let mut cost: u64 = self.tables.iter().map(|m| m.runs.len() as u64).sum();
+        for (i, _, count, runs) in &plan {
+            cost -= self.tables[*i].runs.len() as u64;
+            let mut at = 0;
+            for r in runs {
+                cost = cost.saturating_add(fills(at, r.sector)).saturating_add(1);
+                at = r.sector + r.sectors;
+            }
+            cost = cost.saturating_add(fills(at, *count)).saturating_add(1);
+        }
+        cost
+    }
+
+    /// What [`Tables::cover`] changes: `(table, first sector, sector
+    /// count, runs)` of each table it rewrites.
+    fn cover_plan(&self) -> Vec<(usize, u64, u64, Vec<RunEntry>)> {
         let mut order: Vec<usize> = (0..self.tables.len()).collect();
         order.sort_by_key(|&i| self.tables[i].first_sector);
+        let mut plan = Vec::new();
         for (k, &i) in order.iter().enumerate() {
             let next = order
                 .get(k + 1)
                 .map_or(self.sectors, |&j| self.tables[j].first_sector);
-            let m = &mut self.tables[i];
+            let m = &self.tables[i];
+            let (mut first, mut count) = (m.first_sector, m.sector_count);
             let mut runs = plain(m);
             let mut edit = self.changed[i];
-            if k == 0 && m.first_sector > 0 {
-                let d = m.first_sector;
+            if k == 0 && first > 0 {
                 for r in &mut runs {
-                    r.sector += d;
+                    r.sector += first;
                 }
-                m.first_sector = 0;
-                m.sector_count += d;
+                count += first;
+                first = 0;
                 edit = true;
             }
-            if m.first_sector + m.sector_count < next {
-                m.sector_count = next - m.first_sector;
+            if first + count < next {
+                count = next - first;
                 edit = true;
             }
-            if edit || !contiguous(&runs, m.sector_count) {
-                set_runs(m, runs);
-                self.changed[i] = true;
+            if edit || !contiguous(&runs, count) {
+                plan.push((i, first, count, runs));
             }
         }
+        plan
     }
 
     /// Cuts the disk to `sectors`: tables starting past it go, the one
@@ -348,9 +391,30 @@ mod tests {
         let map = t.map(1024).unwrap();
         assert_eq!(map.runs.iter().map(|r| r.sectors).sum::<u64>(), 30);
         // Covered tables are left alone.
+        assert_eq!(Tables::new(&t.tables, 30).cover_cost(), 7);
         let mut again = Tables::new(&t.tables, 30);
         again.cover();
         assert!(!again.any_changed());
+    }
+
+    #[test]
+    fn cover_cost_counts_without_building() {
+        let a = table(4, 10, vec![run(RunKind::Raw, 2, 2, 0, 1024)]);
+        let b = table(20, 4, vec![run(RunKind::Zero, 0, 4, 0, 0)]);
+        let t = Tables::new(&[b, a], 30);
+        let mut built = t.clone();
+        built.cover();
+        let runs: usize = built.tables.iter().map(|m| m.runs.len()).sum();
+        assert_eq!((t.cover_cost(), runs), (7, 7));
+        let huge = Tables::new(
+            &[table(0, 8, vec![run(RunKind::Raw, 0, 8, 0, 4096)])],
+            1 << 60,
+        );
+        assert_eq!(
+            huge.cover_cost(),
+            1 + (((1u64 << 60) - 8).div_ceil(FREE_RUN_SECTORS)) + 1
+        );
+        assert_eq!(Tables::new(&[], 1 << 20).cover_cost(), 9);
     }
 
     #[test]

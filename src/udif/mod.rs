@@ -8,7 +8,9 @@
 //! - images with any compressed run (UDZO, UDBZ, ULFO, ULMO, ADC) are
 //!   read-only: every change is [`Error::ReadOnly`] and the file is opened
 //!   without write access; so are images whose raw runs share bytes or
-//!   whose data fork overlaps the property list (`write_obstacle`);
+//!   whose data fork overlaps the property list, and images that would
+//!   need new space but cannot have it (a resource fork after the data
+//!   fork, or more than [`edit::MAX_RUNS`] runs) (`write_obstacle`);
 //! - in a writable (UDRW) image a write to a raw run goes straight to the
 //!   run's bytes, a discard punches a hole in the host file (zero and
 //!   free runs already read as zeros), a flush is `fdatasync`. Before the
@@ -73,6 +75,10 @@ pub const MAX_PLIST: u64 = 256 << 20;
 /// Decompressed runs kept in memory.
 pub const CACHE_BYTES: usize = 32 << 20;
 
+/// Why an image with a resource fork gets no new space: the data fork
+/// would grow over it.
+const RSRC_FORK: &str = "the image has a resource fork, which a larger data fork would cover";
+
 const ENCRYPTED_HEAD: &[u8; 8] = b"encrcdsa";
 const ENCRYPTED_TAIL: &[u8; 8] = b"cdsaencr";
 
@@ -103,6 +109,24 @@ impl Layout {
             return Some(Obstacle::Refused(
                 "raw runs share bytes of the data fork".into(),
             ));
+        }
+        let raw_sectors: u64 = self
+            .map
+            .runs
+            .iter()
+            .filter(|r| r.kind == RunKind::Raw)
+            .map(|r| r.sectors)
+            .sum();
+        if self.koly.rsrc_fork_length != 0 && raw_sectors != self.map.sectors {
+            return Some(Obstacle::Refused(RSRC_FORK.into()));
+        }
+        let runs = Tables::new(&self.tables, self.map.sectors).cover_cost();
+        if runs > edit::MAX_RUNS {
+            return Some(Obstacle::Refused(format!(
+                "runs covering the disk's {} sectors would number {runs}, more than the {} asiffs writes",
+                self.map.sectors,
+                edit::MAX_RUNS
+            )));
         }
         // Both ranges were checked to end before the trailer.
         let k = &self.koly;
@@ -673,8 +697,7 @@ impl Udif {
         if k0.rsrc_fork_length != 0 {
             return Err(Error::WritesRefused {
                 path: self.path.clone(),
-                reason: "the image has a resource fork, which a larger data fork would cover"
-                    .into(),
+                reason: RSRC_FORK.into(),
             });
         }
         let io = |what: &'static str| move |e| Error::io(self.ctx(what), e);
