@@ -61,16 +61,73 @@ fn plain(m: &Mish) -> Vec<RunEntry> {
         .collect()
 }
 
-/// Whether `runs` lie back to back over `0..count`.
-fn contiguous(runs: &[RunEntry], count: u64) -> bool {
+/// Runs `tables` hold once covered (see [`Tables::cover`]) on a disk of
+/// `sectors`, counted without building them (a hostile image may need
+/// more than fit in memory).
+pub fn cover_cost(tables: &[Mish], sectors: u64) -> u64 {
+    if tables.is_empty() {
+        return fills(0, sectors).saturating_add(1);
+    }
+    let plan = cover_plan(tables, &vec![false; tables.len()], sectors);
+    let mut cost: u64 = tables.iter().map(|m| m.runs.len() as u64).sum();
+    for (i, _, count, runs) in &plan {
+        cost -= tables[*i].runs.len() as u64;
+        let mut at = 0;
+        for r in runs {
+            cost = cost.saturating_add(fills(at, r.sector)).saturating_add(1);
+            at = r.sector + r.sectors;
+        }
+        cost = cost.saturating_add(fills(at, *count)).saturating_add(1);
+    }
+    cost
+}
+
+/// What [`Tables::cover`] changes: `(table, first sector, sector count,
+/// runs)` of each table it rewrites (those `changed` always).
+fn cover_plan(
+    tables: &[Mish],
+    changed: &[bool],
+    sectors: u64,
+) -> Vec<(usize, u64, u64, Vec<RunEntry>)> {
+    let mut order: Vec<usize> = (0..tables.len()).collect();
+    order.sort_by_key(|&i| tables[i].first_sector);
+    let mut plan = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        let next = order
+            .get(k + 1)
+            .map_or(sectors, |&j| tables[j].first_sector);
+        let m = &tables[i];
+        // The first table moves to sector 0; each reaches the next.
+        let first = if k == 0 { 0 } else { m.first_sector };
+        let end = next.max(m.first_sector + m.sector_count);
+        if !changed[i] && first == m.first_sector && end == first + m.sector_count && contiguous(m)
+        {
+            continue;
+        }
+        let mut runs = plain(m);
+        for r in &mut runs {
+            r.sector += m.first_sector - first;
+        }
+        plan.push((i, first, end - first, runs));
+    }
+    plan
+}
+
+/// Whether `m`'s runs lie back to back over its sectors.
+fn contiguous(m: &Mish) -> bool {
     let mut at = 0;
+    let runs = m
+        .runs
+        .iter()
+        .take_while(|r| r.kind != RunKind::End)
+        .filter(|r| r.kind != RunKind::Comment && r.sectors > 0);
     for r in runs {
         if r.sector != at {
             return false;
         }
         at += r.sectors;
     }
-    at == count
+    at == m.sector_count
 }
 
 /// Free runs that fill `from..to`.
@@ -139,66 +196,13 @@ impl Tables {
             self.origin.push(None);
             self.changed.push(true);
         }
-        for (i, first, count, runs) in self.cover_plan() {
+        for (i, first, count, runs) in cover_plan(&self.tables, &self.changed, self.sectors) {
             let m = &mut self.tables[i];
             m.first_sector = first;
             m.sector_count = count;
             set_runs(m, runs);
             self.changed[i] = true;
         }
-    }
-
-    /// Runs the tables hold once covered, counted without building them
-    /// (a hostile image may need more than fit in memory).
-    pub fn cover_cost(&self) -> u64 {
-        if self.tables.is_empty() {
-            return fills(0, self.sectors).saturating_add(1);
-        }
-        let plan = self.cover_plan();
-        let mut cost: u64 = self.tables.iter().map(|m| m.runs.len() as u64).sum();
-        for (i, _, count, runs) in &plan {
-            cost -= self.tables[*i].runs.len() as u64;
-            let mut at = 0;
-            for r in runs {
-                cost = cost.saturating_add(fills(at, r.sector)).saturating_add(1);
-                at = r.sector + r.sectors;
-            }
-            cost = cost.saturating_add(fills(at, *count)).saturating_add(1);
-        }
-        cost
-    }
-
-    /// What [`Tables::cover`] changes: `(table, first sector, sector
-    /// count, runs)` of each table it rewrites.
-    fn cover_plan(&self) -> Vec<(usize, u64, u64, Vec<RunEntry>)> {
-        let mut order: Vec<usize> = (0..self.tables.len()).collect();
-        order.sort_by_key(|&i| self.tables[i].first_sector);
-        let mut plan = Vec::new();
-        for (k, &i) in order.iter().enumerate() {
-            let next = order
-                .get(k + 1)
-                .map_or(self.sectors, |&j| self.tables[j].first_sector);
-            let m = &self.tables[i];
-            let (mut first, mut count) = (m.first_sector, m.sector_count);
-            let mut runs = plain(m);
-            let mut edit = self.changed[i];
-            if k == 0 && first > 0 {
-                for r in &mut runs {
-                    r.sector += first;
-                }
-                count += first;
-                first = 0;
-                edit = true;
-            }
-            if first + count < next {
-                count = next - first;
-                edit = true;
-            }
-            if edit || !contiguous(&runs, count) {
-                plan.push((i, first, count, runs));
-            }
-        }
-        plan
     }
 
     /// Cuts the disk to `sectors`: tables starting past it go, the one
@@ -391,7 +395,7 @@ mod tests {
         let map = t.map(1024).unwrap();
         assert_eq!(map.runs.iter().map(|r| r.sectors).sum::<u64>(), 30);
         // Covered tables are left alone.
-        assert_eq!(Tables::new(&t.tables, 30).cover_cost(), 7);
+        assert_eq!(cover_cost(&t.tables, 30), 7);
         let mut again = Tables::new(&t.tables, 30);
         again.cover();
         assert!(!again.any_changed());
@@ -405,16 +409,16 @@ mod tests {
         let mut built = t.clone();
         built.cover();
         let runs: usize = built.tables.iter().map(|m| m.runs.len()).sum();
-        assert_eq!((t.cover_cost(), runs), (7, 7));
+        assert_eq!((cover_cost(&t.tables, t.sectors), runs), (7, 7));
         let huge = Tables::new(
             &[table(0, 8, vec![run(RunKind::Raw, 0, 8, 0, 4096)])],
             1 << 60,
         );
         assert_eq!(
-            huge.cover_cost(),
+            cover_cost(&huge.tables, huge.sectors),
             1 + (((1u64 << 60) - 8).div_ceil(FREE_RUN_SECTORS)) + 1
         );
-        assert_eq!(Tables::new(&[], 1 << 20).cover_cost(), 9);
+        assert_eq!(cover_cost(&[], 1 << 20), 9);
     }
 
     #[test]

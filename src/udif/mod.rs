@@ -120,7 +120,7 @@ impl Layout {
         if self.koly.rsrc_fork_length != 0 && raw_sectors != self.map.sectors {
             return Some(Obstacle::Refused(RSRC_FORK.into()));
         }
-        let runs = Tables::new(&self.tables, self.map.sectors).cover_cost();
+        let runs = edit::cover_cost(&self.tables, self.map.sectors);
         if runs > edit::MAX_RUNS {
             return Some(Obstacle::Refused(format!(
                 "runs covering the disk's {} sectors would number {runs}, more than the {} asiffs writes",
