@@ -836,6 +836,35 @@ fn resize_grows_by_free_runs_and_shrinks_by_cutting_runs() {
         .iter()
         .all(|&x| x == 0));
     drop(u);
+    // allocate gives grown space room in the file; it still reads zeros.
+    let d = udrw_rw(&p);
+    d.resize(8 * MIB).unwrap();
+    let held = d.allocated_bytes().unwrap();
+    d.allocate(5 * MIB + 4096, MIB).unwrap();
+    assert!(d.allocated_bytes().unwrap() >= held + MIB);
+    let mut b = vec![1u8; MIB as usize];
+    d.read_at(&mut b, 5 * MIB + 4096).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    drop(d);
+    let u = Udif::open(&p, &ro()).unwrap();
+    let kinds: Vec<(RunKind, u64, u64)> =
+        run_shape(&u, 0).iter().map(|r| (r.0, r.1, r.2)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (RunKind::Raw, 0, 2048),
+            (RunKind::Raw, 2048, 8),
+            (RunKind::Free, 2056, 8184),
+            (RunKind::Raw, 10240, 2048),
+            (RunKind::Raw, 12288, 2048),
+            (RunKind::Free, 14336, 2048),
+            (RunKind::End, 16384, 0),
+        ]
+    );
+    drop(u);
+    let d = udrw_rw(&p);
+    d.resize(MIB + 4096).unwrap();
+    drop(d);
     // Growing again reads zeros where the cut data was.
     let d = udrw_rw(&p);
     d.resize(2 * MIB).unwrap();
@@ -843,6 +872,44 @@ fn resize_grows_by_free_runs_and_shrinks_by_cutting_runs() {
     d.read_at(&mut b, MIB + 4096).unwrap();
     assert!(b.iter().all(|&x| x == 0));
     drop(d);
+    let report = udif::check(&p).unwrap();
+    assert!(report.is_clean(), "{:?}", report.lines());
+}
+
+#[test]
+fn concurrent_writes_into_free_space_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("threads.dmg");
+    create_udrw(&p, MIB).unwrap();
+    let d: Arc<dyn Disk> = Arc::from(udrw_rw(&p));
+    d.resize(32 * MIB).unwrap();
+    // Four writers, interleaved 96 KiB blocks over the grown space: many
+    // take new space at once, some share a 1 MiB piece.
+    let block = 96 * 1024;
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                for k in (t..300).step_by(4) {
+                    d.write_at(&pattern(k, block), MIB + k * block as u64)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    d.flush().unwrap();
+    let mut want = vec![0u8; 32 * MIB as usize];
+    for k in 0..300u64 {
+        let at = (MIB + k * block as u64) as usize;
+        want[at..at + block].copy_from_slice(&pattern(k, block));
+    }
+    assert!(read_all(&*d, 1 << 20) == want);
+    drop(d);
+    let d = disk::open(&p, None, &ro()).unwrap();
+    assert!(read_all(&*d, 1 << 20) == want, "after reopening");
     let report = udif::check(&p).unwrap();
     assert!(report.is_clean(), "{:?}", report.lines());
 }
