@@ -1,6 +1,7 @@
 //! UDIF (`.dmg`) images through `disk::open`: Apple's vectors read
 //! exactly, every codec, the run cache, UDRW images written in place
-//! against an in-memory model, locks, refusals, and hostile files.
+//! against an in-memory model (zero and free runs taking new space,
+//! resizes), locks, refusals, hostile files, and every crash point.
 
 mod common;
 
@@ -16,8 +17,8 @@ use asiffs::udif::trailer::Checksum;
 use asiffs::udif::{self, Udif};
 use asiffs::{Error, LockMode, OpenOptions};
 use common::crash::{
-    assert_catches_lost_write, check_sectors, lost_write_plan, run_steps, sweep, Mem, Model,
-    Recorder, Step,
+    assert_catches_lost_write, check_sectors, lost_write_plan, run_steps, sector_pattern, sweep,
+    Mem, Model, Recorder, Step,
 };
 use common::{pattern, vectors_dir, Rng};
 use md5::{Digest, Md5};
@@ -389,11 +390,30 @@ fn udrw_writes_and_discards_match_a_model() {
         d.write_at(b"xy", size - 1),
         Err(Error::OutOfRange { .. })
     ));
-    let e = d.resize(size * 2).unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        format!("{}: resizing a UDIF image is not supported", p.display())
-    );
+    // Sizes resize refuses, and the file stays as it is.
+    assert_eq!(d.max_size(), udif::MAX_UDRW_SIZE);
+    for (bad, why) in [
+        (
+            size + 1,
+            format!(
+                "a UDIF disk is a whole, nonzero number of 512-byte sectors, not {} bytes",
+                size + 1
+            ),
+        ),
+        (
+            0,
+            "a UDIF disk is a whole, nonzero number of 512-byte sectors, not 0 bytes".into(),
+        ),
+        (
+            udif::MAX_UDRW_SIZE + 512,
+            "1099511628288 bytes is larger than the 1099511627776 bytes this UDIF image grows to"
+                .into(),
+        ),
+    ] {
+        let e = d.resize(bad).unwrap_err();
+        assert_eq!(e.to_string(), format!("{}: {why}", p.display()));
+        assert_eq!(e.errno(), libc::EINVAL);
+    }
     d.flush().unwrap();
     assert!(read_all(&*d, 1 << 20) == model);
     drop(d);
@@ -545,34 +565,450 @@ fn readers_refuse_writes_and_locks_keep_writers_apart() {
     assert_eq!(std::fs::read(&p).unwrap(), before);
 }
 
+/// CRC32 of a table's runs as `check` sums them: raw bytes from `fork`,
+/// zeros for zero runs, nothing for free runs.
+fn runs_crc(runs: &[RunEntry], fork: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for r in runs {
+        match r.kind {
+            RunKind::Raw => h.update(&fork[r.offset as usize..(r.offset + r.length) as usize]),
+            RunKind::Zero => h.update(&vec![0; (r.sectors * 512) as usize]),
+            _ => {}
+        }
+    }
+    h.finalize()
+}
+
+/// Runs of `u`'s table `t` as (kind, sector, sectors, offset, length).
+fn run_shape(u: &Udif, t: usize) -> Vec<(RunKind, u64, u64, u64, u64)> {
+    u.layout().tables[t]
+        .runs
+        .iter()
+        .map(|r| (r.kind, r.sector, r.sectors, r.offset, r.length))
+        .collect()
+}
+
 #[test]
-fn images_with_zero_runs_are_not_written() {
+fn writes_into_zero_and_free_runs_get_new_space() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("mixed.dmg");
     let fork = pattern(3, 4096);
-    let t = table(
-        0,
-        16,
-        crc_of(&[fork.clone(), vec![0; 4096]].concat()),
+    let runs = vec![
+        entry(RunKind::Raw, 0, 8, 0, 4096),
+        entry(RunKind::Zero, 8, 8, 0, 0),
+        entry(RunKind::Free, 16, 8, 0, 0),
+    ];
+    let t = table(0, 24, runs_crc(&runs, &fork), runs);
+    write_image(&p, &fork, &[("d".into(), t)], 24).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    let plist_at = before.len() as u64 - 512 - plist_bytes(&before).len() as u64;
+    assert_eq!(plist_at, 4096);
+    let d = udrw_rw(&p);
+    assert!(d.is_writable());
+    assert_eq!(d.write_refusal(), None);
+    // Across the raw run's end into the zero run.
+    let data = pattern(4, 3000);
+    d.write_at(&data, 7 * 512 + 100).unwrap();
+    d.flush().unwrap();
+    let mut want = [fork.clone(), vec![0; 8192]].concat();
+    want[7 * 512 + 100..7 * 512 + 100 + 3000].copy_from_slice(&data);
+    assert!(read_all(&*d, 4096) == want);
+    drop(d);
+    let after = std::fs::read(&p).unwrap();
+    // The zero run's piece took new space after the old end (4 KiB
+    // aligned); the free run is untouched.
+    let space = (before.len() as u64).next_multiple_of(4096);
+    let u = Udif::open(&p, &ro()).unwrap();
+    assert_eq!(
+        run_shape(&u, 0),
         vec![
-            entry(RunKind::Raw, 0, 8, 0, 4096),
-            entry(RunKind::Zero, 8, 8, 0, 0),
-        ],
+            (RunKind::Raw, 0, 8, 0, 4096),
+            (RunKind::Raw, 8, 8, space, 4096),
+            (RunKind::Free, 16, 8, 0, 0),
+            (RunKind::End, 24, 0, 0, 0),
+        ]
     );
-    write_image(&p, &fork, &[("d".into(), t)], 16).unwrap();
+    let k = &u.layout().koly;
+    assert_eq!((k.data_fork_offset, k.data_fork_length), (0, space + 4096));
+    assert_eq!(k.plist_offset, space + 4096);
+    assert_eq!(k.sector_count, 24);
+    // The trailer starts on a sector boundary.
+    assert_eq!(
+        after.len() as u64,
+        (space + 4096 + k.plist_length).next_multiple_of(512) + 512
+    );
+    assert_eq!(u.layout().blkx[0].name, "d");
+    assert!(read_all(&u, 777) == want, "after reopening");
+    drop(u);
+    // The raw run's bytes changed only where written; the old property
+    // list and trailer were punched; the new data sits in the new space.
+    assert_eq!(after[..7 * 512 + 100], before[..7 * 512 + 100]);
+    assert_eq!(after[7 * 512 + 100..4096], data[..4096 - 7 * 512 - 100]);
+    assert!(after[4096..space as usize].iter().all(|&b| b == 0));
+    assert_eq!(
+        after[space as usize..space as usize + 4096],
+        want[4096..8192]
+    );
+    let report = udif::check(&p).unwrap();
+    assert!(report.is_clean(), "{:?}", report.lines());
+    assert_eq!((report.tables, report.runs), (1, 3));
+    // A write inside the same 1 MiB piece needs no new space; one into the
+    // free run does.
+    let d = udrw_rw(&p);
+    d.write_at(b"zz", 15 * 512).unwrap();
+    drop(d);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), after.len() as u64);
+    let d = udrw_rw(&p);
+    d.write_at(b"ff", 23 * 512 + 510).unwrap();
+    drop(d);
+    let u = Udif::open(&p, &ro()).unwrap();
+    assert_eq!(run_shape(&u, 0)[2].0, RunKind::Raw);
+    want[15 * 512..15 * 512 + 2].copy_from_slice(b"zz");
+    want[23 * 512 + 510..].copy_from_slice(b"ff");
+    assert!(read_all(&u, 4096) == want);
+}
+
+/// A writable image of 16384 sectors whose tables hold raw, zero and free
+/// runs and leave sectors 6144..6200 to no table. Raw sectors hold
+/// `sector_pattern(tag, s)`, with tags 1001.. per raw run; returns the
+/// steps that describe them.
+fn mixed_image(p: &Path) -> Vec<Step> {
+    let raw = [(0u64, 64u64), (4000, 100), (6200 + 5000, 8)];
+    let mut fork = Vec::new();
+    let mut steps = Vec::new();
+    for (k, &(sector, count)) in raw.iter().enumerate() {
+        let tag = 1001 + k as u32;
+        for s in sector..sector + count {
+            fork.extend(sector_pattern(tag, s));
+        }
+        steps.push(Step::Write { sector, count, tag });
+    }
+    let a = vec![
+        entry(RunKind::Raw, 0, 64, 0, 64 * 512),
+        entry(RunKind::Zero, 64, 2036, 0, 0),
+        entry(RunKind::Free, 2100, 1900, 0, 0),
+        entry(RunKind::Raw, 4000, 100, 64 * 512, 100 * 512),
+        entry(RunKind::Zero, 4100, 2044, 0, 0),
+    ];
+    let b = vec![
+        entry(RunKind::Free, 0, 5000, 0, 0),
+        entry(RunKind::Raw, 5000, 8, 164 * 512, 8 * 512),
+        entry(RunKind::Zero, 5008, 5176, 0, 0),
+    ];
+    let tables = [
+        ("a".to_string(), table(0, 6144, runs_crc(&a, &fork), a)),
+        ("b".to_string(), table(6200, 10184, runs_crc(&b, &fork), b)),
+    ];
+    write_image(p, &fork, &tables, 16384).unwrap();
+    steps
+}
+
+fn disk_of(steps: &[Step], size: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size as usize];
+    for st in steps {
+        if let Step::Write { sector, count, tag } = *st {
+            for s in sector..sector + count {
+                v[(s * 512) as usize..((s + 1) * 512) as usize]
+                    .copy_from_slice(&sector_pattern(tag, s));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn writes_discards_and_resizes_over_mixed_runs_match_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("model.dmg");
+    let steps = mixed_image(&p);
+    let mut model = disk_of(&steps, 8 * MIB);
+    let mut d = udrw_rw(&p);
+    assert!(read_all(&*d, 1 << 16) == model, "the starting image");
+    let mut rng = Rng(0xd15c_0dd5);
+    for op in 0..300u64 {
+        let size = model.len() as u64;
+        let len = 1 + rng.below(200_000).min(size - 1);
+        let off = rng.below(size - len + 1);
+        match rng.below(12) {
+            0..=4 => {
+                let data = pattern(op, len as usize);
+                d.write_at(&data, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            5 | 6 => {
+                d.discard(off, len).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            7 => {
+                d.write_zeroes(off, len).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            8 => {
+                let new = 512 * (2048 + rng.below(2 * 2048 * 12));
+                d.resize(new).unwrap();
+                model.resize(new as usize, 0);
+                assert_eq!(d.size(), new);
+            }
+            9 => {
+                drop(d);
+                d = udrw_rw(&p);
+                assert_eq!(d.size(), size, "size after reopening at op {op}");
+            }
+            _ => d.flush().unwrap(),
+        }
+        let (roff, rlen) = (rng.below(model.len() as u64), 1 + rng.below(100_000));
+        let rlen = rlen.min(model.len() as u64 - roff);
+        let mut got = vec![0u8; rlen as usize];
+        d.read_at(&mut got, roff).unwrap();
+        assert!(
+            got == model[roff as usize..(roff + rlen) as usize],
+            "read {roff:#x}+{rlen:#x} after op {op}"
+        );
+    }
+    assert!(read_all(&*d, 1 << 20) == model);
+    drop(d);
+    let d = disk::open(&p, None, &ro()).unwrap();
+    assert_eq!(d.size(), model.len() as u64);
+    assert!(read_all(&*d, 777_777) == model, "after reopening");
+    drop(d);
+    let report = udif::check(&p).unwrap();
+    assert!(report.is_clean(), "{:?}", report.lines());
+    // The tables agree with the trailer on the size, and cover the disk.
+    let u = Udif::open(&p, &ro()).unwrap();
+    let l = u.layout();
+    assert_eq!(l.koly.sector_count * 512, model.len() as u64);
+    let ends: Vec<u64> = l
+        .tables
+        .iter()
+        .map(|t| t.first_sector + t.sector_count)
+        .collect();
+    assert_eq!(ends.iter().max(), Some(&l.koly.sector_count));
+    assert_eq!(
+        l.map.runs.iter().map(|r| r.sectors).sum::<u64>(),
+        l.koly.sector_count
+    );
+}
+
+#[test]
+fn resize_grows_by_free_runs_and_shrinks_by_cutting_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("resize.dmg");
+    create_udrw(&p, 2 * MIB + 512).unwrap();
+    let d = udrw_rw(&p);
+    d.write_at(&pattern(5, 2 * MIB as usize + 512), 0).unwrap();
+    d.resize(100 * MIB).unwrap();
+    assert_eq!(d.size(), 100 * MIB);
+    drop(d);
+    let u = Udif::open(&p, &ro()).unwrap();
+    let free = 100 * 2048 - 4097;
+    assert_eq!(
+        run_shape(&u, 0),
+        vec![
+            (RunKind::Raw, 0, 2048, 0, MIB),
+            (RunKind::Raw, 2048, 2048, MIB, MIB),
+            (RunKind::Raw, 4096, 1, 2 * MIB, 512),
+            (RunKind::Free, 4097, 131072, 0, 0),
+            (RunKind::Free, 4097 + 131072, free - 131072, 0, 0),
+            (RunKind::End, 100 * 2048, 0, 0, 0),
+        ]
+    );
+    assert_eq!(u.layout().tables[0].sector_count, 100 * 2048);
+    assert_eq!(u.layout().koly.sector_count, 100 * 2048);
+    // Grown space costs nothing in the file until written.
+    assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 3 * MIB);
+    let mut b = vec![1u8; MIB as usize];
+    u.read_at(&mut b, 99 * MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    drop(u);
+    // Shrink into the middle of a raw run: it is cut, its tail punched.
+    let d = udrw_rw(&p);
+    d.resize(MIB + 4096).unwrap();
+    drop(d);
+    let u = Udif::open(&p, &ro()).unwrap();
+    assert_eq!(
+        run_shape(&u, 0),
+        vec![
+            (RunKind::Raw, 0, 2048, 0, MIB),
+            (RunKind::Raw, 2048, 8, MIB, 4096),
+            (RunKind::End, 2056, 0, 0, 0),
+        ]
+    );
+    assert_eq!(u.layout().koly.sector_count, 2056);
+    assert!(read_all(&u, 4096) == pattern(5, 2 * MIB as usize + 512)[..(MIB + 4096) as usize]);
+    let f = std::fs::read(&p).unwrap();
+    assert!(f[(MIB + 4096) as usize..2 * MIB as usize]
+        .iter()
+        .all(|&x| x == 0));
+    drop(u);
+    // allocate gives grown space room in the file; it still reads zeros.
+    let d = udrw_rw(&p);
+    d.resize(8 * MIB).unwrap();
+    let held = d.allocated_bytes().unwrap();
+    d.allocate(5 * MIB + 4096, MIB).unwrap();
+    assert!(d.allocated_bytes().unwrap() >= held + MIB);
+    let mut b = vec![1u8; MIB as usize];
+    d.read_at(&mut b, 5 * MIB + 4096).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    drop(d);
+    let u = Udif::open(&p, &ro()).unwrap();
+    let kinds: Vec<(RunKind, u64, u64)> =
+        run_shape(&u, 0).iter().map(|r| (r.0, r.1, r.2)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (RunKind::Raw, 0, 2048),
+            (RunKind::Raw, 2048, 8),
+            (RunKind::Free, 2056, 8184),
+            (RunKind::Raw, 10240, 2048),
+            (RunKind::Raw, 12288, 2048),
+            (RunKind::Free, 14336, 2048),
+            (RunKind::End, 16384, 0),
+        ]
+    );
+    drop(u);
+    let d = udrw_rw(&p);
+    d.resize(MIB + 4096).unwrap();
+    drop(d);
+    // Growing again reads zeros where the cut data was.
+    let d = udrw_rw(&p);
+    d.resize(2 * MIB).unwrap();
+    let mut b = vec![1u8; MIB as usize - 4096];
+    d.read_at(&mut b, MIB + 4096).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    drop(d);
+    let report = udif::check(&p).unwrap();
+    assert!(report.is_clean(), "{:?}", report.lines());
+}
+
+#[test]
+fn concurrent_writes_into_free_space_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("threads.dmg");
+    create_udrw(&p, MIB).unwrap();
+    let d: Arc<dyn Disk> = Arc::from(udrw_rw(&p));
+    d.resize(32 * MIB).unwrap();
+    // Four writers, interleaved 96 KiB blocks over the grown space: many
+    // take new space at once, some share a 1 MiB piece.
+    let block = 96 * 1024;
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                for k in (t..300).step_by(4) {
+                    d.write_at(&pattern(k, block), MIB + k * block as u64)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    d.flush().unwrap();
+    let mut want = vec![0u8; 32 * MIB as usize];
+    for k in 0..300u64 {
+        let at = (MIB + k * block as u64) as usize;
+        want[at..at + block].copy_from_slice(&pattern(k, block));
+    }
+    assert!(read_all(&*d, 1 << 20) == want);
+    drop(d);
+    let d = disk::open(&p, None, &ro()).unwrap();
+    assert!(read_all(&*d, 1 << 20) == want, "after reopening");
+    let report = udif::check(&p).unwrap();
+    assert!(report.is_clean(), "{:?}", report.lines());
+}
+
+#[test]
+fn writes_that_still_cannot_land_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Raw runs sharing bytes of the data fork.
+    let p = dir.path().join("shared.dmg");
+    let fork = pattern(8, 4096);
+    let runs = vec![
+        entry(RunKind::Raw, 0, 8, 0, 4096),
+        entry(RunKind::Raw, 8, 8, 0, 4096),
+    ];
+    let crc = runs_crc(&runs, &fork);
+    write_image(&p, &fork, &[("d".into(), table(0, 16, crc, runs))], 16).unwrap();
     let before = std::fs::read(&p).unwrap();
     let d = udrw_rw(&p);
-    assert!(!d.is_writable());
-    let why = "sectors 8..16 are a zero run, which has no place in the data fork to write to";
+    let why = "raw runs share bytes of the data fork";
     assert_eq!(d.write_refusal().as_deref(), Some(why));
-    let e = d.write_at(b"x", 0).unwrap_err();
+    for e in [d.write_at(b"x", 0).unwrap_err(), d.resize(MIB).unwrap_err()] {
+        assert_eq!(
+            e.to_string(),
+            format!("{}: not writable: {why}", p.display())
+        );
+        assert_eq!(e.errno(), libc::EROFS);
+    }
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    // A disk so much larger than its tables that covering it would take
+    // more runs than fit a property list asiffs reads.
+    let p = dir.path().join("vast.dmg");
+    let runs = vec![
+        entry(RunKind::Raw, 0, 8, 0, 4096),
+        entry(RunKind::Zero, 8, 8, 0, 0),
+    ];
+    let crc = runs_crc(&runs, &fork);
+    write_image(&p, &fork, &[("d".into(), table(0, 16, crc, runs))], 1 << 40).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    let d = udrw_rw(&p);
+    let why = "runs covering the disk's 1099511627776 sectors would number 8388611, more than the 2097152 asiffs writes";
+    assert_eq!(d.write_refusal().as_deref(), Some(why));
+    assert_eq!(
+        d.write_at(b"x", 0).unwrap_err().to_string(),
+        format!("{}: not writable: {why}", p.display())
+    );
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), before);
+    // A resource fork would end up inside a larger data fork: an image
+    // that needs new space is refused; an all-raw one takes writes but
+    // not a resize.
+    let why = "the image has a resource fork, which a larger data fork would cover";
+    let with_rsrc = |b: &[u8]| {
+        with_trailer(b, |t| {
+            t[0x28..0x30].copy_from_slice(&4096u64.to_be_bytes());
+            t[0x30..0x38].copy_from_slice(&16u64.to_be_bytes());
+        })
+    };
+    let p = dir.path().join("rsrc-zero.dmg");
+    let runs = vec![
+        entry(RunKind::Raw, 0, 8, 0, 4096),
+        entry(RunKind::Zero, 8, 8, 0, 0),
+    ];
+    let crc = runs_crc(&runs, &fork);
+    write_image(&p, &fork, &[("d".into(), table(0, 16, crc, runs))], 16).unwrap();
+    let b = with_rsrc(&std::fs::read(&p).unwrap());
+    std::fs::write(&p, &b).unwrap();
+    let d = udrw_rw(&p);
+    assert_eq!(d.write_refusal().as_deref(), Some(why));
+    assert!(matches!(
+        d.write_at(b"x", 0),
+        Err(Error::WritesRefused { .. })
+    ));
+    drop(d);
+    assert_eq!(std::fs::read(&p).unwrap(), b);
+    let p = dir.path().join("rsrc-raw.dmg");
+    let runs = vec![entry(RunKind::Raw, 0, 8, 0, 4096)];
+    let crc = runs_crc(&runs, &fork);
+    write_image(&p, &fork, &[("d".into(), table(0, 8, crc, runs))], 8).unwrap();
+    let b = with_rsrc(&std::fs::read(&p).unwrap());
+    std::fs::write(&p, &b).unwrap();
+    let d = udrw_rw(&p);
+    assert_eq!(d.write_refusal(), None);
+    d.write_at(b"x", 0).unwrap();
+    let e = d.resize(MIB).unwrap_err();
     assert_eq!(
         e.to_string(),
         format!("{}: not writable: {why}", p.display())
     );
-    assert_eq!(e.errno(), libc::EROFS);
+    assert_eq!(d.size(), 4096);
     drop(d);
-    assert_eq!(std::fs::read(&p).unwrap(), before);
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(after.len(), b.len());
+    assert_eq!(after[0], b'x');
+    assert_eq!(after[1..4096], b[1..4096]);
 }
 
 #[test]
@@ -1038,4 +1474,97 @@ fn the_udrw_replay_detects_a_lost_flushed_write() {
     );
     let state = store.mem.lock().clone();
     assert_catches_lost_write(&plan, state, crash_verify);
+}
+
+/// Like [`crash_verify`] for a disk whose size the workload changes: the
+/// recovery write goes to the last 12 KiB of whatever size the crash left.
+fn crash_verify_any_size(state: Mem, model: &Model, durable: usize, started: usize, ctx: &str) {
+    let store = Recorder::new(state);
+    let img =
+        open_mem(store.clone(), false).unwrap_or_else(|e| panic!("{ctx}: does not open: {e}"));
+    let report = img.check().unwrap_or_else(|e| panic!("{ctx}: check: {e}"));
+    assert_eq!(report.problems, Vec::<String>::new(), "{ctx}");
+    check_sectors(&img, model, durable, started, ctx);
+    drop(img);
+    let img = open_mem(store, true).unwrap_or_else(|e| panic!("{ctx}: no writable reopen: {e}"));
+    let at = img.size() - 3 * 4096;
+    img.write_at(&[0xEE; 3 * 4096], at).unwrap();
+    img.flush().unwrap();
+    assert_eq!(img.check().unwrap().problems, Vec::<String>::new(), "{ctx}");
+    let mut big = vec![0u8; 3 * 4096];
+    img.read_at(&mut big, at).unwrap();
+    assert!(big.iter().all(|&b| b == 0xEE), "{ctx}: recovery write lost");
+}
+
+/// Writes, discards, flushes and resizes between 4 and 12 MiB, over the
+/// whole disk as it is at each step (zero, free and raw runs, and grown
+/// space).
+fn mixed_workload(seed: u64, steps: usize) -> Vec<Step> {
+    let mut sectors = CDISK / 512;
+    let mut r = Rng(seed);
+    let mut tag = 0;
+    (0..steps)
+        .map(|_| {
+            let sector = r.below(sectors - 64);
+            match r.below(12) {
+                0..=5 => {
+                    tag += 1;
+                    Step::Write {
+                        sector,
+                        count: 1 + r.below(40),
+                        tag,
+                    }
+                }
+                6 | 7 => Step::Discard {
+                    sector,
+                    count: 1 + r.below(64),
+                },
+                8 | 9 => {
+                    sectors = 512 * (8 + r.below(17)) + r.below(512);
+                    Step::Resize(sectors * 512)
+                }
+                _ => Step::Flush,
+            }
+        })
+        .collect()
+}
+
+/// An image with zero, free and raw runs and sectors no table covers:
+/// writes give new space, resizes rewrite the tables.
+fn mixed_replay(seed: u64, steps: usize) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("mixed.dmg");
+    let mut plan = mixed_image(&p);
+    let first = plan.len();
+    let store = Recorder::new(Mem::from_file(&p));
+    assert!(
+        open_mem(store.clone(), false)
+            .unwrap()
+            .check()
+            .unwrap()
+            .checksums_verified
+            > 0,
+        "the base image has no checksums to clear"
+    );
+    let base = store.start();
+    plan.extend(mixed_workload(seed, steps));
+    {
+        let img = open_mem(store.clone(), true).unwrap();
+        run_steps(&*store, &img, &plan, first);
+    }
+    let log = store.take_log();
+    let syncs = log
+        .iter()
+        .filter(|o| matches!(o, common::crash::Op::Sync))
+        .count();
+    assert!(syncs > 10, "seed {seed}: only {syncs} syncs");
+    let points = sweep(seed, base, &log, &plan, first, 4, crash_verify_any_size);
+    assert!(points > 100, "seed {seed}: only {points} crash points");
+}
+
+#[test]
+fn every_crash_point_of_new_space_and_resize_opens_and_keeps_flushed_writes() {
+    for seed in [3, 11, 2024] {
+        mixed_replay(seed, 30);
+    }
 }

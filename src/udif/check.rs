@@ -69,7 +69,8 @@ pub fn check(path: &Path) -> Result<CheckReport> {
 impl Udif {
     /// Decompresses every compressed run and verifies every CRC32.
     pub fn check(&self) -> Result<CheckReport> {
-        let l = &self.layout;
+        let layout = self.layout();
+        let l = &*layout;
         let mut r = CheckReport {
             path: self.path.display().to_string(),
             variant: self.variant().to_string(),
@@ -101,8 +102,8 @@ impl Udif {
                 match run.kind {
                     RunKind::Free => {}
                     RunKind::Zero => h.combine(&crc32_of_zeros(run.sectors * SECTOR)),
-                    RunKind::Raw => h.combine(&self.feed(self.host(i, 0), run.length)?),
-                    _ => match self.decompress_run(i) {
+                    RunKind::Raw => h.combine(&self.feed(Self::host(l, i, 0), run.length)?),
+                    _ => match self.decompress_run(l, i) {
                         Ok(b) => h.update(&b),
                         Err(Error::Corrupt(m)) => {
                             r.problems.push(m);

@@ -2,27 +2,46 @@
 //! resources are `mish` block tables, and a 512-byte `koly` trailer.
 //!
 //! [`Udif`] serves the disk the tables describe. Invariants:
-//! - the run map is fixed at open (no resize), sorted, non-overlapping,
-//!   and every run with data lies inside the data fork (see
-//!   [`blkx::RunMap`]); sectors no run covers read as zeros;
+//! - the run map is sorted, non-overlapping, and every run with data lies
+//!   inside the data fork (see [`blkx::RunMap`]); sectors no run covers,
+//!   and zero and free runs, read as zeros;
 //! - images with any compressed run (UDZO, UDBZ, ULFO, ULMO, ADC) are
 //!   read-only: every change is [`Error::ReadOnly`] and the file is opened
-//!   without write access;
-//! - an image is written only when its whole disk is raw runs whose bytes
-//!   in the data fork do not overlap (UDRW): a write goes straight to the
-//!   run's bytes, a discard punches a hole in the host file, a flush is
-//!   `fdatasync`. Nothing else in the file changes, except once: before
-//!   the first change after an open, the data-fork, master and per-table
+//!   without write access; so are images whose raw runs share bytes or
+//!   whose data fork overlaps the property list, and images that would
+//!   need new space but cannot have it (a resource fork after the data
+//!   fork, or more than [`edit::MAX_RUNS`] runs) (`write_obstacle`);
+//! - in a writable (UDRW) image a write to a raw run goes straight to the
+//!   run's bytes, a discard punches a hole in the host file (zero and
+//!   free runs already read as zeros), a flush is `fdatasync`. Before the
+//!   first change after an open, the data-fork, master and per-table
 //!   CRC32s (which the change would make stale) are set to "none", in
 //!   place (the property list keeps its length), in an order a crash
-//!   cannot tear into a mismatch (`clear_checksums`). A crash at any
-//!   instant leaves an image that opens and checks clean (replayed crash
-//!   point by crash point in `tests/udif.rs`).
+//!   cannot tear into a mismatch (`clear_checksums`);
+//! - a write (or `allocate`) touching a zero or free run, or sectors no
+//!   run covers, first gives each aligned 1 MiB piece it touches new,
+//!   zero-filled space at the end of the data fork, as a raw run
+//!   ([`edit`]); `resize` grows the disk by free runs (space comes only
+//!   when written) or cuts the runs past a smaller end and punches their
+//!   bytes. Either is a new property list and trailer, written by
+//!   `commit` in an order that only ever leaves a valid trailer in the
+//!   file's last sector: (a) a copy of the current trailer at the new end
+//!   of the file (a whole 512-byte sector of it), synced; (b) the new
+//!   property list after the new space, synced; (c) the new trailer over
+//!   the copy (one sector), synced. Only then are the old property list
+//!   and trailer, now unreferenced bytes inside the data fork, punched.
+//!   The file never shrinks: the data fork only grows, holding holes
+//!   where old tails were. The file's length grows only with a write
+//!   that extends it, as on Linux filesystems;
+//! - a crash at any instant leaves an image that opens and checks clean,
+//!   holding every write a completed flush (or resize) covered: replayed
+//!   crash point by crash point in `tests/udif.rs`.
 
 pub mod blkx;
 pub mod check;
 pub mod codec;
 pub mod create;
+pub mod edit;
 pub mod plist;
 pub mod trailer;
 
@@ -32,7 +51,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::disk::{Disk, Format};
@@ -42,7 +61,8 @@ use crate::error::{Error, Result};
 use crate::stats::{Counter, IoCounters, IoStats};
 use blkx::{Mish, RunKind, RunMap, SECTOR};
 pub use check::{check, CheckReport};
-pub use create::create_udrw;
+pub use create::{create_udrw, MAX_UDRW_SIZE};
+use edit::Tables;
 use trailer::{Checksum, Koly, TRAILER_SIZE};
 
 /// A structure of the image breaks the format's rules (one line).
@@ -54,6 +74,10 @@ pub struct Malformed(pub String);
 pub const MAX_PLIST: u64 = 256 << 20;
 /// Decompressed runs kept in memory.
 pub const CACHE_BYTES: usize = 32 << 20;
+
+/// Why an image with a resource fork gets no new space: the data fork
+/// would grow over it.
+const RSRC_FORK: &str = "the image has a resource fork, which a larger data fork would cover";
 
 const ENCRYPTED_HEAD: &[u8; 8] = b"encrcdsa";
 const ENCRYPTED_TAIL: &[u8; 8] = b"cdsaencr";
@@ -73,31 +97,36 @@ impl Layout {
         if let Some(k) = self.map.has_compressed() {
             return Some(Obstacle::Compressed(k));
         }
-        let mut raw: Vec<(u64, u64)> = Vec::new();
-        let mut covered = 0u64;
-        for r in &self.map.runs {
-            if r.kind != RunKind::Raw {
-                return Some(Obstacle::Refused(format!(
-                    "sectors {}..{} are a {} run, which has no place in the data fork to write to",
-                    r.start,
-                    r.end(),
-                    r.kind.name()
-                )));
-            }
-            covered += r.sectors;
-            raw.push((r.offset, r.length));
-        }
-        if covered != self.map.sectors {
-            return Some(Obstacle::Refused(format!(
-                "runs cover {covered} of the disk's {} sectors; the rest has no place to write to",
-                self.map.sectors
-            )));
-        }
+        let mut raw: Vec<(u64, u64)> = self
+            .map
+            .runs
+            .iter()
+            .filter(|r| r.kind == RunKind::Raw)
+            .map(|r| (r.offset, r.length))
+            .collect();
         raw.sort_unstable();
         if raw.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
             return Some(Obstacle::Refused(
                 "raw runs share bytes of the data fork".into(),
             ));
+        }
+        let raw_sectors: u64 = self
+            .map
+            .runs
+            .iter()
+            .filter(|r| r.kind == RunKind::Raw)
+            .map(|r| r.sectors)
+            .sum();
+        if self.koly.rsrc_fork_length != 0 && raw_sectors != self.map.sectors {
+            return Some(Obstacle::Refused(RSRC_FORK.into()));
+        }
+        let runs = edit::cover_cost(&self.tables, self.map.sectors);
+        if runs > edit::MAX_RUNS {
+            return Some(Obstacle::Refused(format!(
+                "runs covering the disk's {} sectors would number {runs}, more than the {} asiffs writes",
+                self.map.sectors,
+                edit::MAX_RUNS
+            )));
         }
         // Both ranges were checked to end before the trailer.
         let k = &self.koly;
@@ -225,7 +254,7 @@ enum Mode {
     ReadOnly,
     /// Opened for writing, but compressed.
     Compressed(RunKind),
-    /// Opened for writing, but not all raw.
+    /// Opened for writing, but not writable in place.
     Refused(String),
     Writable,
 }
@@ -264,7 +293,11 @@ pub struct Udif {
     storage: Arc<dyn Storage>,
     /// The descriptor holding the `flock`, kept for the image's lifetime.
     _lock: Option<File>,
-    layout: Layout,
+    /// Replaced whole by each change of the tables; readers take a copy
+    /// of the pointer, never hold the lock.
+    layout: RwLock<Arc<Layout>>,
+    /// Held by every change of the tables (new space, resize).
+    change: Mutex<()>,
     mode: Mode,
     cache: Mutex<RunCache>,
     counters: Counters,
@@ -343,7 +376,8 @@ impl Udif {
             path: path.to_path_buf(),
             storage,
             _lock: lock,
-            layout,
+            layout: RwLock::new(Arc::new(layout)),
+            change: Mutex::new(()),
             mode,
             cache: Mutex::new(RunCache {
                 lru: LruCache::unbounded(),
@@ -355,14 +389,15 @@ impl Udif {
         }
     }
 
-    pub fn layout(&self) -> &Layout {
-        &self.layout
+    /// The layout as it is now.
+    pub fn layout(&self) -> Arc<Layout> {
+        self.layout.read().clone()
     }
 
     /// "UDRW" for an image without compressed runs, else the hdiutil name
     /// of its compression.
     pub fn variant(&self) -> &'static str {
-        format_name(self.layout.map.has_compressed().unwrap_or(RunKind::Raw))
+        format_name(self.layout().map.has_compressed().unwrap_or(RunKind::Raw))
     }
 
     /// Runs decompressed so far.
@@ -388,12 +423,12 @@ impl Udif {
     }
 
     /// Splits `offset..offset+len` (inside the disk) at run boundaries.
-    fn pieces(&self, offset: u64, len: u64) -> Vec<Piece> {
-        let runs = &self.layout.map.runs;
+    fn pieces(l: &Layout, offset: u64, len: u64) -> Vec<Piece> {
+        let runs = &l.map.runs;
         let end = offset + len;
         let mut out = Vec::new();
         let mut at = offset;
-        let mut i = self.layout.map.find(at / SECTOR);
+        let mut i = l.map.find(at / SECTOR);
         while at < end {
             match runs.get(i) {
                 Some(r) if r.start * SECTOR <= at => {
@@ -423,17 +458,18 @@ impl Udif {
     }
 
     /// Host offset of byte `within` of raw run `i`.
-    fn host(&self, i: usize, within: u64) -> u64 {
-        self.layout.koly.data_fork_offset + self.layout.map.runs[i].offset + within
+    fn host(l: &Layout, i: usize, within: u64) -> u64 {
+        l.koly.data_fork_offset + l.map.runs[i].offset + within
     }
 
-    /// Run `i`, decompressed, from the cache or the file.
-    fn expanded(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+    /// Run `i`, decompressed, from the cache or the file. (Only images
+    /// with compressed runs use the cache; their tables never change.)
+    fn expanded(&self, l: &Layout, i: usize) -> Result<Arc<Vec<u8>>> {
         if let Some(b) = self.cache.lock().lru.get(&i) {
             self.counters.cache_hits.bump(1);
             return Ok(b.clone());
         }
-        let bytes = Arc::new(self.decompress_run(i)?);
+        let bytes = Arc::new(self.decompress_run(l, i)?);
         self.counters.decompressions.bump(1);
         let mut c = self.cache.lock();
         if c.lru.put(i, bytes.clone()).is_none() {
@@ -449,17 +485,17 @@ impl Udif {
     }
 
     /// Decompresses run `i` without the cache.
-    pub(crate) fn decompress_run(&self, i: usize) -> Result<Vec<u8>> {
-        let r = self.layout.map.runs[i];
+    pub(crate) fn decompress_run(&self, l: &Layout, i: usize) -> Result<Vec<u8>> {
+        let r = l.map.runs[i];
         let src = read_vec(
             &*self.storage,
-            self.host(i, 0),
+            Self::host(l, i, 0),
             r.length,
             &self.path,
             "a compressed run",
         )?;
         codec::decompress(r.kind, &src, (r.sectors * SECTOR) as usize).map_err(|m| {
-            let t = &self.layout.tables[r.table];
+            let t = &l.tables[r.table];
             let run_index = t
                 .runs
                 .iter()
@@ -474,19 +510,21 @@ impl Udif {
     }
 
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        for p in self.pieces(offset, buf.len() as u64) {
+        let l = self.layout();
+        Self::in_disk(&l, offset, buf.len() as u64)?;
+        for p in Self::pieces(&l, offset, buf.len() as u64) {
             let out = &mut buf[(p.at - offset) as usize..(p.at - offset + p.len) as usize];
             let Some(i) = p.run else {
                 out.fill(0);
                 continue;
             };
-            match self.layout.map.runs[i].kind {
+            match l.map.runs[i].kind {
                 RunKind::Raw => self
                     .storage
-                    .read_data(out, self.host(i, p.within))
+                    .read_data(out, Self::host(&l, i, p.within))
                     .map_err(|e| Error::io(self.ctx("reading a raw run"), e))?,
                 k if k.is_compressed() => {
-                    let run = self.expanded(i)?;
+                    let run = self.expanded(&l, i)?;
                     out.copy_from_slice(&run[p.within as usize..(p.within + p.len) as usize]);
                 }
                 _ => out.fill(0),
@@ -521,12 +559,11 @@ impl Udif {
     /// may change in any order), then each table's checksum type (a single
     /// base64 character changes), then the values the types now disown.
     fn clear_checksums(&self) -> Result<()> {
-        let koly = &self.layout.koly;
+        let l = self.layout();
+        let koly = &l.koly;
         let stale = koly.data_checksum.kind != trailer::CHECKSUM_NONE
             || koly.master_checksum.kind != trailer::CHECKSUM_NONE
-            || self
-                .layout
-                .tables
+            || l.tables
                 .iter()
                 .any(|t| t.checksum.kind != trailer::CHECKSUM_NONE);
         if !stale {
@@ -572,13 +609,26 @@ impl Udif {
         Ok(())
     }
 
-    /// Zeros a range of the (raw) disk by punching the host file.
+    /// The range must lie inside the disk `l` describes (it may have
+    /// shrunk since the caller looked).
+    fn in_disk(l: &Layout, offset: u64, len: u64) -> Result<()> {
+        let size = l.map.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Zeros a range of the disk: punches the host file under raw runs
+    /// (the rest reads as zeros already).
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
         self.begin_change()?;
-        for p in self.pieces(offset, len) {
-            if let Some(i) = p.run {
+        let l = self.layout();
+        Self::in_disk(&l, offset, len)?;
+        for p in Self::pieces(&l, offset, len) {
+            if let Some(i) = p.run.filter(|&i| l.map.runs[i].kind == RunKind::Raw) {
                 self.storage
-                    .punch(self.host(i, p.within), p.len)
+                    .punch(Self::host(&l, i, p.within), p.len)
                     .map_err(|e| Error::io(self.ctx("punching a hole"), e))?;
             }
         }
@@ -586,10 +636,205 @@ impl Udif {
         Ok(())
     }
 
+    /// The sector ranges of `offset..offset+len` that are not raw runs.
+    fn unbacked(l: &Layout, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        Self::pieces(l, offset, len)
+            .iter()
+            .filter(|p| p.run.map_or(true, |i| l.map.runs[i].kind != RunKind::Raw))
+            .map(|p| (p.at / SECTOR, (p.at + p.len).div_ceil(SECTOR)))
+            .collect()
+    }
+
+    /// The layout once `offset..offset+len` lies in raw runs: new space
+    /// is given to what does not (see the module docs).
+    fn backed(&self, offset: u64, len: u64) -> Result<Arc<Layout>> {
+        let l = self.layout();
+        Self::in_disk(&l, offset, len)?;
+        if Self::unbacked(&l, offset, len).is_empty() {
+            return Ok(l);
+        }
+        {
+            let _one = self.change.lock();
+            let cur = self.layout();
+            Self::in_disk(&cur, offset, len)?;
+            let need = Self::unbacked(&cur, offset, len);
+            if !need.is_empty() {
+                let mut t = Tables::new(&cur.tables, cur.map.sectors);
+                t.cover();
+                let map = t
+                    .map(cur.koly.data_fork_length)
+                    .map_err(|m| Error::Corrupt(self.ctx(&m.0)))?;
+                let pieces = Tables::pieces(&map, &need);
+                let len = self.file_len()?;
+                let start = len
+                    .checked_next_multiple_of(4096)
+                    .ok_or_else(|| Error::Invalid(self.ctx("the file is too large to grow")))?;
+                let added = t.back(&pieces, start - cur.koly.data_fork_offset);
+                let end = start
+                    .checked_add(added)
+                    .ok_or_else(|| Error::Invalid(self.ctx("the file is too large to grow")))?;
+                self.commit(&cur, &t, len, start, end)?;
+            }
+        }
+        let l = self.layout();
+        Self::in_disk(&l, offset, len)?;
+        Ok(l)
+    }
+
+    fn file_len(&self) -> Result<u64> {
+        self.storage
+            .len()
+            .map_err(|e| Error::io(self.ctx("stat"), e))
+    }
+
+    /// Writes the tables `t` out (see the module docs for the order): the
+    /// file is `len` bytes now; the data fork grows to end at `end`, where
+    /// the new property list goes; new space lies at `start..end`. What
+    /// lay between the old data fork's end and `start` (the old property
+    /// list and trailer) is punched once the new trailer is durable.
+    fn commit(&self, cur: &Layout, t: &Tables, len: u64, start: u64, end: u64) -> Result<()> {
+        let k0 = &cur.koly;
+        if k0.rsrc_fork_length != 0 {
+            return Err(Error::WritesRefused {
+                path: self.path.clone(),
+                reason: RSRC_FORK.into(),
+            });
+        }
+        let io = |what: &'static str| move |e| Error::io(self.ctx(what), e);
+        let xml = read_vec(
+            &*self.storage,
+            k0.plist_offset,
+            k0.plist_length,
+            &self.path,
+            "the property list",
+        )?;
+        let entries: Vec<(Option<usize>, Option<Vec<u8>>)> = (0..t.tables.len())
+            .map(|i| {
+                let keep = !t.changed[i] && t.origin[i].is_some();
+                (t.origin[i], (!keep).then(|| t.tables[i].encode()))
+            })
+            .collect();
+        let corrupt = |m: Malformed| Error::Corrupt(self.ctx(&m.0));
+        let xml = plist::rewrite(&xml, &entries).map_err(corrupt)?;
+        if xml.len() as u64 > MAX_PLIST {
+            return Err(Error::Invalid(self.ctx(&format!(
+                "the tables would take a property list of {} bytes, more than the {} MiB asiffs reads",
+                xml.len(),
+                MAX_PLIST >> 20
+            ))));
+        }
+        let mut k = k0.clone();
+        k.data_fork_length = end - k.data_fork_offset;
+        k.plist_offset = end;
+        k.plist_length = xml.len() as u64;
+        k.data_checksum = Checksum::NONE;
+        k.master_checksum = Checksum::NONE;
+        k.sector_count = t.sectors;
+        // The trailer takes a whole sector of the file, so that a torn
+        // write of it is the old sector or the new one.
+        let new_len = (end + xml.len() as u64).next_multiple_of(SECTOR) + TRAILER_SIZE as u64;
+        // Never write what would not open, writable, again.
+        k.validate(new_len).map_err(corrupt)?;
+        let blkx = plist::decode(&xml).map_err(corrupt)?;
+        let tables = blkx
+            .iter()
+            .map(|b| Mish::decode(&b.data))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(corrupt)?;
+        let map = RunMap::build(&tables, k.sector_count, k.data_fork_length).map_err(corrupt)?;
+        let next = Layout {
+            koly: k.clone(),
+            blkx,
+            tables,
+            map,
+        };
+        let why = match next.write_obstacle() {
+            None => None,
+            Some(Obstacle::Refused(r)) => Some(r),
+            Some(Obstacle::Compressed(k)) => Some(format!("{} runs", k.name())),
+        };
+        if let Some(r) = why {
+            return Err(Error::Corrupt(self.ctx(&format!("new tables: {r}"))));
+        }
+        let trailer_at = new_len - TRAILER_SIZE as u64;
+        let old = read_vec(
+            &*self.storage,
+            len - TRAILER_SIZE as u64,
+            TRAILER_SIZE as u64,
+            &self.path,
+            "the trailer",
+        )?;
+        let s = &*self.storage;
+        // (a) The file ends in the current trailer, at its new length.
+        s.write_at(&old, trailer_at)
+            .and_then(|()| s.sync())
+            .map_err(io("extending the file"))?;
+        // (b) The new property list, after the new space.
+        s.write_at(&xml, end)
+            .and_then(|()| s.sync())
+            .map_err(io("writing the property list"))?;
+        // (c) The new trailer: one sector, so it is old or new, not both.
+        s.write_at(&k.encode(), trailer_at)
+            .and_then(|()| s.sync())
+            .map_err(io("writing the trailer"))?;
+        *self.layout.write() = Arc::new(next);
+        let fork_end = k0.data_fork_offset + k0.data_fork_length;
+        let mut garbage = vec![(k0.plist_offset, k0.plist_length)];
+        if fork_end < start {
+            garbage.push((fork_end, start - fork_end));
+        }
+        for (at, n) in garbage {
+            s.punch(at, n)
+                .map_err(io("punching the old property list"))?;
+        }
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Changes the disk to `new_size` bytes (see the module docs).
+    fn resize_to(&self, new_size: u64) -> Result<()> {
+        if new_size == 0 || new_size % SECTOR != 0 {
+            return Err(Error::Invalid(self.ctx(&format!(
+                "a UDIF disk is a whole, nonzero number of 512-byte sectors, not {new_size} bytes"
+            ))));
+        }
+        let max = self.max_size();
+        if new_size > max {
+            return Err(Error::Invalid(self.ctx(&format!(
+                "{new_size} bytes is larger than the {max} bytes this UDIF image grows to"
+            ))));
+        }
+        {
+            let _one = self.change.lock();
+            let cur = self.layout();
+            let sectors = new_size / SECTOR;
+            if sectors != cur.map.sectors {
+                let mut t = Tables::new(&cur.tables, cur.map.sectors);
+                let freed = if sectors < cur.map.sectors {
+                    t.shrink(sectors)
+                } else {
+                    t.sectors = sectors;
+                    t.cover();
+                    Vec::new()
+                };
+                let len = self.file_len()?;
+                self.commit(&cur, &t, len, len, len)?;
+                for (at, n) in freed {
+                    self.storage
+                        .punch(cur.koly.data_fork_offset + at, n)
+                        .map_err(|e| Error::io(self.ctx("punching cut runs"), e))?;
+                }
+            }
+        }
+        // Earlier writes are durable once resize returns, as a flush.
+        self.dirty.store(true, Ordering::Release);
+        Disk::flush(self)
+    }
+
     /// Whether raw run `i` has no host data at all (a hole in the file).
-    fn raw_is_hole(&self, i: usize) -> Result<bool> {
-        let r = &self.layout.map.runs[i];
-        let start = self.host(i, 0);
+    fn raw_is_hole(&self, l: &Layout, i: usize) -> Result<bool> {
+        let r = &l.map.runs[i];
+        let start = Self::host(l, i, 0);
         let next = self
             .storage
             .next_data(start)
@@ -599,20 +844,21 @@ impl Udif {
 
     /// Runs and gaps from `offset` on, as extents (one per piece).
     fn walk(&self, offset: u64, mut f: impl FnMut(Extent) -> bool) -> Result<()> {
-        let size = self.size();
+        let l = self.layout();
+        let size = l.map.size();
         if offset >= size {
             return Ok(());
         }
-        for p in self.pieces(offset, size - offset) {
+        for p in Self::pieces(&l, offset, size - offset) {
             let e = match p.run {
                 Some(i) => {
-                    let r = self.layout.map.runs[i];
+                    let r = l.map.runs[i];
                     match r.kind {
-                        RunKind::Raw if !self.raw_is_hole(i)? => Extent {
+                        RunKind::Raw if !self.raw_is_hole(&l, i)? => Extent {
                             start: p.at,
                             length: p.len,
                             data: true,
-                            offset: Some(self.host(i, p.within)),
+                            offset: Some(Self::host(&l, i, p.within)),
                         },
                         k if k.is_compressed() => Extent {
                             start: p.at,
@@ -650,7 +896,16 @@ impl Disk for Udif {
         &self.path
     }
     fn size(&self) -> u64 {
-        self.layout.map.size()
+        self.layout().map.size()
+    }
+    /// A writable image grows to [`MAX_UDRW_SIZE`] (1 TiB, the largest
+    /// UDRW image `create` makes; its tables then stay a few MiB), or
+    /// stays at its size if that is larger.
+    fn max_size(&self) -> u64 {
+        match self.mode {
+            Mode::Writable => self.size().max(MAX_UDRW_SIZE),
+            _ => self.size(),
+        }
     }
     fn is_writable(&self) -> bool {
         matches!(self.mode, Mode::Writable)
@@ -675,14 +930,16 @@ impl Disk for Udif {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         self.begin_change()?;
-        for p in self.pieces(offset, buf.len() as u64) {
-            // A writable image is raw throughout (see `write_obstacle`).
-            let Some(i) = p.run else {
-                return Err(Error::Corrupt(self.ctx("a write fell outside every run")));
+        let l = self.backed(offset, buf.len() as u64)?;
+        for p in Self::pieces(&l, offset, buf.len() as u64) {
+            let Some(i) = p.run.filter(|&i| l.map.runs[i].kind == RunKind::Raw) else {
+                return Err(Error::Corrupt(
+                    self.ctx("a write fell outside every raw run"),
+                ));
             };
             let src = &buf[(p.at - offset) as usize..(p.at - offset + p.len) as usize];
             self.storage
-                .write_data(src, self.host(i, p.within))
+                .write_data(src, Self::host(&l, i, p.within))
                 .map_err(|e| Error::io(self.ctx("writing a raw run"), e))?;
         }
         self.dirty.store(true, Ordering::Release);
@@ -704,10 +961,11 @@ impl Disk for Udif {
     fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         self.begin_change()?;
-        for p in self.pieces(offset, len) {
-            if let Some(i) = p.run {
+        let l = self.backed(offset, len)?;
+        for p in Self::pieces(&l, offset, len) {
+            if let Some(i) = p.run.filter(|&i| l.map.runs[i].kind == RunKind::Raw) {
                 self.storage
-                    .reserve(self.host(i, p.within), p.len)
+                    .reserve(Self::host(&l, i, p.within), p.len)
                     .map_err(|e| Error::io(self.ctx("reserving space"), e))?;
             }
         }
@@ -723,14 +981,9 @@ impl Disk for Udif {
         }
         Ok(())
     }
-    fn resize(&self, _new_size: u64) -> Result<()> {
-        match &self.mode {
-            Mode::Writable => Err(Error::Invalid(format!(
-                "{}: resizing a UDIF image is not supported",
-                self.path.display()
-            ))),
-            _ => self.begin_change(),
-        }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.begin_change()?;
+        self.resize_to(new_size)
     }
     fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
         let mut found = None;

@@ -142,6 +142,64 @@ pub fn encode(blkx: &[BlkxResource]) -> Vec<u8> {
     out
 }
 
+/// `xml` with its `blkx` array replaced by `entries`: each the current
+/// entry it names (every key kept) or a new one (`None`) named as a whole
+/// disk, with the `Data` given (`None`: the entry's own). Everything else
+/// in the property list is kept.
+pub fn rewrite(
+    xml: &[u8],
+    entries: &[(Option<usize>, Option<Vec<u8>>)],
+) -> Result<Vec<u8>, Malformed> {
+    let mut root = Value::from_reader_xml(Cursor::new(xml)).map_err(|e| {
+        Malformed(format!(
+            "XML property list does not parse: {}",
+            e.to_string().replace('\n', " ")
+        ))
+    })?;
+    let blkx = root
+        .as_dictionary_mut()
+        .and_then(|d| d.get_mut("resource-fork"))
+        .and_then(Value::as_dictionary_mut)
+        .and_then(|d| d.get_mut("blkx"))
+        .ok_or_else(|| Malformed("XML property list has no blkx array".into()))?;
+    let old = blkx
+        .as_array()
+        .ok_or_else(|| Malformed("blkx is not an array".into()))?
+        .clone();
+    let mut next_id = old.len();
+    let new = entries
+        .iter()
+        .map(|(origin, data)| {
+            let mut d = match origin
+                .and_then(|i| old.get(i))
+                .and_then(Value::as_dictionary)
+            {
+                Some(d) => d.clone(),
+                None => {
+                    let mut d = Dictionary::new();
+                    let name = "whole disk (unknown partition : 0)".to_string();
+                    d.insert("Attributes".into(), Value::String("0x0050".into()));
+                    d.insert("CFName".into(), Value::String(name.clone()));
+                    d.insert("ID".into(), Value::String(next_id.to_string()));
+                    d.insert("Name".into(), Value::String(name));
+                    next_id += 1;
+                    d
+                }
+            };
+            if let Some(data) = data {
+                d.insert("Data".into(), Value::Data(data.clone()));
+            }
+            Value::Dictionary(d)
+        })
+        .collect();
+    *blkx = Value::Array(new);
+    let mut out = Vec::new();
+    root.to_writer_xml(&mut out)
+        .map_err(|e| Malformed(format!("writing the property list: {e}")))?;
+    out.push(b'\n');
+    Ok(out)
+}
+
 /// In-place edits of the `<data>` elements of `xml` holding a `mish`
 /// table: `edit` may change a table's bytes (not its length). Each edit
 /// is `(offset in xml, new bytes)`; the XML keeps its length and layout,
@@ -276,6 +334,47 @@ mod tests {
             .unwrap_err()
             .0
             .starts_with("XML property list does not parse: "));
+    }
+
+    #[test]
+    fn rewrite_keeps_other_keys() {
+        let xml = b"<?xml version=\"1.0\"?><plist version=\"1.0\"><dict>\
+             <key>resource-fork</key><dict>\
+             <key>blkx</key><array><dict><key>ID</key><string>-1</string>\
+             <key>Data</key><data>AAAA</data><key>Extra</key><integer>5</integer></dict></array>\
+             <key>plst</key><array><dict><key>Data</key><data>AAAA</data></dict></array>\
+             </dict><key>other</key><string>kept</string></dict></plist>";
+        let out = rewrite(
+            xml,
+            &[
+                (Some(0), Some(b"one".to_vec())),
+                (None, Some(b"two".to_vec())),
+            ],
+        )
+        .unwrap();
+        let got = decode(&out).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[0].id.as_str(), got[0].data.as_slice()),
+            ("-1", &b"one"[..])
+        );
+        assert_eq!(
+            (got[1].id.as_str(), got[1].data.as_slice()),
+            ("1", &b"two"[..])
+        );
+        assert_eq!(got[1].name, "whole disk (unknown partition : 0)");
+        let root = Value::from_reader_xml(Cursor::new(&out)).unwrap();
+        let root = root.as_dictionary().unwrap();
+        assert_eq!(root.get("other").and_then(Value::as_string), Some("kept"));
+        let fork = root.get("resource-fork").unwrap().as_dictionary().unwrap();
+        assert!(fork.get("plst").is_some());
+        let e0 = fork.get("blkx").unwrap().as_array().unwrap()[0]
+            .as_dictionary()
+            .unwrap();
+        assert_eq!(
+            e0.get("Extra").and_then(Value::as_unsigned_integer),
+            Some(5)
+        );
     }
 
     #[test]
