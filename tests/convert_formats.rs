@@ -205,6 +205,17 @@ fn create_info_check_each_format() {
             serde_json::from_str(&ok(&["check", "--json", s(&p)]).stdout).unwrap();
         assert_eq!(j["exit_code"], 0, "{name}");
     }
+    // A UDRW image grows and shrinks too.
+    let dmg = t.path().join("b.dmg");
+    ok(&["resize", s(&dmg), "+6M"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["info", "--json", s(&dmg)]).stdout).unwrap();
+    assert_eq!(info["virtual_size"], 22 << 20);
+    ok(&["resize", s(&dmg), "16M", "--shrink"]);
+    assert!(ok(&["check", s(&dmg)]).stdout.ends_with(
+        "clean
+"
+    ));
     // A sparse image grows and shrinks like a bundle.
     let sp = t.path().join("f.sparseimage");
     ok(&["resize", s(&sp), "+6M"]);
@@ -290,10 +301,15 @@ fn refusals_are_one_line() {
         &["check", "-r", "all", s(&bundle)],
         "not supported for udsb",
     );
+    let other = tempfile::tempdir().unwrap();
+    let zlib = other.path().join("zlib.dmg");
+    fs::copy(vectors_dir().join("udif/hfsplus_zlib.dmg"), &zlib).unwrap();
+    let before = fs::read(&zlib).unwrap();
     one_error(
-        &["resize", s(&dmg), "8M"],
-        "resizing udif images is not supported",
+        &["resize", s(&zlib), "8M"],
+        "cannot resize: compressed UDIF image (UDZO, zlib runs) is read-only",
     );
+    assert_eq!(fs::read(&zlib).unwrap(), before);
     one_error(&["compact", s(&dmg)], "compact (ASIF and UDSP images only)");
     one_error(
         &["compact", s(&bundle)],

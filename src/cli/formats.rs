@@ -142,22 +142,29 @@ pub fn format_of(path: &Path) -> Result<Format> {
     Ok(crate::disk::probe(path)?.unwrap_or(Format::Asif))
 }
 
-/// `resize` of a bundle or a sparse image (the other formats that can
-/// change size): the size rounded up to whole sectors, as they store it.
+/// `resize` of a bundle, a sparse image or a UDRW image (the other formats
+/// that can change size): the size rounded up to whole sectors, as they
+/// store it.
 pub fn resize_other(
     path: &Path,
     format: Format,
     wanted: impl Fn(u64) -> Result<u64>,
     shrink: bool,
 ) -> Result<(u64, u64)> {
-    if !matches!(format, Format::Udsb | Format::Udsp) {
+    if !matches!(format, Format::Udsb | Format::Udsp | Format::Udif) {
         return Err(Error::Invalid(format!(
-            "{}: resizing {} images is not supported (ASIF images, sparse images and sparse bundles can be resized)",
+            "{}: resizing {} images is not supported (ASIF, UDRW, sparse images and sparse bundles can be resized)",
             path.display(),
             format.name()
         )));
     }
     let disk = crate::disk::open(path, Some(format), &OpenOptions::writable())?;
+    if let Some(why) = disk.write_refusal() {
+        return Err(Error::Invalid(format!(
+            "{}: cannot resize: {why}",
+            path.display()
+        )));
+    }
     let old = disk.size();
     let want = wanted(old)?;
     let new = want

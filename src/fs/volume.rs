@@ -334,6 +334,10 @@ impl Volume {
             if !node.disk.is_writable() {
                 return Err(libc::EROFS);
             }
+            // As truncate(2) past the largest file.
+            if size > node.disk.max_size() {
+                return Err(libc::EFBIG);
+            }
             let _g = node.resize_lock.lock();
             node.disk.resize(size).map_err(|e| {
                 warn!("{}: resize to {size}: {e}", node.path().display());

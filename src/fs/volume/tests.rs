@@ -387,7 +387,7 @@ fn truncate_grows_where_the_format_can_and_refuses_where_it_cannot() {
     let d = tempfile::tempdir().unwrap();
     four(d.path());
     let v = volume(d.path());
-    for shown in ["a.img", "c.img", "d.img"] {
+    for shown in ["a.img", "b.img", "c.img", "d.img"] {
         let i = ino(&v, shown);
         assert_eq!(truncate(&v, i, 12 * MIB).unwrap().size, 12 * MIB, "{shown}");
         assert_eq!(v.getattr(i).unwrap().size, 12 * MIB, "{shown}");
@@ -398,7 +398,7 @@ fn truncate_grows_where_the_format_can_and_refuses_where_it_cannot() {
         assert_eq!(read_at(&v, i, 12 * MIB - 4, 4).unwrap(), b"", "{shown}");
     }
     // Writes and fallocate past the end grow them too.
-    for shown in ["a.img", "c.img", "d.img"] {
+    for shown in ["a.img", "b.img", "c.img", "d.img"] {
         let i = ino(&v, shown);
         // To the next sector.
         assert_eq!(write(&v, i, 20 * MIB + 1, b"tail"), Ok(4), "{shown}");
@@ -412,12 +412,13 @@ fn truncate_grows_where_the_format_can_and_refuses_where_it_cannot() {
         fallocate(&v, i, 22 * MIB, MIB, 0).unwrap();
         assert_eq!(v.getattr(i).unwrap().size, 23 * MIB, "{shown}");
     }
-    // A UDIF image has a fixed size.
+    // Not past what the format takes (UDIF: 1 TiB).
     let b = ino(&v, "b.img");
-    assert_eq!(truncate(&v, b, 12 * MIB), Err(libc::EINVAL));
-    assert_eq!(write(&v, b, SIZE, b"x"), Err(libc::EFBIG));
-    assert_eq!(fallocate(&v, b, SIZE, MIB, 0), Err(libc::EFBIG));
-    assert_eq!(v.getattr(b).unwrap().size, SIZE);
+    let tib = 1u64 << 40;
+    assert_eq!(write(&v, b, tib, b"x"), Err(libc::EFBIG));
+    assert_eq!(fallocate(&v, b, tib, MIB, 0), Err(libc::EFBIG));
+    assert_eq!(truncate(&v, b, tib + 512), Err(libc::EFBIG));
+    assert_eq!(v.getattr(b).unwrap().size, 23 * MIB);
     // No write reaches past the largest offset.
     let a = ino(&v, "a.img");
     assert_eq!(write(&v, a, u64::MAX - 1, b"xy"), Err(libc::EFBIG));
