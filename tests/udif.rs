@@ -858,10 +858,8 @@ fn resize_grows_by_free_runs_and_shrinks_by_cutting_runs() {
         vec![
             (RunKind::Raw, 0, 2048),
             (RunKind::Raw, 2048, 8),
-            (RunKind::Free, 2056, 8184),
-            (RunKind::Raw, 10240, 2048),
-            (RunKind::Raw, 12288, 2048),
-            (RunKind::Free, 14336, 2048),
+            // The whole 64 MiB piece, cut to the free run it lies in.
+            (RunKind::Raw, 2056, 16384 - 2056),
             (RunKind::End, 16384, 0),
         ]
     );
@@ -886,17 +884,18 @@ fn concurrent_writes_into_free_space_all_land() {
     let p = dir.path().join("threads.dmg");
     create_udrw(&p, MIB).unwrap();
     let d: Arc<dyn Disk> = Arc::from(udrw_rw(&p));
-    d.resize(32 * MIB).unwrap();
-    // Four writers, interleaved 96 KiB blocks over the grown space: many
-    // take new space at once, some share a 1 MiB piece.
+    let piece = udif::edit::ALLOC_SECTORS * 512;
+    d.resize(8 * piece).unwrap();
+    // Four writers, 96 KiB blocks spread over the eight pieces of the
+    // grown space: pieces take new space at once, and writers share them.
     let block = 96 * 1024;
+    let at = move |k: u64| (k % 8) * piece + (k / 8) * block as u64 + 4096;
     let threads: Vec<_> = (0..4u64)
         .map(|t| {
             let d = d.clone();
             std::thread::spawn(move || {
-                for k in (t..300).step_by(4) {
-                    d.write_at(&pattern(k, block), MIB + k * block as u64)
-                        .unwrap();
+                for k in (t..96).step_by(4) {
+                    d.write_at(&pattern(k, block), at(k)).unwrap();
                 }
             })
         })
@@ -905,15 +904,22 @@ fn concurrent_writes_into_free_space_all_land() {
         t.join().unwrap();
     }
     d.flush().unwrap();
-    let mut want = vec![0u8; 32 * MIB as usize];
-    for k in 0..300u64 {
-        let at = (MIB + k * block as u64) as usize;
-        want[at..at + block].copy_from_slice(&pattern(k, block));
-    }
-    assert!(read_all(&*d, 1 << 20) == want);
+    let verify = |d: &dyn Disk, when: &str| {
+        let mut b = vec![0u8; block];
+        for k in 0..96u64 {
+            d.read_at(&mut b, at(k)).unwrap();
+            assert!(b == pattern(k, block), "block {k} {when}");
+        }
+        let mut z = vec![1u8; 4096];
+        for n in 0..8 {
+            d.read_at(&mut z, n * piece).unwrap();
+            assert!(z.iter().all(|&x| x == 0), "piece {n} start {when}");
+        }
+    };
+    verify(&*d, "after the writes");
     drop(d);
     let d = disk::open(&p, None, &ro()).unwrap();
-    assert!(read_all(&*d, 1 << 20) == want, "after reopening");
+    verify(&*d, "after reopening");
     let report = udif::check(&p).unwrap();
     assert!(report.is_clean(), "{:?}", report.lines());
 }
@@ -1567,4 +1573,36 @@ fn every_crash_point_of_new_space_and_resize_opens_and_keeps_flushed_writes() {
     for seed in [3, 11, 2024] {
         mixed_replay(seed, 30);
     }
+}
+
+#[test]
+fn extents_follow_the_host_files_holes_inside_raw_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("holes.dmg");
+    create_udrw(&p, 8 * MIB).unwrap();
+    let d = udrw_rw(&p);
+    let at = 2 * MIB + 8192;
+    d.write_at(&pattern(9, 4096), at).unwrap();
+    d.flush().unwrap();
+    let e: Vec<(u64, u64, bool)> = d
+        .extents()
+        .unwrap()
+        .iter()
+        .map(|e| (e.start, e.length, e.data))
+        .collect();
+    assert_eq!(
+        e,
+        vec![
+            (0, at, false),
+            (at, 4096, true),
+            (at + 4096, 8 * MIB - at - 4096, false)
+        ]
+    );
+    assert_eq!(d.seek_data(0).unwrap(), Some(at));
+    assert_eq!(d.seek_data(at + 100).unwrap(), Some(at + 100));
+    assert_eq!(d.seek_hole(at).unwrap(), at + 4096);
+    assert_eq!(d.seek_data(at + 4096).unwrap(), None);
+    d.discard(at, 4096).unwrap();
+    assert_eq!(d.seek_data(0).unwrap(), None);
+    assert_eq!(d.extents().unwrap().len(), 1);
 }

@@ -33,6 +33,12 @@ pub trait Storage: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// First offset at or after `offset` that may hold data (SEEK_DATA).
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>>;
+    /// First offset at or after `offset` in a hole (SEEK_HOLE); the length
+    /// of the file when none lies before its end. A store that does not
+    /// know its holes answers the length: all data.
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        Ok(self.len()?.max(offset))
+    }
     /// Bytes the host has allocated to the container.
     fn allocated_bytes(&self) -> io::Result<u64>;
     /// Reads guest data from a data chunk (the index goes through
@@ -193,6 +199,14 @@ impl Storage for FileStorage {
         match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
             Ok(at) => Ok(Some(at)),
             Err(Errno::NXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(offset)) {
+            Ok(at) => Ok(at),
+            Err(Errno::NXIO) => Ok(offset),
             Err(e) => Err(e.into()),
         }
     }

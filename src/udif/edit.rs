@@ -16,10 +16,13 @@
 use super::blkx::{Mish, RunEntry, RunKind, RunMap, SECTOR};
 use super::trailer::Checksum;
 
-/// Granularity of new space: whole aligned 1 MiB pieces (the run size of
-/// a new UDRW image), so a run of small writes rewrites the tables once
-/// per MiB, not once per write.
-pub const ALLOC_SECTORS: u64 = 2048;
+/// Granularity of new space: whole aligned 64 MiB pieces (the largest run
+/// qemu's reader takes). Each piece costs a rewrite of the property list
+/// and three syncs, and adds a run to it, so small pieces make filling a
+/// large disk quadratic; a big one costs nothing until written, since its
+/// space is a hole in the host file until then (and `extents` follows
+/// the host's holes inside raw runs).
+pub const ALLOC_SECTORS: u64 = FREE_RUN_SECTORS;
 /// Largest free run written: 64 MiB, the most sectors qemu's dmg reader
 /// accepts in one run.
 pub const FREE_RUN_SECTORS: u64 = 131_072;
@@ -446,57 +449,67 @@ mod tests {
 
     #[test]
     fn pieces_are_aligned_blocks_cut_to_their_run() {
+        const A: u64 = ALLOC_SECTORS;
+        let piece = A * SECTOR;
         let m = table(
             0,
-            6000,
+            3 * A,
             vec![
                 run(RunKind::Raw, 0, 100, 0, 51200),
-                run(RunKind::Zero, 100, 4000, 0, 0),
-                run(RunKind::Free, 4100, 1900, 0, 0),
+                run(RunKind::Zero, 100, 2 * A + 4 - 100, 0, 0),
+                run(RunKind::Free, 2 * A + 4, A - 4, 0, 0),
             ],
         );
-        let mut t = Tables::new(&[m], 6000);
+        let mut t = Tables::new(&[m], 3 * A);
         t.cover();
         let map = t.map(51200).unwrap();
-        let p = Tables::pieces(&map, &[(50, 101), (4095, 4101), (5999, 6000)]);
+        let p = Tables::pieces(
+            &map,
+            &[(50, 101), (2 * A - 1, 2 * A + 5), (3 * A - 1, 3 * A)],
+        );
         assert_eq!(
             p,
-            vec![(100, 2048), (2048, 4096), (4096, 4100), (4100, 6000)]
+            vec![(100, A), (A, 2 * A), (2 * A, 2 * A + 4), (2 * A + 4, 3 * A)]
         );
         let added = t.back(&p, 51200);
-        assert_eq!(added, 5900 * 512);
+        assert_eq!(added, (3 * A - 100) * SECTOR);
+        let at = |s: u64| 51200 + (s - 100) * SECTOR;
         assert_eq!(
             shape(&t.tables[0]),
             vec![
                 (RunKind::Raw, 0, 100, 0, 51200),
-                (RunKind::Raw, 100, 1948, 51200, 1948 * 512),
-                (RunKind::Raw, 2048, 2048, 51200 + 1948 * 512, MIB),
-                (RunKind::Raw, 4096, 4, 51200 + 3996 * 512, 2048),
-                (RunKind::Raw, 4100, 1900, 51200 + 4000 * 512, 1900 * 512),
-                (RunKind::End, 6000, 0, 0, 0),
+                (RunKind::Raw, 100, A - 100, at(100), (A - 100) * SECTOR),
+                (RunKind::Raw, A, A, at(A), piece),
+                (RunKind::Raw, 2 * A, 4, at(2 * A), 2048),
+                (
+                    RunKind::Raw,
+                    2 * A + 4,
+                    A - 4,
+                    at(2 * A + 4),
+                    (A - 4) * SECTOR
+                ),
+                (RunKind::End, 3 * A, 0, 0, 0),
             ]
         );
         // A piece in the middle of a run splits it in three.
         let mut t = Tables::new(
-            &[table(0, 8192, vec![run(RunKind::Zero, 0, 8192, 0, 0)])],
-            8192,
+            &[table(0, 4 * A, vec![run(RunKind::Zero, 0, 4 * A, 0, 0)])],
+            4 * A,
         );
         let map = t.map(0).unwrap();
-        let p = Tables::pieces(&map, &[(3000, 3001)]);
-        assert_eq!(p, vec![(2048, 4096)]);
+        let p = Tables::pieces(&map, &[(A + 3, A + 4)]);
+        assert_eq!(p, vec![(A, 2 * A)]);
         t.back(&p, 4096);
         assert_eq!(
             shape(&t.tables[0]),
             vec![
-                (RunKind::Zero, 0, 2048, 0, 0),
-                (RunKind::Raw, 2048, 2048, 4096, MIB),
-                (RunKind::Zero, 4096, 4096, 0, 0),
-                (RunKind::End, 8192, 0, 0, 0),
+                (RunKind::Zero, 0, A, 0, 0),
+                (RunKind::Raw, A, A, 4096, piece),
+                (RunKind::Zero, 2 * A, 2 * A, 0, 0),
+                (RunKind::End, 4 * A, 0, 0, 0),
             ]
         );
     }
-
-    const MIB: u64 = 1 << 20;
 
     #[test]
     fn shrink_cuts_runs_and_frees_their_bytes() {

@@ -19,9 +19,11 @@
 //!   place (the property list keeps its length), in an order a crash
 //!   cannot tear into a mismatch (`clear_checksums`);
 //! - a write (or `allocate`) touching a zero or free run, or sectors no
-//!   run covers, first gives each aligned 1 MiB piece it touches new,
-//!   zero-filled space at the end of the data fork, as a raw run
-//!   ([`edit`]); `resize` grows the disk by free runs (space comes only
+//!   run covers, first gives each aligned 64 MiB piece it touches new
+//!   space at the end of the data fork (a hole in the host file until
+//!   written), as a raw run ([`edit`]); `extents` follows the host file's
+//!   holes inside raw runs, so such a piece maps as data only where
+//!   written; `resize` grows the disk by free runs (space comes only
 //!   when written) or cuts the runs past a smaller end and punches their
 //!   bytes. Either is a new property list and trailer, written by
 //!   `commit` in an order that only ever leaves a valid trailer in the
@@ -831,48 +833,64 @@ impl Udif {
         Disk::flush(self)
     }
 
-    /// Whether raw run `i` has no host data at all (a hole in the file).
-    fn raw_is_hole(&self, l: &Layout, i: usize) -> Result<bool> {
-        let r = &l.map.runs[i];
-        let start = Self::host(l, i, 0);
-        let next = self
-            .storage
-            .next_data(start)
-            .map_err(|e| Error::io(self.ctx("looking for data"), e))?;
-        Ok(next.map_or(true, |d| d >= start + r.length))
+    /// The data and holes of a raw piece (`at`, `len` on the disk, from
+    /// `host` in the file), from the host file's own holes: new space and
+    /// punched ranges are holes there.
+    fn raw_extents(&self, at: u64, len: u64, host: u64, out: &mut Vec<Extent>) -> Result<()> {
+        let io = |e| Error::io(self.ctx("looking for data"), e);
+        let end = host + len;
+        let mut pos = host;
+        while pos < end {
+            let d = self
+                .storage
+                .next_data(pos)
+                .map_err(io)?
+                .map_or(end, |d| d.clamp(pos, end));
+            if d > pos {
+                out.push(hole(at + (pos - host), d - pos));
+            }
+            if d == end {
+                break;
+            }
+            let h = self.storage.next_hole(d).map_err(io)?.clamp(d + 1, end);
+            out.push(Extent {
+                start: at + (d - host),
+                length: h - d,
+                data: true,
+                offset: Some(d),
+            });
+            pos = h;
+        }
+        Ok(())
     }
 
-    /// Runs and gaps from `offset` on, as extents (one per piece).
+    /// Runs and gaps from `offset` on, as extents (raw runs split where
+    /// the host file has holes).
     fn walk(&self, offset: u64, mut f: impl FnMut(Extent) -> bool) -> Result<()> {
         let l = self.layout();
         let size = l.map.size();
         if offset >= size {
             return Ok(());
         }
+        let mut piece = Vec::new();
         for p in Self::pieces(&l, offset, size - offset) {
-            let e = match p.run {
-                Some(i) => {
-                    let r = l.map.runs[i];
-                    match r.kind {
-                        RunKind::Raw if !self.raw_is_hole(&l, i)? => Extent {
-                            start: p.at,
-                            length: p.len,
-                            data: true,
-                            offset: Some(Self::host(&l, i, p.within)),
-                        },
-                        k if k.is_compressed() => Extent {
-                            start: p.at,
-                            length: p.len,
-                            data: true,
-                            offset: None,
-                        },
-                        _ => hole(p.at, p.len),
-                    }
+            piece.clear();
+            match p.run.map(|i| (i, l.map.runs[i].kind)) {
+                Some((i, RunKind::Raw)) => {
+                    self.raw_extents(p.at, p.len, Self::host(&l, i, p.within), &mut piece)?
                 }
-                None => hole(p.at, p.len),
-            };
-            if !f(e) {
-                break;
+                Some((_, k)) if k.is_compressed() => piece.push(Extent {
+                    start: p.at,
+                    length: p.len,
+                    data: true,
+                    offset: None,
+                }),
+                _ => piece.push(hole(p.at, p.len)),
+            }
+            for e in piece.drain(..) {
+                if !f(e) {
+                    return Ok(());
+                }
             }
         }
         Ok(())

@@ -267,6 +267,14 @@ impl Storage for Recorder {
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         Ok(self.mem.lock().next_data(offset))
     }
+    fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        let m = self.mem.lock();
+        Ok(if offset >= m.len {
+            offset
+        } else {
+            m.next_hole(offset)
+        })
+    }
     fn allocated_bytes(&self) -> io::Result<u64> {
         Ok(self.mem.lock().pages.len() as u64 * PAGE)
     }
