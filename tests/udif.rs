@@ -1405,14 +1405,17 @@ fn crash_verify(state: Mem, model: &Model, durable: usize, started: usize, ctx: 
     assert!(big.iter().all(|&b| b == 0xEE), "{ctx}: recovery write lost");
 }
 
-fn crash_workload(seed: u64, steps: usize) -> Vec<Step> {
-    let sectors = CDISK / 512;
+/// Writes, discards and flushes over the whole disk as it is at each
+/// step; with `resizes`, also resizes between 4 and 12 MiB.
+fn crash_workload(seed: u64, steps: usize, resizes: bool) -> Vec<Step> {
+    let mut sectors = CDISK / 512;
     let mut r = Rng(seed);
     let mut tag = 0;
+    let kinds = if resizes { 12 } else { 10 };
     (0..steps)
         .map(|_| {
             let sector = r.below(sectors - 64);
-            match r.below(10) {
+            match r.below(kinds) {
                 0..=5 => {
                     tag += 1;
                     Step::Write {
@@ -1421,10 +1424,14 @@ fn crash_workload(seed: u64, steps: usize) -> Vec<Step> {
                         tag,
                     }
                 }
-                6..=7 => Step::Discard {
+                6 | 7 => Step::Discard {
                     sector,
                     count: 1 + r.below(64),
                 },
+                8 | 9 if resizes => {
+                    sectors = 512 * (8 + r.below(17)) + r.below(512);
+                    Step::Resize(sectors * 512)
+                }
                 _ => Step::Flush,
             }
         })
@@ -1448,7 +1455,7 @@ fn udrw_replay(seed: u64, steps: usize) {
         "the base image has no checksums to clear"
     );
     let base = store.start();
-    let plan = crash_workload(seed, steps);
+    let plan = crash_workload(seed, steps, false);
     {
         let img = open_mem(store.clone(), true).unwrap();
         run_steps(&*store, &img, &plan, 0);
@@ -1502,39 +1509,6 @@ fn crash_verify_any_size(state: Mem, model: &Model, durable: usize, started: usi
     assert!(big.iter().all(|&b| b == 0xEE), "{ctx}: recovery write lost");
 }
 
-/// Writes, discards, flushes and resizes between 4 and 12 MiB, over the
-/// whole disk as it is at each step (zero, free and raw runs, and grown
-/// space).
-fn mixed_workload(seed: u64, steps: usize) -> Vec<Step> {
-    let mut sectors = CDISK / 512;
-    let mut r = Rng(seed);
-    let mut tag = 0;
-    (0..steps)
-        .map(|_| {
-            let sector = r.below(sectors - 64);
-            match r.below(12) {
-                0..=5 => {
-                    tag += 1;
-                    Step::Write {
-                        sector,
-                        count: 1 + r.below(40),
-                        tag,
-                    }
-                }
-                6 | 7 => Step::Discard {
-                    sector,
-                    count: 1 + r.below(64),
-                },
-                8 | 9 => {
-                    sectors = 512 * (8 + r.below(17)) + r.below(512);
-                    Step::Resize(sectors * 512)
-                }
-                _ => Step::Flush,
-            }
-        })
-        .collect()
-}
-
 /// An image with zero, free and raw runs and sectors no table covers:
 /// writes give new space, resizes rewrite the tables.
 fn mixed_replay(seed: u64, steps: usize) {
@@ -1553,7 +1527,7 @@ fn mixed_replay(seed: u64, steps: usize) {
         "the base image has no checksums to clear"
     );
     let base = store.start();
-    plan.extend(mixed_workload(seed, steps));
+    plan.extend(crash_workload(seed, steps, true));
     {
         let img = open_mem(store.clone(), true).unwrap();
         run_steps(&*store, &img, &plan, first);
