@@ -22,6 +22,26 @@ pub struct Extent {
     pub offset: Option<u64>,
 }
 
+impl Extent {
+    /// Appends `e` to `out`, merged into the last extent when both are data
+    /// (or both holes) and, for data, contiguous in the container too.
+    pub fn push_merged(out: &mut Vec<Extent>, e: Extent) {
+        match out.last_mut() {
+            Some(l)
+                if l.data == e.data
+                    && match (l.offset, e.offset) {
+                        (Some(a), Some(b)) => a + l.length == b,
+                        (None, None) => true,
+                        _ => false,
+                    } =>
+            {
+                l.length += e.length
+            }
+            _ => out.push(e),
+        }
+    }
+}
+
 impl Image {
     /// Calls `f` for consecutive runs covering `from..to`, in order.
     /// Partially valid chunks are reported sector by sector.
@@ -115,19 +135,7 @@ impl Image {
                 }
                 last_chunk = Some(chunk);
             }
-            match out.last_mut() {
-                Some(l)
-                    if l.data == e.data
-                        && match (l.offset, e.offset) {
-                            (Some(a), Some(b)) => a + l.length == b,
-                            (None, None) => true,
-                            _ => false,
-                        } =>
-                {
-                    l.length += e.length
-                }
-                _ => out.push(e),
-            }
+            Extent::push_merged(&mut out, e);
             ControlFlow::Continue(())
         })?;
         if let Some((at, chunk)) = shared {

@@ -1034,19 +1034,7 @@ impl Disk for Udif {
     fn extents(&self) -> Result<Vec<Extent>> {
         let mut out: Vec<Extent> = Vec::new();
         self.walk(0, |e| {
-            match out.last_mut() {
-                Some(l)
-                    if l.data == e.data
-                        && match (l.offset, e.offset) {
-                            (Some(a), Some(b)) => a + l.length == b,
-                            (None, None) => true,
-                            _ => false,
-                        } =>
-                {
-                    l.length += e.length
-                }
-                _ => out.push(e),
-            }
+            Extent::push_merged(&mut out, e);
             true
         })?;
         Ok(out)

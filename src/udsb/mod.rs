@@ -635,15 +635,15 @@ impl Disk for SparseBundle {
             if start >= end {
                 return;
             }
-            match out.last_mut() {
-                Some(l) if l.data == data && l.start + l.length == start => l.length += end - start,
-                _ => out.push(Extent {
+            Extent::push_merged(
+                &mut out,
+                Extent {
                     start,
                     length: end - start,
                     data,
                     offset: None,
-                }),
-            }
+                },
+            );
         };
         let mut at = 0;
         let mut from = 0;

@@ -641,19 +641,7 @@ impl SparseImage {
         let bs = self.band_size;
         let l = self.layout.read();
         let mut out: Vec<Extent> = Vec::new();
-        let mut push = |e: Extent| match out.last_mut() {
-            Some(last)
-                if last.data == e.data
-                    && match (last.offset, e.offset) {
-                        (Some(a), Some(b)) => a + last.length == b,
-                        (None, None) => true,
-                        _ => false,
-                    } =>
-            {
-                last.length += e.length
-            }
-            _ => out.push(e),
-        };
+        let mut push = |e: Extent| Extent::push_merged(&mut out, e);
         let mut at = 0;
         for (&b, &g) in &l.map {
             let start = u64::from(b) * bs;
