@@ -34,7 +34,8 @@ fn open(data: &[u8], writable: bool) -> Option<Udif> {
 }
 
 fn read_all(u: &Udif) {
-    common::read_extents(u, DATA_BUDGET, HOLE_BUDGET, Reads::MayFail);
+    let extents = u.extents().expect("extents of an open disk");
+    common::read_extents(u, &extents, DATA_BUDGET, HOLE_BUDGET, Reads::MayFail);
     let _ = u.seek_data(0);
     if u.size() > 0 {
         let _ = u.seek_hole(0);
