@@ -114,7 +114,7 @@ fn many_zlib_runs(path: &Path, runs: u64) -> Vec<u8> {
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
         z.write_all(&plain).unwrap();
         let z = z.finish().unwrap();
-        entries.push(entry(
+        entries.push(RunEntry::new(
             RunKind::Zlib,
             k * 2048,
             2048,
@@ -148,19 +148,8 @@ fn run_cache_is_bounded_by_bytes() {
     assert_eq!(u.udif_stats().cached_bytes, udif::CACHE_BYTES as u64);
 }
 
-fn entry(kind: RunKind, sector: u64, sectors: u64, offset: u64, length: u64) -> RunEntry {
-    RunEntry {
-        kind,
-        comment: 0,
-        sector,
-        sectors,
-        offset,
-        length,
-    }
-}
-
 fn table(first: u64, count: u64, crc: u32, mut runs: Vec<RunEntry>) -> Mish {
-    runs.push(entry(RunKind::End, count, 0, 0, 0));
+    runs.push(RunEntry::new(RunKind::End, count, 0, 0, 0));
     Mish {
         first_sector: first,
         sector_count: count,
@@ -197,7 +186,7 @@ fn every_codec(path: &Path) -> Vec<u8> {
     let mut sector = 0;
     let mut add = |kind: RunKind, plain: Vec<u8>, stored: Vec<u8>, fork: &mut Vec<u8>| {
         let n = plain.len() as u64 / 512;
-        runs.push(entry(
+        runs.push(RunEntry::new(
             kind,
             sector,
             n,
@@ -247,8 +236,8 @@ fn every_codec(path: &Path) -> Vec<u8> {
         9,
         crc_of(&second_plain),
         vec![
-            entry(RunKind::Raw, 0, 8, fork.len() as u64, 8 * 512),
-            entry(RunKind::Zero, 8, 1, 0, 0),
+            RunEntry::new(RunKind::Raw, 0, 8, fork.len() as u64, 8 * 512),
+            RunEntry::new(RunKind::Zero, 8, 1, 0, 0),
         ],
     );
     fork.extend_from_slice(&p);
@@ -594,9 +583,9 @@ fn writes_into_zero_and_free_runs_get_new_space() {
     let p = dir.path().join("mixed.dmg");
     let fork = pattern(3, 4096);
     let runs = vec![
-        entry(RunKind::Raw, 0, 8, 0, 4096),
-        entry(RunKind::Zero, 8, 8, 0, 0),
-        entry(RunKind::Free, 16, 8, 0, 0),
+        RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+        RunEntry::new(RunKind::Zero, 8, 8, 0, 0),
+        RunEntry::new(RunKind::Free, 16, 8, 0, 0),
     ];
     let t = table(0, 24, runs_crc(&runs, &fork), runs);
     write_image(&p, &fork, &[("d".into(), t)], 24).unwrap();
@@ -684,16 +673,16 @@ fn mixed_image(p: &Path) -> Vec<Step> {
         steps.push(Step::Write { sector, count, tag });
     }
     let a = vec![
-        entry(RunKind::Raw, 0, 64, 0, 64 * 512),
-        entry(RunKind::Zero, 64, 2036, 0, 0),
-        entry(RunKind::Free, 2100, 1900, 0, 0),
-        entry(RunKind::Raw, 4000, 100, 64 * 512, 100 * 512),
-        entry(RunKind::Zero, 4100, 2044, 0, 0),
+        RunEntry::new(RunKind::Raw, 0, 64, 0, 64 * 512),
+        RunEntry::new(RunKind::Zero, 64, 2036, 0, 0),
+        RunEntry::new(RunKind::Free, 2100, 1900, 0, 0),
+        RunEntry::new(RunKind::Raw, 4000, 100, 64 * 512, 100 * 512),
+        RunEntry::new(RunKind::Zero, 4100, 2044, 0, 0),
     ];
     let b = vec![
-        entry(RunKind::Free, 0, 5000, 0, 0),
-        entry(RunKind::Raw, 5000, 8, 164 * 512, 8 * 512),
-        entry(RunKind::Zero, 5008, 5176, 0, 0),
+        RunEntry::new(RunKind::Free, 0, 5000, 0, 0),
+        RunEntry::new(RunKind::Raw, 5000, 8, 164 * 512, 8 * 512),
+        RunEntry::new(RunKind::Zero, 5008, 5176, 0, 0),
     ];
     let tables = [
         ("a".to_string(), table(0, 6144, runs_crc(&a, &fork), a)),
@@ -931,8 +920,8 @@ fn writes_that_still_cannot_land_are_refused() {
     let p = dir.path().join("shared.dmg");
     let fork = pattern(8, 4096);
     let runs = vec![
-        entry(RunKind::Raw, 0, 8, 0, 4096),
-        entry(RunKind::Raw, 8, 8, 0, 4096),
+        RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+        RunEntry::new(RunKind::Raw, 8, 8, 0, 4096),
     ];
     let crc = runs_crc(&runs, &fork);
     write_image(&p, &fork, &[("d".into(), table(0, 16, crc, runs))], 16).unwrap();
@@ -953,8 +942,8 @@ fn writes_that_still_cannot_land_are_refused() {
     // more runs than fit a property list asiffs reads.
     let p = dir.path().join("vast.dmg");
     let runs = vec![
-        entry(RunKind::Raw, 0, 8, 0, 4096),
-        entry(RunKind::Zero, 8, 8, 0, 0),
+        RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+        RunEntry::new(RunKind::Zero, 8, 8, 0, 0),
     ];
     let crc = runs_crc(&runs, &fork);
     write_image(&p, &fork, &[("d".into(), table(0, 16, crc, runs))], 1 << 40).unwrap();
@@ -980,8 +969,8 @@ fn writes_that_still_cannot_land_are_refused() {
     };
     let p = dir.path().join("rsrc-zero.dmg");
     let runs = vec![
-        entry(RunKind::Raw, 0, 8, 0, 4096),
-        entry(RunKind::Zero, 8, 8, 0, 0),
+        RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+        RunEntry::new(RunKind::Zero, 8, 8, 0, 0),
     ];
     let crc = runs_crc(&runs, &fork);
     write_image(&p, &fork, &[("d".into(), table(0, 16, crc, runs))], 16).unwrap();
@@ -996,7 +985,7 @@ fn writes_that_still_cannot_land_are_refused() {
     drop(d);
     assert_eq!(std::fs::read(&p).unwrap(), b);
     let p = dir.path().join("rsrc-raw.dmg");
-    let runs = vec![entry(RunKind::Raw, 0, 8, 0, 4096)];
+    let runs = vec![RunEntry::new(RunKind::Raw, 0, 8, 0, 4096)];
     let crc = runs_crc(&runs, &fork);
     write_image(&p, &fork, &[("d".into(), table(0, 8, crc, runs))], 8).unwrap();
     let b = with_rsrc(&std::fs::read(&p).unwrap());

@@ -106,6 +106,20 @@ pub struct RunEntry {
     pub length: u64,
 }
 
+impl RunEntry {
+    /// A run without a comment.
+    pub fn new(kind: RunKind, sector: u64, sectors: u64, offset: u64, length: u64) -> RunEntry {
+        RunEntry {
+            kind,
+            comment: 0,
+            sector,
+            sectors,
+            offset,
+            length,
+        }
+    }
+}
+
 /// A `mish` block table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mish {
@@ -381,17 +395,6 @@ fn place(m: &Mish, t: usize, fork_len: u64, out: &mut Vec<Run>) -> Result<(), Ma
 mod tests {
     use super::*;
 
-    fn run(kind: RunKind, sector: u64, sectors: u64, offset: u64, length: u64) -> RunEntry {
-        RunEntry {
-            kind,
-            comment: 0,
-            sector,
-            sectors,
-            offset,
-            length,
-        }
-    }
-
     fn table(first: u64, count: u64, runs: Vec<RunEntry>) -> Mish {
         Mish {
             first_sector: first,
@@ -410,10 +413,10 @@ mod tests {
             40,
             3760,
             vec![
-                run(RunKind::Zlib, 0, 2010, 10251, 6158),
-                run(RunKind::Zero, 2010, 38, 0, 0),
-                run(RunKind::Free, 2048, 1712, 9781, 0),
-                run(RunKind::End, 3760, 0, 0, 0),
+                RunEntry::new(RunKind::Zlib, 0, 2010, 10251, 6158),
+                RunEntry::new(RunKind::Zero, 2010, 38, 0, 0),
+                RunEntry::new(RunKind::Free, 2048, 1712, 9781, 0),
+                RunEntry::new(RunKind::End, 3760, 0, 0, 0),
             ],
         );
         let b = m.encode();
@@ -425,7 +428,7 @@ mod tests {
 
     #[test]
     fn mish_refusals() {
-        let m = table(0, 8, vec![run(RunKind::Raw, 0, 8, 0, 4096)]);
+        let m = table(0, 8, vec![RunEntry::new(RunKind::Raw, 0, 8, 0, 4096)]);
         let mut b = m.encode();
         assert_eq!(
             Mish::decode(&b[..100]).unwrap_err().0,
@@ -456,8 +459,8 @@ mod tests {
 
     #[test]
     fn builds_sorted_map() {
-        let a = table(8, 8, vec![run(RunKind::Raw, 0, 8, 4096, 4096)]);
-        let b = table(0, 8, vec![run(RunKind::Raw, 0, 8, 0, 4096)]);
+        let a = table(8, 8, vec![RunEntry::new(RunKind::Raw, 0, 8, 4096, 4096)]);
+        let b = table(0, 8, vec![RunEntry::new(RunKind::Raw, 0, 8, 0, 4096)]);
         let map = RunMap::build(&[a, b], 16, 8192).unwrap();
         assert_eq!(map.runs.len(), 2);
         assert_eq!((map.runs[0].start, map.runs[0].table), (0, 1));
@@ -475,15 +478,19 @@ mod tests {
             0,
             16,
             vec![
-                run(RunKind::Raw, 0, 8, 0, 4096),
-                run(RunKind::Zero, 4, 4, 0, 0),
+                RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+                RunEntry::new(RunKind::Zero, 4, 4, 0, 0),
             ],
         );
         assert_eq!(
             e(&[overlap], 16, 4096),
             "blkx entry 0 run 1: starts at sector 4, before run 0 ends (sector 8): runs overlap or are out of order"
         );
-        let huge = table(0, u64::MAX, vec![run(RunKind::Zero, 0, u64::MAX, 0, 0)]);
+        let huge = table(
+            0,
+            u64::MAX,
+            vec![RunEntry::new(RunKind::Zero, 0, u64::MAX, 0, 0)],
+        );
         assert_eq!(
             e(std::slice::from_ref(&huge), 0, 0),
             format!("sector count {} overflows a byte size", u64::MAX)
@@ -503,7 +510,7 @@ mod tests {
                 u64::MAX
             )
         );
-        let run_wrap = table(0, 16, vec![run(RunKind::Zero, 2, u64::MAX, 0, 0)]);
+        let run_wrap = table(0, 16, vec![RunEntry::new(RunKind::Zero, 2, u64::MAX, 0, 0)]);
         assert_eq!(
             e(&[run_wrap], 16, 0),
             format!(
@@ -511,27 +518,35 @@ mod tests {
                 u64::MAX
             )
         );
-        let past_table = table(0, 8, vec![run(RunKind::Zero, 4, 8, 0, 0)]);
+        let past_table = table(0, 8, vec![RunEntry::new(RunKind::Zero, 4, 8, 0, 0)]);
         assert_eq!(
             e(&[past_table], 16, 0),
             "blkx entry 0 run 0: ends at sector 12, past the table's 8 sectors"
         );
-        let past_fork = table(0, 8, vec![run(RunKind::Raw, 0, 8, u64::MAX - 100, 4096)]);
+        let past_fork = table(
+            0,
+            8,
+            vec![RunEntry::new(RunKind::Raw, 0, 8, u64::MAX - 100, 4096)],
+        );
         assert_eq!(
             e(&[past_fork], 8, 4096),
             "blkx entry 0 run 0: data at 0xffffffffffffff9b+0x1000 lies past the end of the data fork (4096 bytes)"
         );
-        let short_raw = table(0, 8, vec![run(RunKind::Raw, 0, 8, 0, 4095)]);
+        let short_raw = table(0, 8, vec![RunEntry::new(RunKind::Raw, 0, 8, 0, 4095)]);
         assert_eq!(
             e(&[short_raw], 8, 8192),
             "blkx entry 0 run 0: raw run of 8 sectors stores 4095 bytes"
         );
-        let big = table(0, 1 << 20, vec![run(RunKind::Bzip2, 0, 1 << 20, 0, 10)]);
+        let big = table(
+            0,
+            1 << 20,
+            vec![RunEntry::new(RunKind::Bzip2, 0, 1 << 20, 0, 10)],
+        );
         assert_eq!(
             e(&[big], 1 << 20, 4096),
             "blkx entry 0 run 0: bzip2 run of 1048576 sectors is larger than the 64 MiB asiffs decompresses"
         );
-        let fat = table(0, 8, vec![run(RunKind::Lzfse, 0, 8, 0, 66 << 20)]);
+        let fat = table(0, 8, vec![RunEntry::new(RunKind::Lzfse, 0, 8, 0, 66 << 20)]);
         assert_eq!(
             e(&[fat], 8, 1 << 30),
             "blkx entry 0 run 0: LZFSE run stores 69206016 compressed bytes, more than any 64 MiB run needs"
@@ -550,11 +565,11 @@ mod tests {
             0,
             8,
             vec![
-                run(RunKind::Comment, 0, 0, 0, 0),
-                run(RunKind::Raw, 0, 8, 0, 4096),
-                run(RunKind::End, 8, 0, 0, 0),
+                RunEntry::new(RunKind::Comment, 0, 0, 0, 0),
+                RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+                RunEntry::new(RunKind::End, 8, 0, 0, 0),
                 // Past the end marker: ignored, as hdiutil's readers do.
-                run(RunKind::Raw, 0, 8, 0, 4096),
+                RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
             ],
         );
         let map = RunMap::build(&[m], 8, 4096).unwrap();

@@ -135,24 +135,10 @@ pub fn create_udrw(path: &Path, size: u64) -> Result<()> {
         .map(|k| {
             let sector = k * UDRW_RUN_SECTORS;
             let n = UDRW_RUN_SECTORS.min(sectors - sector);
-            RunEntry {
-                kind: RunKind::Raw,
-                comment: 0,
-                sector,
-                sectors: n,
-                offset: sector * SECTOR,
-                length: n * SECTOR,
-            }
+            RunEntry::new(RunKind::Raw, sector, n, sector * SECTOR, n * SECTOR)
         })
         .collect();
-    runs.push(RunEntry {
-        kind: RunKind::End,
-        comment: 0,
-        sector: sectors,
-        sectors: 0,
-        offset: 0,
-        length: 0,
-    });
+    runs.push(RunEntry::new(RunKind::End, sectors, 0, 0, 0));
     let crc = crc32_of_zeros(size).finalize();
     let table = Mish {
         first_sector: 0,

@@ -43,17 +43,6 @@ pub struct Tables {
     pub sectors: u64,
 }
 
-fn run(kind: RunKind, sector: u64, sectors: u64, offset: u64, length: u64) -> RunEntry {
-    RunEntry {
-        kind,
-        comment: 0,
-        sector,
-        sectors,
-        offset,
-        length,
-    }
-}
-
 /// The runs that hold sectors, in order (comments and the end dropped).
 fn plain(m: &Mish) -> Vec<RunEntry> {
     m.runs
@@ -146,7 +135,7 @@ fn set_runs(m: &mut Mish, runs: Vec<RunEntry>) {
     let fill = |out: &mut Vec<RunEntry>, mut from: u64, to: u64| {
         while from < to {
             let n = FREE_RUN_SECTORS.min(to - from);
-            out.push(run(RunKind::Free, from, n, 0, 0));
+            out.push(RunEntry::new(RunKind::Free, from, n, 0, 0));
             from += n;
         }
     };
@@ -156,7 +145,7 @@ fn set_runs(m: &mut Mish, runs: Vec<RunEntry>) {
         out.push(r);
     }
     fill(&mut out, at, m.sector_count);
-    out.push(run(RunKind::End, m.sector_count, 0, 0, 0));
+    out.push(RunEntry::new(RunKind::End, m.sector_count, 0, 0, 0));
     m.runs = out;
     // The image's checksums are "none" before any table changes.
     m.checksum = Checksum::NONE;
@@ -317,7 +306,7 @@ impl Tables {
                             ..r
                         });
                     }
-                    out.push(run(RunKind::Raw, a, b - a, off, (b - a) * SECTOR));
+                    out.push(RunEntry::new(RunKind::Raw, a, b - a, off, (b - a) * SECTOR));
                     from = b;
                     next.next();
                 }
@@ -365,11 +354,11 @@ mod tests {
             4,
             10,
             vec![
-                run(RunKind::Raw, 2, 2, 0, 1024),
-                run(RunKind::End, 10, 0, 0, 0),
+                RunEntry::new(RunKind::Raw, 2, 2, 0, 1024),
+                RunEntry::new(RunKind::End, 10, 0, 0, 0),
             ],
         );
-        let b = table(20, 4, vec![run(RunKind::Zero, 0, 4, 0, 0)]);
+        let b = table(20, 4, vec![RunEntry::new(RunKind::Zero, 0, 4, 0, 0)]);
         let mut t = Tables::new(&[b, a], 30);
         t.cover();
         assert_eq!(t.changed, vec![true, true]);
@@ -406,15 +395,19 @@ mod tests {
 
     #[test]
     fn cover_cost_counts_without_building() {
-        let a = table(4, 10, vec![run(RunKind::Raw, 2, 2, 0, 1024)]);
-        let b = table(20, 4, vec![run(RunKind::Zero, 0, 4, 0, 0)]);
+        let a = table(4, 10, vec![RunEntry::new(RunKind::Raw, 2, 2, 0, 1024)]);
+        let b = table(20, 4, vec![RunEntry::new(RunKind::Zero, 0, 4, 0, 0)]);
         let t = Tables::new(&[b, a], 30);
         let mut built = t.clone();
         built.cover();
         let runs: usize = built.tables.iter().map(|m| m.runs.len()).sum();
         assert_eq!((cover_cost(&t.tables, t.sectors), runs), (7, 7));
         let huge = Tables::new(
-            &[table(0, 8, vec![run(RunKind::Raw, 0, 8, 0, 4096)])],
+            &[table(
+                0,
+                8,
+                vec![RunEntry::new(RunKind::Raw, 0, 8, 0, 4096)],
+            )],
             1 << 60,
         );
         assert_eq!(
@@ -426,7 +419,14 @@ mod tests {
 
     #[test]
     fn growth_is_split_into_free_runs_qemu_takes() {
-        let mut t = Tables::new(&[table(0, 8, vec![run(RunKind::Raw, 0, 8, 0, 4096)])], 8);
+        let mut t = Tables::new(
+            &[table(
+                0,
+                8,
+                vec![RunEntry::new(RunKind::Raw, 0, 8, 0, 4096)],
+            )],
+            8,
+        );
         t.sectors = 8 + FREE_RUN_SECTORS + 5;
         t.cover();
         assert_eq!(
@@ -455,9 +455,9 @@ mod tests {
             0,
             3 * A,
             vec![
-                run(RunKind::Raw, 0, 100, 0, 51200),
-                run(RunKind::Zero, 100, 2 * A + 4 - 100, 0, 0),
-                run(RunKind::Free, 2 * A + 4, A - 4, 0, 0),
+                RunEntry::new(RunKind::Raw, 0, 100, 0, 51200),
+                RunEntry::new(RunKind::Zero, 100, 2 * A + 4 - 100, 0, 0),
+                RunEntry::new(RunKind::Free, 2 * A + 4, A - 4, 0, 0),
             ],
         );
         let mut t = Tables::new(&[m], 3 * A);
@@ -493,7 +493,11 @@ mod tests {
         );
         // A piece in the middle of a run splits it in three.
         let mut t = Tables::new(
-            &[table(0, 4 * A, vec![run(RunKind::Zero, 0, 4 * A, 0, 0)])],
+            &[table(
+                0,
+                4 * A,
+                vec![RunEntry::new(RunKind::Zero, 0, 4 * A, 0, 0)],
+            )],
             4 * A,
         );
         let map = t.map(0).unwrap();
@@ -517,11 +521,11 @@ mod tests {
             0,
             16,
             vec![
-                run(RunKind::Raw, 0, 8, 0, 4096),
-                run(RunKind::Raw, 8, 8, 8192, 4096),
+                RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+                RunEntry::new(RunKind::Raw, 8, 8, 8192, 4096),
             ],
         );
-        let b = table(16, 8, vec![run(RunKind::Raw, 0, 8, 4096, 4096)]);
+        let b = table(16, 8, vec![RunEntry::new(RunKind::Raw, 0, 8, 4096, 4096)]);
         let mut t = Tables::new(&[a, b], 24);
         let freed = t.shrink(10);
         assert_eq!(freed, vec![(8192 + 1024, 3072), (4096, 4096)]);
