@@ -1377,23 +1377,6 @@ fn open_mem(store: Arc<Recorder>, writable: bool) -> asiffs::Result<Udif> {
     Udif::from_storage(Path::new("crash.dmg"), store, writable)
 }
 
-fn crash_verify(state: Mem, model: &Model, durable: usize, started: usize, ctx: &str) {
-    let store = Recorder::new(state);
-    let img =
-        open_mem(store.clone(), false).unwrap_or_else(|e| panic!("{ctx}: does not open: {e}"));
-    let report = img.check().unwrap_or_else(|e| panic!("{ctx}: check: {e}"));
-    assert_eq!(report.problems, Vec::<String>::new(), "{ctx}");
-    check_sectors(&img, model, durable, started, ctx);
-    drop(img);
-    let img = open_mem(store, true).unwrap_or_else(|e| panic!("{ctx}: no writable reopen: {e}"));
-    img.write_at(&[0xEE; 3 * 4096], CDISK - 3 * 4096).unwrap();
-    img.flush().unwrap();
-    assert_eq!(img.check().unwrap().problems, Vec::<String>::new(), "{ctx}");
-    let mut big = vec![0u8; 3 * 4096];
-    img.read_at(&mut big, CDISK - 3 * 4096).unwrap();
-    assert!(big.iter().all(|&b| b == 0xEE), "{ctx}: recovery write lost");
-}
-
 /// Writes, discards and flushes over the whole disk as it is at each
 /// step; with `resizes`, also resizes between 4 and 12 MiB.
 fn crash_workload(seed: u64, steps: usize, resizes: bool) -> Vec<Step> {
@@ -1427,13 +1410,12 @@ fn crash_workload(seed: u64, steps: usize, resizes: bool) -> Vec<Step> {
         .collect()
 }
 
-/// A UDRW image with checksums (as `create` makes it): the first change
-/// clears them, then writes go in place and discards punch the file.
-fn udrw_replay(seed: u64, steps: usize) {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("base.dmg");
-    create_udrw(&p, CDISK).unwrap();
-    let store = Recorder::new(Mem::from_file(&p));
+/// Replays a workload of `steps` (with resizes if asked) on the image at
+/// `p`, whose content `plan` describes. The image carries checksums, so
+/// the first change clears them.
+fn replay(seed: u64, p: &Path, mut plan: Vec<Step>, steps: usize, resizes: bool) {
+    let first = plan.len();
+    let store = Recorder::new(Mem::from_file(p));
     assert!(
         open_mem(store.clone(), false)
             .unwrap()
@@ -1444,14 +1426,30 @@ fn udrw_replay(seed: u64, steps: usize) {
         "the base image has no checksums to clear"
     );
     let base = store.start();
-    let plan = crash_workload(seed, steps, false);
+    plan.extend(crash_workload(seed, steps, resizes));
     {
         let img = open_mem(store.clone(), true).unwrap();
-        run_steps(&*store, &img, &plan, 0);
+        run_steps(&*store, &img, &plan, first);
     }
     let log = store.take_log();
-    let points = sweep(seed, base, &log, &plan, 0, 4, crash_verify);
+    if resizes {
+        let syncs = log
+            .iter()
+            .filter(|o| matches!(o, common::crash::Op::Sync))
+            .count();
+        assert!(syncs > 10, "seed {seed}: only {syncs} syncs");
+    }
+    let points = sweep(seed, base, &log, &plan, first, 4, crash_verify);
     assert!(points > 100, "seed {seed}: only {points} crash points");
+}
+
+/// A UDRW image as `create` makes it: writes go in place and discards
+/// punch the file.
+fn udrw_replay(seed: u64, steps: usize) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("base.dmg");
+    create_udrw(&p, CDISK).unwrap();
+    replay(seed, &p, Vec::new(), steps, false);
 }
 
 #[test]
@@ -1478,9 +1476,9 @@ fn the_udrw_replay_detects_a_lost_flushed_write() {
     assert_catches_lost_write(&plan, state, crash_verify);
 }
 
-/// Like [`crash_verify`] for a disk whose size the workload changes: the
-/// recovery write goes to the last 12 KiB of whatever size the crash left.
-fn crash_verify_any_size(state: Mem, model: &Model, durable: usize, started: usize, ctx: &str) {
+/// A crash state opens, checks clean, holds what the model allows, and
+/// takes a recovery write in the last 12 KiB of whatever size it has.
+fn crash_verify(state: Mem, model: &Model, durable: usize, started: usize, ctx: &str) {
     let store = Recorder::new(state);
     let img =
         open_mem(store.clone(), false).unwrap_or_else(|e| panic!("{ctx}: does not open: {e}"));
@@ -1503,32 +1501,8 @@ fn crash_verify_any_size(state: Mem, model: &Model, durable: usize, started: usi
 fn mixed_replay(seed: u64, steps: usize) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("mixed.dmg");
-    let mut plan = mixed_image(&p);
-    let first = plan.len();
-    let store = Recorder::new(Mem::from_file(&p));
-    assert!(
-        open_mem(store.clone(), false)
-            .unwrap()
-            .check()
-            .unwrap()
-            .checksums_verified
-            > 0,
-        "the base image has no checksums to clear"
-    );
-    let base = store.start();
-    plan.extend(crash_workload(seed, steps, true));
-    {
-        let img = open_mem(store.clone(), true).unwrap();
-        run_steps(&*store, &img, &plan, first);
-    }
-    let log = store.take_log();
-    let syncs = log
-        .iter()
-        .filter(|o| matches!(o, common::crash::Op::Sync))
-        .count();
-    assert!(syncs > 10, "seed {seed}: only {syncs} syncs");
-    let points = sweep(seed, base, &log, &plan, first, 4, crash_verify_any_size);
-    assert!(points > 100, "seed {seed}: only {points} crash points");
+    let plan = mixed_image(&p);
+    replay(seed, &p, plan, steps, true);
 }
 
 #[test]
