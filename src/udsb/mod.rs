@@ -908,7 +908,7 @@ pub fn is_bundle(path: &Path) -> bool {
     let Ok(root) = open_dir(path) else {
         return false;
     };
-    let Ok(bytes) = read_small(&HostDir::new(root), path, INFO, MAX_INFO_LEN) else {
+    let Ok(bytes) = read_small(&HostDir::root_only(root), path, INFO, MAX_INFO_LEN) else {
         return false;
     };
     plist::Value::from_reader(std::io::Cursor::new(bytes))

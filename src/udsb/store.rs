@@ -101,6 +101,15 @@ impl HostDir {
         HostDir { root, bands }
     }
 
+    /// The root alone, for reading its small files (`bands/` is not
+    /// opened: probing a directory need not).
+    pub fn root_only(root: File) -> HostDir {
+        HostDir {
+            root,
+            bands: Err(Errno::NOENT),
+        }
+    }
+
     fn bands(&self) -> io::Result<&File> {
         self.bands.as_ref().map_err(|&e| e.into())
     }
