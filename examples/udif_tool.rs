@@ -11,7 +11,8 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-use asiffs::disk::{self, Format};
+use asiffs::disk::Format;
+use asiffs::registry;
 use asiffs::{udif, OpenOptions};
 
 fn main() -> ExitCode {
@@ -60,8 +61,8 @@ fn create_from(raw: &Path, out: &Path) -> Result<(), String> {
     let mut src = std::fs::File::open(raw).map_err(|e| e.to_string())?;
     let size = src.metadata().map_err(|e| e.to_string())?.len();
     udif::create_udrw(out, size).map_err(|e| e.to_string())?;
-    let d =
-        disk::open(out, Some(Format::Udif), &OpenOptions::writable()).map_err(|e| e.to_string())?;
+    let d = registry::open(out, Some(Format::Udif), &OpenOptions::writable())
+        .map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; BLOCK];
     let mut at = 0u64;
     while at < size {
@@ -78,7 +79,7 @@ fn create_from(raw: &Path, out: &Path) -> Result<(), String> {
 }
 
 fn cat(image: &Path, out: &Path) -> Result<(), String> {
-    let d = disk::open(image, None, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let d = registry::open(image, None, &OpenOptions::default()).map_err(|e| e.to_string())?;
     let mut f = std::fs::File::create(out).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;

@@ -40,7 +40,7 @@ bad_images() {
 }
 # assert_skipped FILE SUFFIX: FILE names both bad images as skipped, with a reason.
 assert_skipped() {
-    grep -E "trunc$2\.dmg: skipped: .+: no koly trailer in the last 512 bytes" "$1" >/dev/null || fail "truncated .dmg not skipped with a reason in $1: $(cat "$1")"
+    grep -E "trunc$2\.dmg: skipped: .+no koly trailer in the last 512 bytes" "$1" >/dev/null || fail "truncated .dmg not skipped with a reason in $1: $(cat "$1")"
     grep -E "badinfo$2\.sparsebundle: skipped: .+Info\.plist.+" "$1" >/dev/null \
         || fail "bundle with a bad Info.plist not skipped with a reason in $1: $(cat "$1")"
     grep -E "(trunc|badinfo)$2\.[a-z]+: skipped" "$1" | sed 's/^/    /'

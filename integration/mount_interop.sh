@@ -2,7 +2,9 @@
 # Images asiffs creates in each Apple format (`asiffs create`), written
 # through the mount with random unaligned writes and punches, then read by
 # readers that share no code with asiffs:
-# - UDRW .dmg: libyal's libmodi (pymodi) and qemu-img's dmg driver;
+# - UDIF .dmg (`--format udif`, with a trailer): libyal's libmodi (pymodi)
+#   and qemu-img's dmg driver;
+# - raw UDRW .dmg (what `create x.dmg` and hdiutil make): the file itself;
 # - .sparseimage (64 bands of 1 MiB, within libmodi's 1008): pymodi;
 # - .sparsebundle: a reader written here from ../shared/apple-formats.md §3
 #   (band n in bands/<n in lowercase hex>, absent or short bands read as
@@ -24,12 +26,13 @@ log "random writes with seed $seed (set INTEROP_SEED=$seed to replay)"
 cd "$TESTDIR"
 mkdir -p src mnt
 
-"$ASIFFS" create src/rw.dmg --size 64M >/dev/null
+"$ASIFFS" create src/rw.dmg --size 64M --format udif >/dev/null
+"$ASIFFS" create src/raw.dmg --size 64M >/dev/null
 "$ASIFFS" create src/sp.sparseimage --size 64M >/dev/null
 "$ASIFFS" create src/sb.sparsebundle --size 64M --band-size 1M >/dev/null
 "$ASIFFS" mount src mnt --log "$TESTDIR/mount.log" 2>mount.err || fail "mount: $(cat mount.err)"
 mountpoint -q mnt || fail "mount did not appear"
-assert_eq "rw.img sb.img sp.img" "$(ls mnt | tr '\n' ' ' | sed 's/ $//')" "names in the mount"
+assert_eq "raw.img rw.img sb.img sp.img" "$(ls mnt | tr '\n' ' ' | sed 's/ $//')" "names in the mount"
 
 # io.py IMAGE MODEL SEED: the same random unaligned writes and punches on
 # the mounted image and on a raw model file, then fsync of both.
@@ -65,13 +68,13 @@ for fd in fds:
 PY
 
 usage_kib() { du -sk "$1" | cut -f1; }
-for img in rw sp sb; do
+for img in raw rw sp sb; do
     truncate -s "$SIZE" "model-$img.raw"
     python3 io.py "mnt/$img.img" "model-$img.raw" "$seed" || fail "$img: writes through the mount"
     cmp "mnt/$img.img" "model-$img.raw" || fail "$img: the mount reads differently from the model"
     echo "PASS $img: random unaligned writes and punches through the mount read back as the model"
 done
-for img in rw:src/rw.dmg sp:src/sp.sparseimage sb:src/sb.sparsebundle; do
+for img in raw:src/raw.dmg rw:src/rw.dmg sp:src/sp.sparseimage sb:src/sb.sparsebundle; do
     name="${img%%:*}" container="${img#*:}"
     dd if=/dev/urandom of=pattern bs=1M count=16 status=none
     dd if=pattern of="mnt/$name.img" bs=1M seek=32 conv=notrunc,fsync status=none
@@ -89,10 +92,14 @@ for img in rw:src/rw.dmg sp:src/sp.sparseimage sb:src/sb.sparsebundle; do
 done
 "$ASIFFS" umount mnt || fail "umount"
 
-for c in rw.dmg sp.sparseimage sb.sparsebundle; do
+for c in raw.dmg rw.dmg sp.sparseimage sb.sparsebundle; do
     "$ASIFFS" check "src/$c" >"check-$c.out" 2>&1 || fail "check src/$c: $(cat "check-$c.out")"
 done
-echo "PASS asiffs check: all three clean"
+echo "PASS asiffs check: all four clean"
+
+cmp src/raw.dmg model-raw.raw || fail "raw.dmg is not the disk byte for byte"
+[[ "$(stat -c %s src/raw.dmg)" == "$SIZE" ]] || fail "raw.dmg has a trailer or a wrong length"
+echo "PASS raw UDRW written through the mount: the .dmg is the disk byte for byte"
 
 "$PYTHON" "$MODI_READ" src/rw.dmg rw.modi >/dev/null || fail "pymodi cannot read rw.dmg"
 cmp rw.modi model-rw.raw || fail "pymodi reads rw.dmg differently from the model"

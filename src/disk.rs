@@ -34,6 +34,9 @@ pub enum Format {
     Udsb,
     /// Apple sparse image (`.sparseimage`).
     Udsp,
+    /// A read-write `.dmg` as hdiutil writes it (UDRW): the disk's bytes,
+    /// with no trailer.
+    Udrw,
 }
 
 impl Format {
@@ -44,6 +47,7 @@ impl Format {
             Format::Udif => "udif",
             Format::Udsb => "udsb",
             Format::Udsp => "udsp",
+            Format::Udrw => "udrw",
         }
     }
 }
@@ -163,57 +167,5 @@ impl Disk for Image {
     }
     fn as_asif(&self) -> Option<&Image> {
         Some(self)
-    }
-}
-
-/// The extensions of the containers a mount serves from a directory.
-pub const IMAGE_EXTENSIONS: [&str; 4] = ["asif", "dmg", "sparseimage", "sparsebundle"];
-
-/// The format of the image at `path`, from its magic (and, for bundles,
-/// its layout); `None` for anything asiffs does not serve as an image.
-pub fn probe(path: &Path) -> Result<Option<Format>> {
-    use std::io::Read;
-    let md = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
-    if md.is_dir() {
-        return Ok(crate::udsb::is_bundle(path).then_some(Format::Udsb));
-    }
-    if !md.is_file() {
-        return Ok(None);
-    }
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
-    let n = f
-        .read(&mut magic)
-        .map_err(|e| Error::io(path.display().to_string(), e))?;
-    if n == 4 && magic == crate::format::MAGIC {
-        return Ok(Some(Format::Asif));
-    }
-    if n == 4 && magic == crate::udsp::header::MAGIC {
-        return Ok(Some(Format::Udsp));
-    }
-    crate::udif::probe(path)
-}
-
-/// Opens the image at `path` as `format` (probed when `None`).
-pub fn open(
-    path: &Path,
-    format: Option<Format>,
-    opts: &crate::OpenOptions,
-) -> Result<Box<dyn Disk>> {
-    let format = match format {
-        Some(f) => f,
-        None => probe(path)?.ok_or_else(|| {
-            Error::Invalid(format!("{}: not a disk image asiffs knows", path.display()))
-        })?,
-    };
-    match format {
-        Format::Asif => Ok(Box::new(Image::open(path, opts)?)),
-        Format::Udif => Ok(Box::new(crate::udif::Udif::open(path, opts)?)),
-        Format::Udsb => Ok(Box::new(crate::udsb::SparseBundle::open(path, opts)?)),
-        Format::Udsp => Ok(Box::new(crate::udsp::SparseImage::open(path, opts)?)),
-        Format::Raw => Err(Error::Invalid(format!(
-            "{}: raw files are served as they are, not opened as images",
-            path.display()
-        ))),
     }
 }

@@ -19,6 +19,8 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod nbd;
+pub mod raw;
+pub mod registry;
 pub mod stats;
 pub mod udif;
 pub mod udsb;

@@ -117,7 +117,7 @@ mod tests {
     /// its own keys, exactly these.
     #[test]
     fn every_format_reports_its_keys() {
-        use crate::disk::open;
+        use crate::registry::open;
         use std::path::Path;
         let dir = tempfile::tempdir().unwrap();
         let size = 4 << 20;

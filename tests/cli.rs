@@ -225,13 +225,30 @@ fn foreign_files_are_refused() {
     let d = tmp.path();
     let random = d.join("random.bin");
     fs::write(&random, pattern(5, 3 * MIB as usize)).unwrap();
-    refused_by_every_command(&random, 2, "not an ASIF image", false);
+    let unknown = "not a disk image asiffs knows (ASIF, UDIF .dmg, raw UDRW .dmg, .sparseimage or .sparsebundle)";
+    refused_by_every_command(&random, 1, unknown, false);
     let zeros = d.join("zeros.bin");
     fs::write(&zeros, vec![0u8; 4 * MIB as usize]).unwrap();
-    refused_by_every_command(&zeros, 2, "not an ASIF image", false);
+    refused_by_every_command(&zeros, 1, unknown, false);
     let empty = d.join("empty.bin");
     fs::write(&empty, b"").unwrap();
+    refused_by_every_command(&empty, 1, unknown, false);
+    // Named as ASIF, the same bytes get the format's own reason.
+    let named = d.join("random.asif");
+    fs::write(&named, pattern(5, 3 * MIB as usize)).unwrap();
+    refused_by_every_command(&named, 2, "not an ASIF image", false);
+    let empty = d.join("empty.asif");
+    fs::write(&empty, b"").unwrap();
     refused_by_every_command(&empty, 2, "header is truncated (0 bytes", false);
+    // A .dmg that is neither UDIF nor whole sectors.
+    let cut = d.join("cut.dmg");
+    fs::write(&cut, pattern(5, 1000)).unwrap();
+    refused_by_every_command(
+        &cut,
+        2,
+        "nor a raw UDRW disk (1000 bytes is not whole 512-byte sectors)",
+        false,
+    );
     let dir = d.join("dir.asif");
     fs::create_dir(&dir).unwrap();
     refused_by_every_command(&dir, 1, "not a regular file", false);

@@ -79,7 +79,16 @@ fn one_error(args: &[&str], needle: &str) {
     );
 }
 
-const NATIVE: [&str; 5] = ["raw", "asif", "dmg", "sparsebundle", "sparseimage"];
+/// Each format asiffs writes: its name for `-f`/`-O` and its extension
+/// (a `.dmg` is hdiutil's trailerless UDRW or a UDIF with a trailer).
+const NATIVE: [(&str, &str); 6] = [
+    ("raw", "raw"),
+    ("asif", "asif"),
+    ("udrw", "dmg"),
+    ("udif", "dmg"),
+    ("udsb", "sparsebundle"),
+    ("udsp", "sparseimage"),
+];
 const QEMU: [(&str, &str); 3] = [("qcow2", "qcow2"), ("vmdk", "vmdk"), ("vhdx", "vhdx")];
 
 /// Every pair of raw, ASIF, UDRW, bundle and sparse image, and each of them into qcow2,
@@ -89,57 +98,38 @@ fn round_trips_between_every_pair() {
     let t = tempfile::tempdir().unwrap();
     let (raw, want) = source(t.path());
     // The sources in each native format, made from the raw one.
-    let mut sources = vec![raw.clone()];
-    for ext in &NATIVE[1..] {
-        let p = t.path().join(format!("src.{ext}"));
-        ok(&["convert", "-f", "raw", s(&raw), s(&p)]);
-        sources.push(p);
+    let mut sources = vec![("raw", raw.clone())];
+    for (fmt, ext) in &NATIVE[1..] {
+        let p = t.path().join(format!("src-{fmt}.{ext}"));
+        ok(&["convert", "-f", "raw", s(&raw), s(&p), "-O", fmt]);
+        sources.push((fmt, p));
     }
-    for src in &sources {
-        let stem = src.extension().unwrap().to_str().unwrap();
-        for ext in NATIVE.iter().chain(QEMU.iter().map(|q| &q.0)) {
-            let out = t.path().join(format!("{stem}-to.{ext}"));
-            ok(&[
-                "convert",
-                "-f",
-                if stem == "raw" {
-                    "raw"
-                } else {
-                    stem_format(stem)
-                },
-                s(src),
-                s(&out),
-            ]);
+    let outputs = NATIVE.iter().copied().chain(QEMU);
+    for (stem, src) in &sources {
+        for (out_fmt, ext) in outputs.clone() {
+            let out = t.path().join(format!("{stem}-to-{out_fmt}.{ext}"));
+            ok(&["convert", "-f", stem, s(src), s(&out), "-O", out_fmt]);
             assert!(
                 // Data lies in 4 of the 64 MiB; copies go by whole MiB.
                 allocated(&out) <= 6 << 20,
-                "{stem} -> {ext}: {} bytes allocated for 1.5 MiB of data in 4 MiB",
+                "{stem} -> {out_fmt}: {} bytes allocated for 1.5 MiB of data in 4 MiB",
                 allocated(&out)
             );
-            let back = t.path().join(format!("{stem}-to-{ext}-back.raw"));
+            let back = t.path().join(format!("{stem}-to-{out_fmt}-back.raw"));
             ok(&["convert", s(&out), s(&back), "-O", "raw"]);
             let got = fs::read(&back).unwrap();
-            assert_same_bytes(&format!("{stem} -> {ext}"), &got, &want);
-            if let Some((_, fmt)) = QEMU.iter().find(|q| q.0 == *ext) {
+            assert_same_bytes(&format!("{stem} -> {out_fmt}"), &got, &want);
+            if let Some((_, fmt)) = QEMU.iter().find(|q| q.0 == out_fmt) {
                 let c = std::process::Command::new("qemu-img")
                     .args(["compare", "-f", "raw", "-F", fmt, s(&raw), s(&out)])
                     .output()
                     .unwrap();
                 assert!(
                     c.status.success(),
-                    "qemu-img compare {stem} -> {ext}: {c:?}"
+                    "qemu-img compare {stem} -> {out_fmt}: {c:?}"
                 );
             }
         }
-    }
-}
-
-fn stem_format(stem: &str) -> &'static str {
-    match stem {
-        "asif" => "asif",
-        "dmg" => "udif",
-        "sparseimage" => "udsp",
-        _ => "udsb",
     }
 }
 
@@ -180,11 +170,12 @@ fn create_info_check_each_format() {
     let t = tempfile::tempdir().unwrap();
     for (name, flag, format) in [
         ("a.asif", None, "asif"),
-        ("b.dmg", None, "udif"),
+        ("b.dmg", None, "udrw"),
+        ("h.dmg", Some("udif"), "udif"),
         ("c.sparsebundle", None, "udsb"),
         ("f.sparseimage", None, "udsp"),
         ("g.img", Some("udsp"), "udsp"),
-        ("d.img", Some("udrw"), "udif"),
+        ("d.img", Some("udif"), "udif"),
         ("e.bundle", Some("udsb"), "udsb"),
     ] {
         let p = t.path().join(name);
@@ -287,7 +278,7 @@ fn refusals_are_one_line() {
     );
     one_error(
         &["create", s(&d.join("x.dmg")), "-s", "4M"],
-        "already exists",
+        "file exists (use --force to replace it)",
     );
     one_error(
         &["create", s(&d.join("y.dmg")), "-s", "1000"],
@@ -295,7 +286,7 @@ fn refusals_are_one_line() {
     );
     one_error(
         &["check", "-r", "leaks", s(&dmg)],
-        "check -r (repair) is not supported for udif",
+        "check -r (repair) is not supported for udrw",
     );
     one_error(
         &["check", "-r", "all", s(&bundle)],

@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use asiffs::disk::{self, Disk};
+use asiffs::disk::Disk;
 use asiffs::nbd::proto::*;
 use asiffs::nbd::server::{Config, Export, Server};
+use asiffs::registry;
 use asiffs::{CreateOptions, Image, LockMode, OpenOptions};
 
 const MIB: u64 = 1 << 20;
@@ -42,7 +43,7 @@ fn start(config: Config) -> Fixture {
         };
         Image::create(&path, &opts).unwrap().close().unwrap();
         let d: Arc<dyn Disk> =
-            Arc::from(disk::open(&path, None, &OpenOptions::writable()).unwrap());
+            Arc::from(registry::open(&path, None, &OpenOptions::writable()).unwrap());
         if name == "a" {
             disk_a = Some(Arc::clone(&d));
         }

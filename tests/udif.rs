@@ -10,7 +10,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use asiffs::disk::{self, Disk, Format};
+use asiffs::disk::{Disk, Format};
+use asiffs::registry;
 use asiffs::udif::blkx::{Mish, RunEntry, RunKind};
 use asiffs::udif::create::{create_udrw, write_image};
 use asiffs::udif::trailer::Checksum;
@@ -65,8 +66,8 @@ fn vectors_read_exactly_through_disk_open() {
         (BZIP2, "7ec785450bbc17de417be373fd5d2159", "UDBZ"),
     ] {
         let p = vector(name);
-        assert_eq!(disk::probe(&p).unwrap(), Some(Format::Udif), "{name}");
-        let d = disk::open(&p, None, &ro()).unwrap();
+        assert_eq!(registry::probe(&p).unwrap(), Some(Format::Udif), "{name}");
+        let d = registry::open(&p, None, &ro()).unwrap();
         assert_eq!(d.format(), Format::Udif);
         assert_eq!(d.size(), VECTOR_SIZE);
         assert!(!d.is_writable());
@@ -259,7 +260,7 @@ fn every_codec_reads_back_and_checks_clean() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("codecs.dmg");
     let want = every_codec(&p);
-    let d = disk::open(&p, None, &ro()).unwrap();
+    let d = registry::open(&p, None, &ro()).unwrap();
     assert_eq!(d.size(), want.len() as u64);
     for step in [want.len(), 4096, 1000, 511] {
         assert_eq!(read_all(&*d, step), want, "steps of {step}");
@@ -300,7 +301,7 @@ fn compressed_images_refuse_every_change() {
     let dir = tempfile::tempdir().unwrap();
     let p = copy_vector(ZLIB, dir.path());
     let before = std::fs::read(&p).unwrap();
-    let d = disk::open(&p, None, &OpenOptions::writable()).unwrap();
+    let d = registry::open(&p, None, &OpenOptions::writable()).unwrap();
     assert!(!d.is_writable());
     assert_eq!(
         d.write_refusal().as_deref(),
@@ -321,12 +322,12 @@ fn compressed_images_refuse_every_change() {
     drop(d);
     assert_eq!(std::fs::read(&p).unwrap(), before);
     // The read-only vector itself opens writable too: it is never written.
-    let d = disk::open(&vector(BZIP2), None, &OpenOptions::writable()).unwrap();
+    let d = registry::open(&vector(BZIP2), None, &OpenOptions::writable()).unwrap();
     assert!(matches!(d.write_at(b"x", 0), Err(Error::ReadOnly)));
 }
 
 fn udrw_rw(p: &Path) -> Box<dyn Disk> {
-    disk::open(p, Some(Format::Udif), &OpenOptions::writable()).unwrap()
+    registry::open(p, Some(Format::Udif), &OpenOptions::writable()).unwrap()
 }
 
 #[test]
@@ -408,7 +409,7 @@ fn udrw_writes_and_discards_match_a_model() {
     drop(d);
     // The file only changed inside the data fork.
     assert_eq!(std::fs::metadata(&p).unwrap().len(), file_len);
-    let d = disk::open(&p, None, &ro()).unwrap();
+    let d = registry::open(&p, None, &ro()).unwrap();
     assert!(read_all(&*d, 777_777) == model, "after reopening");
     drop(d);
     let report = udif::check(&p).unwrap();
@@ -518,8 +519,8 @@ fn readers_refuse_writes_and_locks_keep_writers_apart() {
     let p = dir.path().join("lock.dmg");
     create_udrw(&p, MIB).unwrap();
     let before = std::fs::read(&p).unwrap();
-    let r1 = disk::open(&p, None, &ro()).unwrap();
-    let r2 = disk::open(&p, None, &ro()).unwrap();
+    let r1 = registry::open(&p, None, &ro()).unwrap();
+    let r2 = registry::open(&p, None, &ro()).unwrap();
     for e in [
         r1.write_at(b"x", 0).unwrap_err(),
         r1.discard(0, 512).unwrap_err(),
@@ -531,7 +532,7 @@ fn readers_refuse_writes_and_locks_keep_writers_apart() {
         assert_eq!(e.errno(), libc::EROFS);
     }
     assert_eq!(r1.write_refusal(), None);
-    let e = disk::open(&p, None, &OpenOptions::writable())
+    let e = registry::open(&p, None, &OpenOptions::writable())
         .err()
         .unwrap();
     assert_eq!(
@@ -543,13 +544,13 @@ fn readers_refuse_writes_and_locks_keep_writers_apart() {
     );
     drop((r1, r2));
     let w = udrw_rw(&p);
-    let e = disk::open(&p, None, &ro()).err().unwrap();
+    let e = registry::open(&p, None, &ro()).err().unwrap();
     assert!(matches!(e, Error::Locked { .. }), "{e}");
     let unlocked = OpenOptions {
         lock: LockMode::None,
         ..ro()
     };
-    assert!(disk::open(&p, None, &unlocked).is_ok());
+    assert!(registry::open(&p, None, &unlocked).is_ok());
     drop(w);
     assert_eq!(std::fs::read(&p).unwrap(), before);
 }
@@ -756,7 +757,7 @@ fn writes_discards_and_resizes_over_mixed_runs_match_a_model() {
     }
     assert!(read_all(&*d, 1 << 20) == model);
     drop(d);
-    let d = disk::open(&p, None, &ro()).unwrap();
+    let d = registry::open(&p, None, &ro()).unwrap();
     assert_eq!(d.size(), model.len() as u64);
     assert!(read_all(&*d, 777_777) == model, "after reopening");
     drop(d);
@@ -907,7 +908,7 @@ fn concurrent_writes_into_free_space_all_land() {
     };
     verify(&*d, "after the writes");
     drop(d);
-    let d = disk::open(&p, None, &ro()).unwrap();
+    let d = registry::open(&p, None, &ro()).unwrap();
     verify(&*d, "after reopening");
     let report = udif::check(&p).unwrap();
     assert!(report.is_clean(), "{:?}", report.lines());
@@ -1022,10 +1023,13 @@ fn encrypted_images_are_refused_by_name() {
             "{}: encrypted disk image ({magic}): not supported",
             p.display()
         );
-        assert_eq!(disk::probe(p).unwrap_err().to_string(), want);
-        assert_eq!(disk::open(p, None, &ro()).err().unwrap().to_string(), want);
+        assert_eq!(registry::probe(p).unwrap_err().to_string(), want);
         assert_eq!(
-            disk::open(p, Some(Format::Udif), &OpenOptions::writable())
+            registry::open(p, None, &ro()).err().unwrap().to_string(),
+            want
+        );
+        assert_eq!(
+            registry::open(p, Some(Format::Udif), &OpenOptions::writable())
                 .err()
                 .unwrap()
                 .to_string(),
@@ -1034,7 +1038,7 @@ fn encrypted_images_are_refused_by_name() {
     }
     let plain = dir.path().join("plain.bin");
     std::fs::write(&plain, vec![0x33; 4000]).unwrap();
-    assert_eq!(disk::probe(&plain).unwrap(), None);
+    assert_eq!(registry::probe(&plain).unwrap(), None);
 }
 
 /// The vector's bytes with `edit` applied to its trailer.
@@ -1197,7 +1201,7 @@ fn hostile_files_give_one_line_errors_and_stay_unchanged() {
         let p = dir.path().join(format!("{}.dmg", what.replace(' ', "-")));
         std::fs::write(&p, &bytes).unwrap();
         for opts in [ro(), OpenOptions::writable()] {
-            let e = disk::open(&p, Some(Format::Udif), &opts)
+            let e = registry::open(&p, Some(Format::Udif), &opts)
                 .err()
                 .unwrap_or_else(|| panic!("{what}: opened"));
             let text = e.to_string();
@@ -1235,7 +1239,7 @@ fn damaged_compressed_data_fails_the_read_not_the_process() {
         *x ^= 0x5A;
     }
     std::fs::write(&p, &b).unwrap();
-    let d = disk::open(&p, None, &ro()).unwrap();
+    let d = registry::open(&p, None, &ro()).unwrap();
     let mut buf = vec![0u8; 4096];
     d.read_at(&mut buf, 0).unwrap(); // other runs still read
     let e = d.read_at(&mut buf, 40 * 512).unwrap_err();

@@ -10,7 +10,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use asiffs::disk::{self, Disk, Format};
+use asiffs::disk::{Disk, Format};
+use asiffs::registry;
 use asiffs::udsb::{self, Info, SparseBundle, DEFAULT_BAND_SIZE};
 use asiffs::{Error, LockMode, OpenOptions};
 use common::crash::{self, check_sectors, run_steps, Step};
@@ -598,7 +599,10 @@ fn hostile_bundles_are_refused_with_one_line_and_left_alone() {
             assert_eq!(got, want, "case {i}");
             assert!(!got.contains('\n'));
             assert_eq!(
-                disk::open(&path, None, &opts).err().unwrap().to_string(),
+                registry::open(&path, None, &opts)
+                    .err()
+                    .unwrap()
+                    .to_string(),
                 want
             );
         }
@@ -673,11 +677,11 @@ fn check_lists_every_problem() {
 fn probe_and_open_know_bundles_by_name_or_by_plist() {
     let t = tempfile::tempdir().unwrap();
     let path = sample(t.path());
-    assert_eq!(disk::probe(&path).unwrap(), Some(Format::Udsb));
+    assert_eq!(registry::probe(&path).unwrap(), Some(Format::Udsb));
     let other = t.path().join("renamed");
     fs::rename(&path, &other).unwrap();
-    assert_eq!(disk::probe(&other).unwrap(), Some(Format::Udsb));
-    let d = disk::open(&other, None, &OpenOptions::default()).unwrap();
+    assert_eq!(registry::probe(&other).unwrap(), Some(Format::Udsb));
+    let d = registry::open(&other, None, &OpenOptions::default()).unwrap();
     assert_eq!(
         (d.format(), d.size(), d.path()),
         (Format::Udsb, 4 * 64 * KIB, other.as_path())
@@ -688,12 +692,12 @@ fn probe_and_open_know_bundles_by_name_or_by_plist() {
     // a bundle with a clear complaint.
     let plain = t.path().join("plain");
     fs::create_dir(&plain).unwrap();
-    assert_eq!(disk::probe(&plain).unwrap(), None);
+    assert_eq!(registry::probe(&plain).unwrap(), None);
     let empty = t.path().join("empty.sparsebundle");
     fs::create_dir(&empty).unwrap();
-    assert_eq!(disk::probe(&empty).unwrap(), Some(Format::Udsb));
+    assert_eq!(registry::probe(&empty).unwrap(), Some(Format::Udsb));
     assert_eq!(
-        disk::open(&empty, None, &OpenOptions::default())
+        registry::open(&empty, None, &OpenOptions::default())
             .err()
             .unwrap()
             .to_string(),

@@ -1,4 +1,4 @@
-//! `asiffs convert`: any format [`crate::disk::open`] opens, raw, or any
+//! `asiffs convert`: any format [`crate::registry::open`] opens, raw, or any
 //! format qemu-img reads (streamed through it), into ASIF or raw.
 
 use std::fs::File;
@@ -13,15 +13,19 @@ use super::progress;
 use crate::disk::{self, Disk};
 use crate::engine::{CreateOptions, Image, LockMode, OpenOptions};
 use crate::error::{Error, Result};
+use crate::registry;
 
-/// What `convert` writes (`-O`); sources are whatever [`disk::open`] or
+/// What `convert` writes (`-O`); sources are whatever [`registry::open`] or
 /// qemu-img reads.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputFormat {
     Raw,
     Asif,
-    /// Read-write UDIF (`.dmg`).
+    /// Read-write `.dmg` as hdiutil writes it: the raw disk, sparse, no
+    /// trailer.
     Udrw,
+    /// Read-write UDIF `.dmg` with a `koly` trailer and block tables.
+    Udif,
     /// Sparse bundle (`.sparsebundle`).
     Udsb,
     /// Sparse image (`.sparseimage`).
@@ -43,6 +47,7 @@ impl OutputFormat {
         match (super::formats::by_extension(dst), ext.as_deref()) {
             (Some(C::Asif), _) => OutputFormat::Asif,
             (Some(C::Udrw), _) => OutputFormat::Udrw,
+            (Some(C::Udif), _) => OutputFormat::Udif,
             (Some(C::Udsb), _) => OutputFormat::Udsb,
             (Some(C::Udsp), _) => OutputFormat::Udsp,
             (None, Some("qcow2")) => OutputFormat::Qcow2,
@@ -224,7 +229,7 @@ fn hold_destination(dst: &Path, force: bool, out: OutputFormat) -> Result<Option
             dst.display()
         ))),
         Ok(m) if m.is_dir() && out == OutputFormat::Udsb && crate::udsb::is_bundle(dst) => {
-            let b = disk::open(dst, Some(disk::Format::Udsb), &OpenOptions::writable())?;
+            let b = registry::open(dst, Some(disk::Format::Udsb), &OpenOptions::writable())?;
             Ok(Some(Held::Bundle { _lock: b }))
         }
         Ok(m) if !m.is_file() => Err(Error::Invalid(format!(
@@ -413,12 +418,15 @@ pub(super) fn write_output(
             copy(src, STEP, |buf, off| f.write_all_at(buf, off).map_err(ctx))?;
             f.sync_all().map_err(ctx)?;
         }
-        OutputFormat::Udrw | OutputFormat::Udsb => {
+        OutputFormat::Udrw | OutputFormat::Udif | OutputFormat::Udsb => {
             // The format's own create wants the name free.
             remove_any(to)?;
             let dst = if out == OutputFormat::Udrw {
+                crate::raw::create(to, src.size(), false)?;
+                registry::open(to, Some(disk::Format::Udrw), &OpenOptions::writable())?
+            } else if out == OutputFormat::Udif {
                 crate::udif::create_udrw(to, src.size())?;
-                disk::open(to, Some(disk::Format::Udif), &OpenOptions::writable())?
+                registry::open(to, Some(disk::Format::Udif), &OpenOptions::writable())?
             } else {
                 let b = crate::udsb::SparseBundle::create(
                     to,
@@ -445,11 +453,6 @@ pub(super) fn write_output(
     Ok(())
 }
 
-fn has_asif_name(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("asif"))
-}
-
 /// A qemu driver name such as `qcow2` or `host_device`: it reaches
 /// qemu-nbd as `--format=NAME`, so it may hold nothing else (no options).
 fn is_format_name(f: &str) -> bool {
@@ -459,14 +462,14 @@ fn is_format_name(f: &str) -> bool {
 }
 
 /// Opens the source as `format` says, else as what it looks like: a
-/// format [`disk::probe`] knows is opened by [`disk::open`]. A file named
+/// format [`registry::probe`] knows is opened by [`registry::open`]. A file named
 /// `.asif` is opened as ASIF whatever its magic, so a damaged image is
 /// refused rather than copied as if it were a raw disk.
 fn open_source(path: &Path, format: Option<&str>) -> Result<Source> {
     use clap::ValueEnum;
     let open = |f| {
         Ok(Source::Disk(
-            disk::open(path, Some(f), &OpenOptions::default())?.into(),
+            registry::open(path, Some(f), &OpenOptions::default())?.into(),
         ))
     };
     match format {
@@ -480,8 +483,8 @@ fn open_source(path: &Path, format: Option<&str>) -> Result<Source> {
             Ok(disk::Format::Raw) | Err(_) => {}
             Ok(known) => return open(known),
         },
-        None if has_asif_name(path) => return open(disk::Format::Asif),
-        None => match disk::probe(path)? {
+        None if super::formats::has_asif_name(path) => return open(disk::Format::Asif),
+        None => match registry::probe(path)? {
             None | Some(disk::Format::Raw) => {}
             Some(known) => return open(known),
         },

@@ -16,8 +16,11 @@ use crate::error::{Error, Result};
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CreateFormat {
     Asif,
-    /// A read-write UDIF `.dmg`.
+    /// A read-write `.dmg` as hdiutil writes it now: the raw disk, sparse,
+    /// no trailer.
     Udrw,
+    /// A read-write UDIF `.dmg` with a `koly` trailer and block tables.
+    Udif,
     /// A sparse image (`.sparseimage`).
     Udsp,
     /// A sparse bundle (`.sparsebundle` directory).
@@ -69,7 +72,7 @@ pub fn create_other(
     band: u64,
     force: bool,
 ) -> Result<()> {
-    if force && format != CreateFormat::Udsb {
+    if force && !matches!(format, CreateFormat::Udsb | CreateFormat::Udrw) {
         if let Ok(m) = std::fs::symlink_metadata(path) {
             if m.is_file() {
                 std::fs::remove_file(path).map_err(|e| Error::io(path.display().to_string(), e))?;
@@ -78,7 +81,8 @@ pub fn create_other(
     }
     match format {
         CreateFormat::Asif => unreachable!("ASIF is created by the caller"),
-        CreateFormat::Udrw => crate::udif::create_udrw(path, size),
+        CreateFormat::Udrw => crate::raw::create(path, size, force),
+        CreateFormat::Udif => crate::udif::create_udrw(path, size),
         CreateFormat::Udsb => crate::udsb::SparseBundle::create(path, size, band)?.close(),
         CreateFormat::Udsp => crate::udsp::create(path, size, band),
     }
@@ -111,6 +115,19 @@ pub fn check_other(path: &Path, format: Format, json: bool) -> Result<i32> {
             let v = serde_json::json!({ "path": path.display().to_string(), "problems": problems });
             (lines, clean, v)
         }
+        Format::Udrw => {
+            let d = crate::raw::RawDisk::open(path, &OpenOptions::default())?;
+            let lines = vec![
+                format!(
+                    "{}: raw UDRW disk of {} bytes: no structure to check",
+                    path.display(),
+                    crate::disk::Disk::size(&d)
+                ),
+                "clean".to_string(),
+            ];
+            let v = serde_json::json!({ "path": path.display().to_string(), "problems": [] });
+            (lines, true, v)
+        }
         f => return Err(not_supported(path, "check", f)),
     };
     let code = if clean { 0 } else { 2 };
@@ -135,11 +152,20 @@ pub fn not_supported(path: &Path, what: &str, format: Format) -> Error {
     ))
 }
 
-/// The format of an existing image, as `resize`, `compact` and `check -r`
-/// dispatch on it; a file no format claims is taken as ASIF, whose errors
-/// say what is wrong with it.
+/// The format of an existing image, as the commands dispatch on it. A
+/// file no format claims is refused in one line, except one named `.asif`,
+/// which is opened as ASIF so that its errors say what is wrong with it.
 pub fn format_of(path: &Path) -> Result<Format> {
-    Ok(crate::disk::probe(path)?.unwrap_or(Format::Asif))
+    match crate::registry::probe(path)? {
+        Some(f) => Ok(f),
+        None if has_asif_name(path) => Ok(Format::Asif),
+        None => Err(crate::registry::unknown(path)),
+    }
+}
+
+pub fn has_asif_name(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("asif"))
 }
 
 /// `resize` of a bundle, a sparse image or a UDRW image (the other formats
@@ -151,14 +177,17 @@ pub fn resize_other(
     wanted: impl Fn(u64) -> Result<u64>,
     shrink: bool,
 ) -> Result<(u64, u64)> {
-    if !matches!(format, Format::Udsb | Format::Udsp | Format::Udif) {
+    if !matches!(
+        format,
+        Format::Udsb | Format::Udsp | Format::Udif | Format::Udrw
+    ) {
         return Err(Error::Invalid(format!(
             "{}: resizing {} images is not supported (ASIF, UDRW, sparse images and sparse bundles can be resized)",
             path.display(),
             format.name()
         )));
     }
-    let disk = crate::disk::open(path, Some(format), &OpenOptions::writable())?;
+    let disk = crate::registry::open(path, Some(format), &OpenOptions::writable())?;
     if let Some(why) = disk.write_refusal() {
         return Err(Error::Invalid(format!(
             "{}: cannot resize: {why}",

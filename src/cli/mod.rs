@@ -256,16 +256,15 @@ fn create(a: CreateArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Opens FILE in whatever format [`crate::disk::probe`] finds; a file no
-/// format claims is opened as ASIF, whose errors say what is wrong with it.
+/// Opens FILE in whatever format [`formats::format_of`] finds.
 fn open_for_reading(a: &ImageArgs) -> Result<Box<dyn Disk>> {
     let lock = if a.force_share {
         LockMode::None
     } else {
         LockMode::Shared
     };
-    let format = crate::disk::probe(&a.file)?.unwrap_or(Format::Asif);
-    crate::disk::open(
+    let format = formats::format_of(&a.file)?;
+    crate::registry::open(
         &a.file,
         Some(format),
         &OpenOptions {
@@ -400,7 +399,7 @@ fn repair(a: &ImageArgs, mode: Repair) -> Result<i32> {
             .map_err(|e| Error::io(p.display().to_string(), e))
     };
     let before = allocated(&a.file)?;
-    if let Some(f) = crate::disk::probe(&a.file)?.filter(|&f| f != Format::Asif) {
+    if let Some(f) = crate::registry::probe(&a.file)?.filter(|&f| f != Format::Asif) {
         return Err(formats::not_supported(&a.file, "check -r (repair)", f));
     }
     let mut img = Image::open(&a.file, &OpenOptions::writable())?;
@@ -448,8 +447,8 @@ fn check(c: CheckArgs) -> Result<i32> {
     if let Some(mode) = c.repair {
         return repair(&a, mode);
     }
-    match crate::disk::probe(&a.file) {
-        Ok(Some(f @ (Format::Udif | Format::Udsb | Format::Udsp))) => {
+    match crate::registry::probe(&a.file) {
+        Ok(Some(f @ (Format::Udif | Format::Udsb | Format::Udsp | Format::Udrw))) => {
             return formats::check_other(&a.file, f, a.json())
         }
         Err(e) if !a.json() => return Err(e),

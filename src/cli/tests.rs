@@ -1,5 +1,5 @@
 //! The CLI's format-generic paths, driven by a disk that is not ASIF: what
-//! a format added to [`crate::disk::open`] gets from info, map, check and
+//! a format added to [`crate::registry::open`] gets from info, map, check and
 //! convert without CLI changes.
 
 use std::path::{Path, PathBuf};
@@ -124,7 +124,7 @@ fn info_of_asif_starts_alike() {
         ..Default::default()
     };
     Image::create(&p, &opts).unwrap().close().unwrap();
-    let d = crate::disk::open(&p, None, &OpenOptions::default()).unwrap();
+    let d = crate::registry::open(&p, None, &OpenOptions::default()).unwrap();
     let text = info_text(&*d, false).unwrap();
     let head = format!(
         "image: {}\nfile format: asif\nvirtual size: 3 MiB (3145728 bytes)\n",

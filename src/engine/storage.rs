@@ -73,6 +73,44 @@ pub struct FileStorage {
     direct: Option<File>,
 }
 
+/// Opens the regular file at `path` as a container: for writing if
+/// `opts.writable`, locked as `opts.lock` says, guest data through
+/// `O_DIRECT` too when `opts.cache` is `none` and the host allows it.
+pub fn open_container(
+    path: &std::path::Path,
+    opts: &crate::OpenOptions,
+) -> crate::Result<FileStorage> {
+    use crate::error::Error;
+    let ctx = |e| Error::io(path.display().to_string(), e);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(opts.writable)
+        .open(path)
+        .map_err(ctx)?;
+    if !file.metadata().map_err(ctx)?.is_file() {
+        return Err(Error::Invalid(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    crate::engine::lock_file(&file, opts.lock, path)?;
+    let direct = || {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(opts.writable)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+    };
+    Ok(match opts.cache {
+        crate::CacheMode::None => match direct() {
+            Ok(direct) => FileStorage::with_direct(file, direct),
+            Err(_) => FileStorage::new(file),
+        },
+        crate::CacheMode::Writeback => FileStorage::new(file),
+    })
+}
+
 /// Alignment of `O_DIRECT` offsets, lengths and buffers: 4 KiB suits every
 /// common host filesystem and device.
 pub(crate) const DIRECT_ALIGN: usize = 4096;

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, info, warn};
 
-use crate::disk::{Disk, Format, IMAGE_EXTENSIONS};
+use crate::disk::{Disk, Format};
+use crate::registry::IMAGE_EXTENSIONS;
 use crate::{CreateOptions, Error, Image, LockMode, OpenOptions};
 
 pub(crate) const ROOT_INO: u64 = 1;
@@ -170,20 +171,20 @@ type Opened = (Arc<dyn Disk>, Option<Arc<Image>>);
 
 fn open_disk(path: &Path, opts: &OpenOptions) -> Result<Opened, Error> {
     // Unrecognised content is opened as the format its extension names, so
-    // the skip reason says what is wrong (a `.dmg` cut short has no trailer)
-    // rather than only "not a disk image".
+    // the skip reason says what is wrong rather than only "not a disk
+    // image" (the probe itself explains a `.dmg` that is neither UDIF nor
+    // whole sectors).
     let by_ext = || match path.extension().and_then(OsStr::to_str) {
         Some("asif") => Some(Format::Asif),
-        Some("dmg") => Some(Format::Udif),
         Some("sparsebundle") => Some(Format::Udsb),
         _ => None,
     };
-    match crate::disk::probe(path)?.or_else(by_ext) {
+    match crate::registry::probe(path)?.or_else(by_ext) {
         Some(Format::Asif) => {
             let image = Arc::new(Image::open(path, opts)?);
             Ok((image.clone(), Some(image)))
         }
-        format => Ok((Arc::from(crate::disk::open(path, format, opts)?), None)),
+        format => Ok((Arc::from(crate::registry::open(path, format, opts)?), None)),
     }
 }
 
@@ -694,7 +695,7 @@ mod tests {
         let dmg = why("cut.dmg");
         assert!(
             dmg.ends_with(
-                "cut.dmg: no koly trailer in the last 512 bytes (not a UDIF image, or truncated)"
+                "cut.dmg: neither a UDIF image (no koly trailer in the last 512 bytes) nor a raw UDRW disk (1000 bytes is not whole 512-byte sectors)"
             ),
             "{dmg}"
         );

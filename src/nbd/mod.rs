@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use crate::disk::{self, Disk};
+use crate::disk::Disk;
+use crate::registry;
 use crate::{CacheMode, Error, LockMode, OpenOptions, Result};
 use server::{Config, Export, Server};
 
@@ -127,7 +128,7 @@ fn find_images(source: &Path, only: Option<&str>) -> Result<Vec<(String, PathBuf
             .collect();
         entries.sort();
         for path in entries {
-            match disk::probe(&path) {
+            match registry::probe(&path) {
                 Ok(Some(_)) => add(path),
                 Ok(None) => {}
                 Err(e) => warn!("{}: skipped: {e}", path.display()),
@@ -186,7 +187,7 @@ fn open_exports(
     let mut exports = Vec::new();
     let mut last_err = None;
     for (name, path) in images {
-        match disk::open(path, None, &opts) {
+        match registry::open(path, None, &opts) {
             Ok(d) => {
                 let disk: Arc<dyn Disk> = Arc::from(d);
                 let ro = read_only || !disk.is_writable();

@@ -221,35 +221,6 @@ fn encrypted(path: &Path, magic: &str) -> Error {
     ))
 }
 
-/// Whether the file is a UDIF image: `Some(Udif)` for a `koly` trailer in
-/// the last 512 bytes, an error naming the reason for an encrypted one,
-/// `None` otherwise.
-pub fn probe(path: &Path) -> Result<Option<Format>> {
-    let f = File::open(path).map_err(|e| Error::io(path.display().to_string(), e))?;
-    let s = FileStorage::new(f);
-    let len = s
-        .len()
-        .map_err(|e| Error::io(path.display().to_string(), e))?;
-    let head = read_vec(&s, 0, len.min(8), path, "the header")?;
-    if head.as_slice() == ENCRYPTED_HEAD {
-        return Err(encrypted(path, "encrcdsa"));
-    }
-    if len < TRAILER_SIZE as u64 {
-        return Ok(None);
-    }
-    let tail = read_vec(
-        &s,
-        len - TRAILER_SIZE as u64,
-        TRAILER_SIZE as u64,
-        path,
-        "the trailer",
-    )?;
-    if tail.ends_with(ENCRYPTED_TAIL) {
-        return Err(encrypted(path, "cdsaencr"));
-    }
-    Ok((&tail[..4] == trailer::KOLY_MAGIC).then_some(Format::Udif))
-}
-
 /// How an open image takes changes.
 enum Mode {
     /// Opened read-only.

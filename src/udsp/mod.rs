@@ -44,8 +44,8 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Serialize;
 
 use crate::disk::{Disk, Format};
-use crate::engine::storage::{FileStorage, Storage};
-use crate::engine::{lock_file, CacheMode, Extent, OpenOptions};
+use crate::engine::storage::{open_container, FileStorage, Storage};
+use crate::engine::{lock_file, Extent, OpenOptions};
 use crate::error::{Error, Result};
 use crate::stats::{Counter, IoCounters, IoStats};
 pub use compact::CompactReport;
@@ -133,26 +133,7 @@ impl SparseImage {
     /// `flock`, so a second opener gets [`Error::Locked`].
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<SparseImage> {
         let path = path.as_ref();
-        let ctx = |e| Error::io(path.display().to_string(), e);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(opts.writable)
-            .open(path)
-            .map_err(ctx)?;
-        if !file.metadata().map_err(ctx)?.is_file() {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
-        }
-        lock_file(&file, opts.lock, path)?;
-        let storage = match opts.cache {
-            CacheMode::None => match FileStorage::open_direct(path) {
-                Ok(direct) => FileStorage::with_direct(file, direct),
-                Err(_) => FileStorage::new(file),
-            },
-            CacheMode::Writeback => FileStorage::new(file),
-        };
+        let storage = open_container(path, opts)?;
         Self::from_storage(path, Arc::new(storage), opts)
     }
 

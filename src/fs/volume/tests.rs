@@ -483,7 +483,7 @@ fn create_unlink_and_rename_act_on_the_containers() {
         }
     );
     assert_eq!(
-        crate::disk::probe(&d.path().join("new.asif")).unwrap(),
+        crate::registry::probe(&d.path().join("new.asif")).unwrap(),
         Some(crate::disk::Format::Asif)
     );
     assert_eq!(ino(&v, "new.img"), attr.ino);
