@@ -1691,7 +1691,6 @@ fn plist_xml(entries: &[(String, i32, Vec<u8>)]) -> Vec<u8> {
 }
 
 /// A `koly` trailer: version 4, one segment, CRC32 checksums.
-#[allow(clippy::too_many_arguments)]
 fn koly_bytes(
     fork: (u64, u64),
     rsrc: (u64, u64),
@@ -1761,7 +1760,7 @@ fn build(specs: &[Spec], shape: &Shape) -> Built {
     let mut starts = Vec::new();
     let mut raw_at = Vec::new();
     for s in specs {
-        fork.extend(std::iter::repeat_n(JUNK, s.gap));
+        fork.resize(fork.len() + s.gap, JUNK);
         let start = fork.len() as u64;
         let mut runs = Vec::new();
         let mut plain = Vec::new();
