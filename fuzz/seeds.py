@@ -83,6 +83,47 @@ def small_image(cs, with_meta):
     return bytes(img).rstrip(b"\0")
 
 
+def mish(first, count, data_start, runs):
+    """A `mish` table; runs are (type, sector, sectors, offset, length)."""
+    t = bytearray(0xCC)
+    struct.pack_into(">4sIQQQII", t, 0, b"mish", 1, first, count, data_start, 8, 0)
+    struct.pack_into(">I", t, 0xC8, len(runs))
+    for r in runs:
+        t += struct.pack(">IIQQQQ", r[0], 0, *r[1:])
+    return bytes(t)
+
+
+def udif_data_starts():
+    """A small UDRW image in the older layout: a junk prefix, two tables
+    listed out of disk order, each with its own data start (runs relative
+    to it), a comment, a free and a zero run, end runs."""
+    import base64
+
+    raw, free, zero, comment, end = 1, 2, 0, 0x7FFFFFFE, 0xFFFFFFFF
+    fork = b"\xa5" * 512 + bytes(range(256)) * 8 + b"\xa5" * 64 + b"\x5a" * 1024
+    t0 = mish(0, 8, 512, [(comment, 0, 0, 0xFFFF0000, 16), (raw, 0, 4, 0, 2048),
+                          (free, 4, 4, 2048, 0), (end, 8, 0, 0, 0)])
+    t1 = mish(10, 4, 512 + 2048 + 64, [(raw, 0, 2, 0, 1024), (zero, 2, 2, 0, 0),
+                                       (end, 4, 0, 0, 0)])
+    entries = "".join(
+        f"<dict><key>Attributes</key><string>0x0050</string><key>Data</key>"
+        f"<data>{base64.b64encode(t).decode()}</data><key>ID</key><string>{i}</string>"
+        f"<key>Name</key><string>part {i}</string></dict>"
+        for i, t in ((1, t1), (0, t0))
+    )
+    plist = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<plist version="1.0"><dict>'
+        f"<key>resource-fork</key><dict><key>blkx</key><array>{entries}</array>"
+        "</dict></dict></plist>\n"
+    ).encode()
+    k = bytearray(512)
+    struct.pack_into(">4sIII", k, 0, b"koly", 4, 512, 1)
+    struct.pack_into(">QQ", k, 0x18, 0, len(fork))
+    struct.pack_into(">QQ", k, 0xD8, len(fork), len(plist))
+    struct.pack_into(">IQ", k, 0x1E8, 1, 14)
+    return fork + plist + bytes(k)
+
+
 def main():
     basic = vector("apple-basic.asif.gz", 5 << 20)
     blank = vector("apple-blank-10GB.asif.gz", 4 << 20)
@@ -113,6 +154,7 @@ def main():
 
     for name in ("hfsplus_zlib", "hfsplus_bzip2"):
         seed("udif_parse", name, (VECTORS / "udif" / f"{name}.dmg").read_bytes())
+    seed("udif_parse", "data-starts", udif_data_starts())
 
 
 if __name__ == "__main__":

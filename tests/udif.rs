@@ -1065,6 +1065,10 @@ fn with_tables(b: &[u8], edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
     b
 }
 
+fn be32_at(t: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(t[at..at + 4].try_into().unwrap())
+}
+
 fn be64_at(t: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(t[at..at + 8].try_into().unwrap())
 }
@@ -1546,4 +1550,759 @@ fn extents_follow_the_host_files_holes_inside_raw_runs() {
     d.discard(at, 4096).unwrap();
     assert_eq!(d.seek_data(0).unwrap(), None);
     assert_eq!(d.extents().unwrap().len(), 1);
+}
+
+// Layouts older hdiutil writes, built here byte by byte from the format
+// (docs/formats.md) rather than by asiffs' writer, so that a misreading
+// shared by reader and writer cannot hide.
+
+const T_ZERO: u32 = 0;
+const T_RAW: u32 = 1;
+/// "Free" to some readers, "ignore" to others: zeros, no data.
+const T_FREE: u32 = 2;
+const T_ZLIB: u32 = 0x8000_0005;
+const T_COMMENT: u32 = 0x7FFF_FFFE;
+const T_END: u32 = 0xFFFF_FFFF;
+/// Fill of bytes no run names, so that a read of them shows.
+const JUNK: u8 = 0xA5;
+
+/// What one run of a built table holds.
+#[derive(Clone)]
+enum Part {
+    Raw(Vec<u8>),
+    Zlib(Vec<u8>),
+    Zero(u64),
+    Free(u64),
+    Comment,
+}
+
+/// A table: its name and ID as hdiutil gives them, its first sector, and
+/// `gap` junk bytes between the previous table's data and its own.
+struct Spec {
+    name: String,
+    id: i32,
+    first: u64,
+    gap: usize,
+    parts: Vec<Part>,
+}
+
+fn spec(name: &str, id: i32, first: u64, gap: usize, parts: Vec<Part>) -> Spec {
+    Spec {
+        name: name.into(),
+        id,
+        first,
+        gap,
+        parts,
+    }
+}
+
+/// How to lay the file out around the tables.
+#[derive(Default)]
+struct Shape {
+    /// File bytes before the data fork (koly data fork offset).
+    fork_offset: usize,
+    /// Data-fork bytes before the first table's data.
+    prefix: usize,
+    /// The plist's blkx array, as indices into the specs.
+    order: Vec<usize>,
+    /// A classic resource fork after the data fork, holding the tables
+    /// again.
+    rsrc: bool,
+}
+
+struct Built {
+    file: Vec<u8>,
+    disk: Vec<u8>,
+    /// Each spec's data start (data-fork relative).
+    starts: Vec<u64>,
+    /// Each spec's raw runs: (disk byte, data-fork offset of its bytes).
+    raw_at: Vec<Vec<(u64, u64)>>,
+    /// Each spec's `mish` table.
+    tables: Vec<Vec<u8>>,
+}
+
+fn put32(b: &mut Vec<u8>, v: u32) {
+    b.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put64(b: &mut Vec<u8>, v: u64) {
+    b.extend_from_slice(&v.to_be_bytes());
+}
+
+/// A `mish` table: runs are (type, sector, sectors, offset, length).
+fn mish_bytes(
+    first: u64,
+    count: u64,
+    data_start: u64,
+    id: i32,
+    crc: u32,
+    runs: &[(u32, u64, u64, u64, u64)],
+) -> Vec<u8> {
+    let mut b = b"mish".to_vec();
+    put32(&mut b, 1);
+    put64(&mut b, first);
+    put64(&mut b, count);
+    put64(&mut b, data_start);
+    put32(&mut b, 2048);
+    put32(&mut b, id as u32);
+    b.resize(0x40, 0);
+    put32(&mut b, 2);
+    put32(&mut b, 32);
+    put32(&mut b, crc);
+    b.resize(0xC8, 0);
+    put32(&mut b, runs.len() as u32);
+    for &(kind, sector, sectors, offset, length) in runs {
+        put32(&mut b, kind);
+        put32(&mut b, 0);
+        put64(&mut b, sector);
+        put64(&mut b, sectors);
+        put64(&mut b, offset);
+        put64(&mut b, length);
+    }
+    b
+}
+
+/// The XML property list hdiutil writes around `(name, id, table)`s.
+fn plist_xml(entries: &[(String, i32, Vec<u8>)]) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut x = String::from(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+         <!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \
+         \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n\
+         <plist version=\"1.0\">\n<dict>\n\t<key>resource-fork</key>\n\t<dict>\n\
+         \t\t<key>blkx</key>\n\t\t<array>\n",
+    );
+    for (name, id, data) in entries {
+        // hdiutil wraps the base64 at 52 characters a line.
+        let text = b64.encode(data);
+        let lines: Vec<&str> = text
+            .as_bytes()
+            .chunks(52)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        x += &format!(
+            "\t\t\t<dict>\n\t\t\t\t<key>Attributes</key>\n\t\t\t\t<string>0x0050</string>\n\
+             \t\t\t\t<key>CFName</key>\n\t\t\t\t<string>{name}</string>\n\
+             \t\t\t\t<key>Data</key>\n\t\t\t\t<data>\n\t\t\t\t{}\n\t\t\t\t</data>\n\
+             \t\t\t\t<key>ID</key>\n\t\t\t\t<string>{id}</string>\n\
+             \t\t\t\t<key>Name</key>\n\t\t\t\t<string>{name}</string>\n\t\t\t</dict>\n",
+            lines.join("\n\t\t\t\t")
+        );
+    }
+    x += "\t\t</array>\n\t</dict>\n</dict>\n</plist>\n";
+    x.into_bytes()
+}
+
+/// A `koly` trailer: version 4, one segment, CRC32 checksums.
+fn koly_bytes(
+    fork: (u64, u64),
+    rsrc: (u64, u64),
+    plist: (u64, u64),
+    data_crc: u32,
+    master_crc: u32,
+    sectors: u64,
+) -> Vec<u8> {
+    let mut b = b"koly".to_vec();
+    put32(&mut b, 4);
+    put32(&mut b, 512);
+    put32(&mut b, 1);
+    put64(&mut b, 0);
+    put64(&mut b, fork.0);
+    put64(&mut b, fork.1);
+    put64(&mut b, rsrc.0);
+    put64(&mut b, rsrc.1);
+    put32(&mut b, 1);
+    put32(&mut b, 1);
+    b.extend_from_slice(&[0x42; 16]);
+    put32(&mut b, 2);
+    put32(&mut b, 32);
+    put32(&mut b, data_crc);
+    b.resize(0xD8, 0);
+    put64(&mut b, plist.0);
+    put64(&mut b, plist.1);
+    b.resize(0x160, 0);
+    put32(&mut b, 2);
+    put32(&mut b, 32);
+    put32(&mut b, master_crc);
+    b.resize(0x1E8, 0);
+    put32(&mut b, 1);
+    put64(&mut b, sectors);
+    b.resize(512, 0);
+    b
+}
+
+fn zlib(b: &[u8]) -> Vec<u8> {
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(b).unwrap();
+    z.finish().unwrap()
+}
+
+/// Lays out `specs` as an image: each table's data after `gap` junk
+/// bytes, its data start where its data begins and its runs' offsets
+/// relative to it; comment runs point at junk, free runs at the table's
+/// position, every table closed by an end run.
+fn build(specs: &[Spec], shape: &Shape) -> Built {
+    let mut fork = vec![JUNK; shape.prefix];
+    let sectors = specs
+        .iter()
+        .map(|s| {
+            s.first
+                + s.parts
+                    .iter()
+                    .map(|p| match p {
+                        Part::Raw(b) | Part::Zlib(b) => b.len() as u64 / 512,
+                        Part::Zero(n) | Part::Free(n) => *n,
+                        Part::Comment => 0,
+                    })
+                    .sum::<u64>()
+        })
+        .max()
+        .unwrap();
+    let mut disk = vec![0u8; (sectors * 512) as usize];
+    let mut tables = Vec::new();
+    let mut starts = Vec::new();
+    let mut raw_at = Vec::new();
+    for s in specs {
+        fork.resize(fork.len() + s.gap, JUNK);
+        let start = fork.len() as u64;
+        let mut runs = Vec::new();
+        let mut plain = Vec::new();
+        let mut raws = Vec::new();
+        let mut sector = 0;
+        for p in &s.parts {
+            let at = fork.len() as u64 - start;
+            let disk_at = ((s.first + sector) * 512) as usize;
+            match p {
+                Part::Raw(b) | Part::Zlib(b) => {
+                    let n = b.len() as u64 / 512;
+                    let stored = match p {
+                        Part::Zlib(_) => zlib(b),
+                        _ => b.clone(),
+                    };
+                    let kind = if matches!(p, Part::Zlib(_)) {
+                        T_ZLIB
+                    } else {
+                        raws.push((disk_at as u64, fork.len() as u64));
+                        T_RAW
+                    };
+                    runs.push((kind, sector, n, at, stored.len() as u64));
+                    fork.extend_from_slice(&stored);
+                    disk[disk_at..disk_at + b.len()].copy_from_slice(b);
+                    plain.extend_from_slice(b);
+                    sector += n;
+                }
+                Part::Zero(n) => {
+                    runs.push((T_ZERO, sector, *n, 0, 0));
+                    plain.resize(plain.len() + (*n * 512) as usize, 0);
+                    sector += n;
+                }
+                Part::Free(n) => {
+                    runs.push((T_FREE, sector, *n, at, 0));
+                    sector += n;
+                }
+                // Far outside the fork: a reader that took it for data
+                // would fail.
+                Part::Comment => runs.push((T_COMMENT, sector, 0, 0xFFFF_FFFF_0000, 0x10)),
+            }
+        }
+        runs.push((T_END, sector, 0, 0, 0));
+        let crc = crc32fast::hash(&plain);
+        tables.push((
+            s.name.clone(),
+            s.id,
+            mish_bytes(s.first, sector, start, s.id, crc, &runs),
+            crc,
+        ));
+        starts.push(start);
+        raw_at.push(raws);
+    }
+    let fork_off = shape.fork_offset as u64;
+    let mut file = vec![0x5A; shape.fork_offset];
+    file.extend_from_slice(&fork);
+    let fork_end = file.len() as u64;
+    let rsrc = if shape.rsrc {
+        let ids = shape
+            .order
+            .iter()
+            .map(|&i| (tables[i].1 as i16, tables[i].2.clone()));
+        let r = resource_fork(&ids.collect::<Vec<_>>());
+        file.extend_from_slice(&r);
+        (fork_end, r.len() as u64)
+    } else {
+        (0, 0)
+    };
+    let listed: Vec<_> = shape
+        .order
+        .iter()
+        .map(|&i| (tables[i].0.clone(), tables[i].1, tables[i].2.clone()))
+        .collect();
+    let mut master = Vec::new();
+    for &i in &shape.order {
+        master.extend_from_slice(&tables[i].3.to_be_bytes());
+    }
+    let xml = plist_xml(&listed);
+    let plist_at = file.len() as u64;
+    file.extend_from_slice(&xml);
+    file.extend_from_slice(&koly_bytes(
+        (fork_off, fork.len() as u64),
+        rsrc,
+        (plist_at, xml.len() as u64),
+        crc32fast::hash(&fork),
+        crc32fast::hash(&master),
+        sectors,
+    ));
+    Built {
+        file,
+        disk,
+        starts,
+        raw_at,
+        tables: tables.into_iter().map(|t| t.2).collect(),
+    }
+}
+
+/// Writes `b` at `dir/name`, reads it whole and in steps that cross
+/// runs mid-sector, checks it clean with every checksum verified, and
+/// converts it to raw with the CLI: each must give exactly `b.disk`.
+fn assert_reads_exactly(b: &Built, dir: &Path, name: &str, tables: usize) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, &b.file).unwrap();
+    let u = Udif::open(&p, &ro()).unwrap();
+    assert_eq!(u.size(), b.disk.len() as u64, "{name}");
+    for step in [b.disk.len(), 4096, 1000, 511] {
+        assert!(read_all(&u, step) == b.disk, "{name} in steps of {step}");
+    }
+    let r = u.check().unwrap();
+    assert_eq!(r.problems, Vec::<String>::new(), "{name}");
+    assert_eq!(r.notes, Vec::<String>::new(), "{name}");
+    assert_eq!((r.tables, r.checksums_verified), (tables, tables + 2));
+    drop(u);
+    let raw = dir.join(format!("{name}.raw"));
+    let run = common::run(["convert", p.to_str().unwrap(), raw.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{name}: {}", run.stderr);
+    assert!(std::fs::read(&raw).unwrap() == b.disk, "{name}: convert");
+    p
+}
+
+#[test]
+fn tables_with_data_starts_read_exactly_in_any_plist_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        spec(
+            "disk image (Apple_HFS : 1)",
+            0,
+            0,
+            0,
+            vec![
+                Part::Zlib(pattern(1, 8 * 512)),
+                Part::Comment,
+                Part::Raw(pattern(2, 4 * 512)),
+                Part::Free(3),
+                Part::Zlib(pattern(3, 6 * 512)),
+            ],
+        ),
+        // Three sectors no table covers, then a second table.
+        spec(
+            "disk image (Apple_HFS : 2)",
+            1,
+            24,
+            37,
+            vec![
+                Part::Raw(pattern(4, 2 * 512)),
+                Part::Zero(5),
+                Part::Comment,
+                Part::Zlib(pattern(5, 8 * 512)),
+                Part::Free(2),
+            ],
+        ),
+    ];
+    let b = build(
+        &specs,
+        &Shape {
+            prefix: 1000,
+            order: vec![1, 0],
+            ..Default::default()
+        },
+    );
+    let table0 = zlib(&pattern(1, 8 * 512)).len() + 4 * 512 + zlib(&pattern(3, 6 * 512)).len();
+    assert_eq!(b.starts, vec![1000, (1000 + table0 + 37) as u64]);
+    assert_eq!(b.disk.len(), (24 + 17) * 512);
+    let p = assert_reads_exactly(&b, dir.path(), "two.dmg", 2);
+    // Without its data start, table 0's first run would be the junk
+    // prefix: the map holds the sums.
+    let u = Udif::open(&p, &ro()).unwrap();
+    let l = u.layout();
+    assert_eq!(l.tables[0].data_start, b.starts[1]);
+    assert_eq!(l.tables[1].data_start, b.starts[0]);
+    let first = l.map.runs[0];
+    assert_eq!((first.start, first.table, first.offset), (0, 1, 1000));
+}
+
+/// A driver descriptor map (sector 0 of an APM disk) for `sectors`.
+fn ddm(sectors: u64) -> Vec<u8> {
+    let mut b = b"ER".to_vec();
+    b.extend_from_slice(&512u16.to_be_bytes());
+    put32(&mut b, sectors as u32);
+    b.resize(512, 0);
+    b
+}
+
+/// Apple partition map entries `(name, type, start, sectors)`, one
+/// sector each.
+fn apm(entries: &[(&str, &str, u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &(name, kind, start, n) in entries {
+        let mut b = b"PM\0\0".to_vec();
+        put32(&mut b, entries.len() as u32);
+        put32(&mut b, start as u32);
+        put32(&mut b, n as u32);
+        let mut field = |s: &str| {
+            let mut f = s.as_bytes().to_vec();
+            f.resize(32, 0);
+            b.extend_from_slice(&f);
+        };
+        field(name);
+        field(kind);
+        b.resize(512, 0);
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+#[test]
+fn apple_partition_map_layout_reads_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // DDM, the map (63 sectors), a driver, the volume, free space: one
+    // table each, as hdiutil writes an APM disk.
+    let map = apm(&[
+        ("Apple", "Apple_partition_map", 1, 63),
+        ("Macintosh", "Apple_Driver_ATAPI", 64, 4),
+        ("disk image", "Apple_HFS", 68, 40),
+        ("", "Apple_Free", 108, 10),
+    ]);
+    let specs = [
+        spec(
+            "Driver Descriptor Map (DDM : 0)",
+            -1,
+            0,
+            0,
+            vec![Part::Raw(ddm(118))],
+        ),
+        spec(
+            "Apple (Apple_partition_map : 1)",
+            0,
+            1,
+            0,
+            vec![Part::Zlib(map.clone()), Part::Zero(63 - 4)],
+        ),
+        spec(
+            "Macintosh (Apple_Driver_ATAPI : 2)",
+            1,
+            64,
+            0,
+            vec![Part::Comment, Part::Raw(pattern(10, 4 * 512))],
+        ),
+        spec(
+            "disk image (Apple_HFS : 3)",
+            2,
+            68,
+            0,
+            vec![
+                Part::Zlib(pattern(11, 16 * 512)),
+                Part::Zero(8),
+                Part::Raw(pattern(12, 8 * 512)),
+                Part::Zlib(vec![0x6B; 8 * 512]),
+            ],
+        ),
+        spec(" (Apple_Free : 4)", 3, 108, 0, vec![Part::Free(10)]),
+    ];
+    let b = build(
+        &specs,
+        &Shape {
+            order: vec![0, 1, 2, 3, 4],
+            ..Default::default()
+        },
+    );
+    // Every table after the first starts its data where the previous
+    // one's ended.
+    assert_eq!(b.starts[..2], [0, 512]);
+    assert!(b.starts[2] > 512 && b.starts[3] > b.starts[2] && b.starts[4] > b.starts[3]);
+    assert_eq!(b.disk[..2], *b"ER");
+    assert_eq!(b.disk[512..514], *b"PM");
+    assert_reads_exactly(&b, dir.path(), "apm.dmg", 5);
+}
+
+/// A classic resource fork holding each table as a `blkx` resource (the
+/// form that came before the XML property list): a 16-byte header, the
+/// resources (each a length and its bytes), then the map.
+fn resource_fork(tables: &[(i16, Vec<u8>)]) -> Vec<u8> {
+    let mut data = Vec::new();
+    let mut offsets = Vec::new();
+    for (_, t) in tables {
+        offsets.push(data.len() as u32);
+        put32(&mut data, t.len() as u32);
+        data.extend_from_slice(t);
+    }
+    let data_at = 256u32;
+    let map_at = data_at + data.len() as u32;
+    let mut map = vec![0u8; 16 + 4 + 2 + 2];
+    let type_list = 28u16;
+    map.extend_from_slice(&type_list.to_be_bytes());
+    let refs_len = 12 * tables.len() as u16;
+    let names = type_list + 2 + 8 + refs_len;
+    map.extend_from_slice(&names.to_be_bytes());
+    map.extend_from_slice(&0u16.to_be_bytes()); // one type, minus one
+    map.extend_from_slice(b"blkx");
+    map.extend_from_slice(&(tables.len() as u16 - 1).to_be_bytes());
+    map.extend_from_slice(&10u16.to_be_bytes());
+    for ((id, _), off) in tables.iter().zip(offsets) {
+        map.extend_from_slice(&id.to_be_bytes());
+        map.extend_from_slice(&0xFFFFu16.to_be_bytes());
+        put32(&mut map, off); // attributes 0, then a 24-bit offset
+        put32(&mut map, 0);
+    }
+    let mut head = Vec::new();
+    for v in [data_at, map_at, data.len() as u32, map.len() as u32] {
+        put32(&mut head, v);
+    }
+    map[..16].copy_from_slice(&head);
+    let mut out = head;
+    out.resize(data_at as usize, 0);
+    out.extend_from_slice(&data);
+    out.extend_from_slice(&map);
+    out
+}
+
+#[test]
+fn an_image_with_a_resource_fork_beside_its_plist_reads_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        spec(
+            "whole disk (Apple_HFS : 0)",
+            0,
+            0,
+            0,
+            vec![
+                Part::Raw(pattern(20, 4 * 512)),
+                Part::Zlib(pattern(21, 12 * 512)),
+                Part::Free(4),
+            ],
+        ),
+        spec(
+            "second (Apple_HFS : 1)",
+            1,
+            20,
+            16,
+            vec![Part::Comment, Part::Zlib(pattern(22, 8 * 512))],
+        ),
+    ];
+    let b = build(
+        &specs,
+        &Shape {
+            order: vec![1, 0],
+            rsrc: true,
+            ..Default::default()
+        },
+    );
+    // The resource fork lies right after the data fork.
+    let k = &b.file[b.file.len() - 512..];
+    let (fork_len, rsrc_at, rsrc_len) = (be64_at(k, 0x20), be64_at(k, 0x28), be64_at(k, 0x30));
+    assert_eq!(rsrc_at, fork_len);
+    let rsrc = &b.file[rsrc_at as usize..(rsrc_at + rsrc_len) as usize];
+    assert_eq!(be32_at(rsrc, 0), 256);
+    let map_at = be32_at(rsrc, 4) as usize;
+    assert_eq!(&rsrc[map_at + 30..map_at + 34], b"blkx");
+    let p = assert_reads_exactly(&b, dir.path(), "rsrc.dmg", 2);
+    assert_eq!(
+        Udif::open(&p, &OpenOptions::writable())
+            .unwrap()
+            .write_refusal()
+            .unwrap(),
+        "compressed UDIF image (UDZO, zlib runs) is read-only"
+    );
+}
+
+#[test]
+fn udrw_writes_land_at_fork_offset_plus_data_start_plus_run_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        spec(
+            "disk image (Apple_HFS : 1)",
+            0,
+            0,
+            0,
+            vec![
+                Part::Raw(pattern(40, 16 * 512)),
+                Part::Free(8),
+                Part::Raw(pattern(41, 8 * 512)),
+            ],
+        ),
+        spec(
+            "disk image (Apple_HFS : 2)",
+            1,
+            32,
+            100,
+            vec![Part::Raw(pattern(42, 8 * 512)), Part::Zero(4)],
+        ),
+    ];
+    let fork_at = 1024u64;
+    let b = build(
+        &specs,
+        &Shape {
+            fork_offset: fork_at as usize,
+            prefix: 512,
+            order: vec![1, 0],
+            ..Default::default()
+        },
+    );
+    assert_eq!(b.starts[0], 512);
+    let p = dir.path().join("rw.dmg");
+    std::fs::write(&p, &b.file).unwrap();
+    let mut model = b.disk.clone();
+    let file_at = |raw: (u64, u64), disk: u64| (fork_at + raw.1 + disk - raw.0) as usize;
+    {
+        let u = Udif::open(&p, &OpenOptions::writable()).unwrap();
+        assert!(u.is_writable());
+        // Into a raw run of each table, in place.
+        let one = pattern(43, 3000);
+        u.write_at(&one, 1000).unwrap();
+        let two = pattern(44, 1024);
+        u.write_at(&two, 32 * 512 + 100).unwrap();
+        // Into the free run: new space, a raw run of table 0.
+        let three = pattern(45, 512);
+        u.write_at(&three, 18 * 512).unwrap();
+        u.flush().unwrap();
+        for (data, at) in [(&one, 1000), (&two, 32 * 512 + 100), (&three, 18 * 512)] {
+            model[at..at + data.len()].copy_from_slice(data);
+        }
+        let f = std::fs::read(&p).unwrap();
+        let at = file_at(b.raw_at[0][0], 1000);
+        assert!(f[at..at + 3000] == one[..]);
+        let at = file_at(b.raw_at[1][0], 32 * 512 + 100);
+        assert!(f[at..at + 1024] == two[..]);
+        // The edited table keeps its data start; its new run's offset is
+        // relative to it.
+        let l = u.layout();
+        let t0 = &l.tables[1];
+        assert_eq!(t0.data_start, 512);
+        let new = t0.runs.iter().find(|r| r.sector == 16).copied().unwrap();
+        assert_eq!((new.kind, new.sectors, new.length), (RunKind::Raw, 8, 4096));
+        let at = (fork_at + 512 + new.offset + 2 * 512) as usize;
+        assert!(f[at..at + 512] == three[..]);
+        // The other table means what it meant (its checksum is cleared).
+        let mut t1 = Mish::decode(&b.tables[1]).unwrap();
+        t1.checksum = Checksum::NONE;
+        assert_eq!(l.tables[0], t1);
+        assert_eq!(l.koly.data_fork_offset, fork_at);
+    }
+    let u = Udif::open(&p, &ro()).unwrap();
+    assert!(read_all(&u, 4096) == model);
+    assert_eq!(u.check().unwrap().problems, Vec::<String>::new());
+    drop(u);
+    // Cutting table 1's raw run in half punches its second half: the
+    // bytes after its data start, not the fork's prefix.
+    let u = Udif::open(&p, &OpenOptions::writable()).unwrap();
+    u.resize(36 * 512).unwrap();
+    drop(u);
+    let f = std::fs::read(&p).unwrap();
+    let fork = fork_at as usize;
+    let t1 = fork + b.starts[1] as usize;
+    assert!(f[fork..fork + 512].iter().all(|&x| x == JUNK));
+    assert!(f[t1 - 100..t1].iter().all(|&x| x == JUNK));
+    assert!(f[t1..t1 + 100] == model[32 * 512..32 * 512 + 100]);
+    assert!(f[t1 + 2048..t1 + 4096].iter().all(|&x| x == 0));
+    let u = Udif::open(&p, &ro()).unwrap();
+    assert!(read_all(&u, 4096) == model[..36 * 512]);
+}
+
+#[test]
+fn hostile_data_starts_give_one_line_errors_naming_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        spec("a", 0, 0, 0, vec![Part::Raw(pattern(50, 8 * 512))]),
+        spec(
+            "b",
+            1,
+            8,
+            0,
+            vec![Part::Raw(pattern(51, 8 * 512)), Part::Zero(8)],
+        ),
+    ];
+    let b = build(
+        &specs,
+        &Shape {
+            prefix: 512,
+            order: vec![0, 1],
+            ..Default::default()
+        },
+    );
+    let fork = be64_at(&b.file[b.file.len() - 512..], 0x20);
+    assert_eq!(fork, 512 + 16 * 512);
+    let data_start = |first: u64, v: u64| {
+        with_tables(&b.file, move |t| {
+            if be64_at(t, 0x08) == first {
+                t[0x18..0x20].copy_from_slice(&v.to_be_bytes());
+            }
+        })
+    };
+    let cases = [
+        (
+            data_start(8, u64::MAX),
+            format!("blkx entry 1: data start 0xffffffffffffffff lies past the end of the data fork ({fork} bytes)"),
+        ),
+        (
+            data_start(8, fork + 1),
+            format!("blkx entry 1: data start {:#x} lies past the end of the data fork ({fork} bytes)", fork + 1),
+        ),
+        (
+            data_start(8, fork),
+            format!("blkx entry 1 run 0: data at data start {fork:#x} + 0x0+0x1000 lies past the end of the data fork ({fork} bytes)"),
+        ),
+        (
+            with_tables(&b.file, |t| set_run(t, 0, 0, 24, u64::MAX - 10)),
+            format!("blkx entry 0 run 0: data at data start 0x200 + 0xfffffffffffffff5+0x1000 lies past the end of the data fork ({fork} bytes)"),
+        ),
+    ];
+    for (i, (bytes, msg)) in cases.into_iter().enumerate() {
+        let p = dir.path().join(format!("hostile-{i}.dmg"));
+        std::fs::write(&p, &bytes).unwrap();
+        for opts in [ro(), OpenOptions::writable()] {
+            let e = Udif::open(&p, &opts).err().unwrap();
+            assert!(matches!(e, Error::Corrupt(_)));
+            assert_eq!(
+                e.to_string(),
+                format!("corrupt image: {}: {msg}", p.display())
+            );
+        }
+        assert_eq!(
+            udif::check(&p).unwrap().problems,
+            vec![format!("{}: {msg}", p.display())]
+        );
+        assert!(
+            std::fs::read(&p).unwrap() == bytes,
+            "case {i}: file changed"
+        );
+    }
+}
+
+/// vectors/real/README.md: an MBR disk with two FAT16 partitions, five
+/// tables, made by hdiutil.
+#[test]
+fn real_multi_table_udzo_reads_exactly() {
+    use sha2::{Digest as _, Sha256};
+    let p = vectors_dir().join("real/udzo-mbr-two-fat16.dmg");
+    let u = Udif::open(&p, &ro()).unwrap();
+    assert_eq!(u.size(), 5_242_880);
+    assert_eq!(u.layout().tables.len(), 5);
+    for step in [5_242_880, 65536, 4093] {
+        let sum: String = Sha256::digest(read_all(&u, step))
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        assert_eq!(
+            sum, "0786ad1fdcba31a3f03ee80eb1d6e8c7ee2f4647a2b4b6f1855c9fe0719784de",
+            "in steps of {step}"
+        );
+    }
+    assert_eq!(u.check().unwrap().problems, Vec::<String>::new());
 }

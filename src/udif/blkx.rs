@@ -3,8 +3,9 @@
 //!
 //! Invariants of a [`RunMap`] (checked by [`RunMap::build`]): runs are
 //! sorted by sector, do not overlap, end inside the disk, and every run
-//! with data names a range inside the data fork; a compressed run expands
-//! to at most [`MAX_RUN_BYTES`]. Sectors no run covers read as zeros.
+//! with data names a range inside the data fork once its table's data
+//! start is added to its offset; a compressed run expands to at most
+//! [`MAX_RUN_BYTES`]. Sectors no run covers read as zeros.
 
 use super::trailer::{be32, be64, Checksum};
 use super::Malformed;
@@ -101,7 +102,8 @@ pub struct RunEntry {
     /// Relative to the table's first sector.
     pub sector: u64,
     pub sectors: u64,
-    /// Relative to the data fork.
+    /// Relative to the table's data start (itself relative to the data
+    /// fork).
     pub offset: u64,
     pub length: u64,
 }
@@ -125,6 +127,8 @@ impl RunEntry {
 pub struct Mish {
     pub first_sector: u64,
     pub sector_count: u64,
+    /// Added to every run's offset: where the table's data begins in the
+    /// data fork (0 in what current hdiutil writes, not in older images).
     pub data_start: u64,
     pub buffers_needed: u32,
     pub descriptor: u32,
@@ -213,7 +217,8 @@ pub struct Run {
     pub start: u64,
     pub sectors: u64,
     pub kind: RunKind,
-    /// Relative to the data fork.
+    /// Relative to the data fork: the table's data start plus the run's
+    /// own offset.
     pub offset: u64,
     pub length: u64,
     /// Index of its table in the plist's `blkx` array.
@@ -300,6 +305,14 @@ impl RunMap {
 /// Checks one table's runs and appends them, made absolute.
 fn place(m: &Mish, t: usize, fork_len: u64, out: &mut Vec<Run>) -> Result<(), Malformed> {
     let err = |i: usize, what: String| Malformed(format!("blkx entry {t} run {i}: {what}"));
+    // Checked here, even for a table without data, so that a run an edit
+    // adds past the fork's end is never before the table's data start.
+    if m.data_start > fork_len {
+        return Err(Malformed(format!(
+            "blkx entry {t}: data start {:#x} lies past the end of the data fork ({fork_len} bytes)",
+            m.data_start
+        )));
+    }
     let mut prev_end = 0u64;
     let mut prev = None;
     for (i, r) in m.runs.iter().enumerate() {
@@ -363,25 +376,34 @@ fn place(m: &Mish, t: usize, fork_len: u64, out: &mut Vec<Run>) -> Result<(), Ma
                 ),
             ));
         }
-        if r.kind.has_data() {
-            match r.offset.checked_add(r.length) {
-                Some(e) if e <= fork_len => {}
+        // Data runs are checked against the fork; others carry no data,
+        // whatever their offset says.
+        let offset = if r.kind.has_data() {
+            let at = m.data_start.checked_add(r.offset);
+            match at.and_then(|a| a.checked_add(r.length)) {
+                Some(e) if e <= fork_len => at.unwrap_or(0),
                 _ => {
+                    let start = match m.data_start {
+                        0 => String::new(),
+                        d => format!("data start {d:#x} + "),
+                    };
                     return Err(err(
                         i,
                         format!(
-                        "data at {:#x}+{:#x} lies past the end of the data fork ({fork_len} bytes)",
-                        r.offset, r.length
-                    ),
-                    ))
+                            "data at {start}{:#x}+{:#x} lies past the end of the data fork ({fork_len} bytes)",
+                            r.offset, r.length
+                        ),
+                    ));
                 }
             }
-        }
+        } else {
+            0
+        };
         out.push(Run {
             start: m.first_sector + r.sector,
             sectors: r.sectors,
             kind: r.kind,
-            offset: r.offset,
+            offset,
             length: r.length,
             table: t,
         });
@@ -556,6 +578,49 @@ mod tests {
         assert_eq!(
             e(&[t1, t2], 20, 0),
             "blkx entry 1 (sectors 8..18) overlaps blkx entry 0 (sectors 0..10)"
+        );
+    }
+
+    #[test]
+    fn data_start_is_added_to_every_data_run() {
+        let mut m = table(
+            0,
+            24,
+            vec![
+                RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+                RunEntry::new(RunKind::Comment, 8, 0, 99, 99),
+                RunEntry::new(RunKind::Zlib, 8, 8, 4096, 100),
+                // Free and zero runs keep whatever offset they hold.
+                RunEntry::new(RunKind::Free, 16, 8, u64::MAX, 7),
+                RunEntry::new(RunKind::End, 24, 0, 0, 0),
+            ],
+        );
+        m.data_start = 1000;
+        let map = RunMap::build(&[m.clone()], 24, 1000 + 4196).unwrap();
+        let got: Vec<_> = map.runs.iter().map(|r| (r.kind, r.offset)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (RunKind::Raw, 1000),
+                (RunKind::Zlib, 5096),
+                (RunKind::Free, 0)
+            ]
+        );
+        assert_eq!(
+            RunMap::build(&[m.clone()], 24, 1000 + 4195).unwrap_err().0,
+            "blkx entry 0 run 2: data at data start 0x3e8 + 0x1000+0x64 lies past the end of the data fork (5195 bytes)"
+        );
+        m.data_start = u64::MAX;
+        assert_eq!(
+            RunMap::build(&[m.clone()], 24, 8192).unwrap_err().0,
+            "blkx entry 0: data start 0xffffffffffffffff lies past the end of the data fork (8192 bytes)"
+        );
+        // The sum overflows even though each part fits the fork.
+        m.data_start = 8192;
+        m.runs[0].offset = u64::MAX - 10;
+        assert_eq!(
+            RunMap::build(&[m], 24, 8192).unwrap_err().0,
+            "blkx entry 0 run 0: data at data start 0x2000 + 0xfffffffffffffff5+0x1000 lies past the end of the data fork (8192 bytes)"
         );
     }
 

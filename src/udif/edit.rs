@@ -11,10 +11,13 @@
 //! - a piece given new space becomes a raw run of at most
 //!   [`ALLOC_SECTORS`], aligned to them on the disk; raw runs already
 //!   there never move;
-//! - tables a change does not touch keep their exact bytes.
+//! - tables a change does not touch keep their exact bytes; a table it
+//!   touches keeps its data start, its runs' offsets stay relative to
+//!   it (new raw runs included).
 
 use super::blkx::{Mish, RunEntry, RunKind, RunMap, SECTOR};
 use super::trailer::Checksum;
+use super::Malformed;
 
 /// Granularity of new space: whole aligned 64 MiB pieces (the largest run
 /// qemu's reader takes). Each piece costs a rewrite of the property list
@@ -166,7 +169,7 @@ impl Tables {
             || self.origin.iter().enumerate().any(|(i, o)| *o != Some(i))
     }
 
-    pub fn map(&self, fork_len: u64) -> Result<RunMap, super::Malformed> {
+    pub fn map(&self, fork_len: u64) -> Result<RunMap, Malformed> {
         RunMap::build(&self.tables, self.sectors, fork_len)
     }
 
@@ -199,18 +202,20 @@ impl Tables {
 
     /// Cuts the disk to `sectors`: tables starting past it go, the one
     /// across it loses the runs past it. Returns the data-fork ranges
-    /// `(offset, length)` of raw runs no longer referenced.
+    /// `(offset, length)` of raw runs no longer referenced (data starts
+    /// added; the tables passed [`RunMap::build`], so the sums fit).
     pub fn shrink(&mut self, sectors: u64) -> Vec<(u64, u64)> {
         let mut freed = Vec::new();
         let mut keep = Vec::new();
         for i in 0..self.tables.len() {
             let m = &mut self.tables[i];
+            let base = m.data_start;
             if m.first_sector >= sectors {
                 freed.extend(
                     plain(m)
                         .iter()
                         .filter(|r| r.kind == RunKind::Raw)
-                        .map(|r| (r.offset, r.length)),
+                        .map(|r| (base + r.offset, r.length)),
                 );
                 continue;
             }
@@ -223,7 +228,7 @@ impl Tables {
             for mut r in plain(m) {
                 if r.sector >= cut {
                     if r.kind == RunKind::Raw {
-                        freed.push((r.offset, r.length));
+                        freed.push((base + r.offset, r.length));
                     }
                     continue;
                 }
@@ -231,7 +236,7 @@ impl Tables {
                     r.sectors = cut - r.sector;
                     if r.kind == RunKind::Raw {
                         let kept = r.sectors * SECTOR;
-                        freed.push((r.offset + kept, r.length - kept));
+                        freed.push((base + r.offset + kept, r.length - kept));
                         r.length = kept;
                     }
                 }
@@ -273,9 +278,12 @@ impl Tables {
     }
 
     /// Turns `pieces` (from [`Tables::pieces`], sorted) into raw runs
-    /// whose bytes lie back to back from data-fork offset `base`. Returns
-    /// the bytes of new space they take.
-    pub fn back(&mut self, pieces: &[(u64, u64)], base: u64) -> u64 {
+    /// whose bytes lie back to back from data-fork offset `base`, each
+    /// stored relative to its table's data start. Returns the bytes of
+    /// new space they take; refuses a table whose data start lies past
+    /// `base` (which [`RunMap::build`] rules out for `base` at or past
+    /// the fork's end).
+    pub fn back(&mut self, pieces: &[(u64, u64)], base: u64) -> Result<u64, Malformed> {
         let mut at = base;
         let mut per_table: Vec<Vec<(u64, u64, u64)>> = vec![Vec::new(); self.tables.len()];
         for &(s, e) in pieces {
@@ -284,8 +292,14 @@ impl Tables {
                 .iter()
                 .position(|m| m.first_sector <= s && e <= m.first_sector + m.sector_count)
                 .expect("covered tables hold every piece");
-            let first = self.tables[t].first_sector;
-            per_table[t].push((s - first, e - first, at));
+            let m = &self.tables[t];
+            let rel = at.checked_sub(m.data_start).ok_or_else(|| {
+                Malformed(format!(
+                    "blkx entry {t}: data start {:#x} lies past new space at {at:#x}",
+                    m.data_start
+                ))
+            })?;
+            per_table[t].push((s - m.first_sector, e - m.first_sector, rel));
             at += (e - s) * SECTOR;
         }
         for (t, mine) in per_table.iter().enumerate() {
@@ -321,7 +335,7 @@ impl Tables {
             set_runs(m, out);
             self.changed[t] = true;
         }
-        at - base
+        Ok(at - base)
     }
 }
 
@@ -471,7 +485,7 @@ mod tests {
             p,
             vec![(100, A), (A, 2 * A), (2 * A, 2 * A + 4), (2 * A + 4, 3 * A)]
         );
-        let added = t.back(&p, 51200);
+        let added = t.back(&p, 51200).unwrap();
         assert_eq!(added, (3 * A - 100) * SECTOR);
         let at = |s: u64| 51200 + (s - 100) * SECTOR;
         assert_eq!(
@@ -503,7 +517,7 @@ mod tests {
         let map = t.map(0).unwrap();
         let p = Tables::pieces(&map, &[(A + 3, A + 4)]);
         assert_eq!(p, vec![(A, 2 * A)]);
-        t.back(&p, 4096);
+        t.back(&p, 4096).unwrap();
         assert_eq!(
             shape(&t.tables[0]),
             vec![
@@ -512,6 +526,51 @@ mod tests {
                 (RunKind::Zero, 2 * A, 2 * A, 0, 0),
                 (RunKind::End, 4 * A, 0, 0, 0),
             ]
+        );
+    }
+
+    #[test]
+    fn edits_keep_each_tables_data_start() {
+        let mut a = table(
+            0,
+            16,
+            vec![
+                RunEntry::new(RunKind::Raw, 0, 8, 0, 4096),
+                RunEntry::new(RunKind::Free, 8, 8, 0, 0),
+            ],
+        );
+        a.data_start = 512;
+        let mut b = table(16, 8, vec![RunEntry::new(RunKind::Raw, 0, 8, 0, 4096)]);
+        b.data_start = 4608;
+        let mut t = Tables::new(&[b, a], 24);
+        t.cover();
+        let map = t.map(8704).unwrap();
+        let p = Tables::pieces(&map, &[(9, 10)]);
+        assert_eq!(t.back(&p, 8704).unwrap(), 8 * SECTOR);
+        assert_eq!(t.tables[1].data_start, 512);
+        // New space at fork offset 8704 is 8192 past the table's start.
+        assert_eq!(
+            shape(&t.tables[1]),
+            vec![
+                (RunKind::Raw, 0, 8, 0, 4096),
+                (RunKind::Raw, 8, 8, 8192, 4096),
+                (RunKind::End, 16, 0, 0, 0),
+            ]
+        );
+        let map = t.map(8704 + 4096).unwrap();
+        let fork: Vec<_> = map.runs.iter().map(|r| (r.start, r.offset)).collect();
+        assert_eq!(fork, vec![(0, 512), (8, 8704), (16, 4608)]);
+        // Freed ranges are data-fork offsets.
+        assert_eq!(
+            t.clone().shrink(12),
+            vec![(4608, 4096), (8704 + 2048, 2048)]
+        );
+        let mut c = table(0, 8, vec![RunEntry::new(RunKind::Free, 0, 8, 0, 0)]);
+        c.data_start = 9000;
+        let mut t = Tables::new(&[c], 8);
+        assert_eq!(
+            t.back(&[(0, 8)], 4096).unwrap_err().0,
+            "blkx entry 0: data start 0x2328 lies past new space at 0x1000"
         );
     }
 

@@ -3,7 +3,8 @@
 //!
 //! [`Udif`] serves the disk the tables describe. Invariants:
 //! - the run map is sorted, non-overlapping, and every run with data lies
-//!   inside the data fork (see [`blkx::RunMap`]); sectors no run covers,
+//!   inside the data fork, at its table's data start plus its offset (see
+//!   [`blkx::RunMap`], whose runs hold that sum); sectors no run covers,
 //!   and zero and free runs, read as zeros;
 //! - images with any compressed run (UDZO, UDBZ, ULFO, ULMO, ADC) are
 //!   read-only: every change is [`Error::ReadOnly`] and the file is opened
@@ -430,7 +431,8 @@ impl Udif {
         out
     }
 
-    /// Host offset of byte `within` of raw run `i`.
+    /// Host offset of byte `within` of run `i` (its offset already holds
+    /// its table's data start; the sum lies inside the fork).
     fn host(l: &Layout, i: usize, within: u64) -> u64 {
         l.koly.data_fork_offset + l.map.runs[i].offset + within
     }
@@ -642,7 +644,9 @@ impl Udif {
                 let start = len
                     .checked_next_multiple_of(4096)
                     .ok_or_else(|| Error::Invalid(self.ctx("the file is too large to grow")))?;
-                let added = t.back(&pieces, start - cur.koly.data_fork_offset);
+                let added = t
+                    .back(&pieces, start - cur.koly.data_fork_offset)
+                    .map_err(|m| Error::Corrupt(self.ctx(&m.0)))?;
                 let end = start
                     .checked_add(added)
                     .ok_or_else(|| Error::Invalid(self.ctx("the file is too large to grow")))?;
