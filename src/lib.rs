@@ -19,6 +19,7 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod nbd;
+pub mod password;
 pub mod raw;
 pub mod registry;
 pub mod stats;

@@ -1,4 +1,4 @@
-//! UDIF (`.dmg`) images through `disk::open`: Apple's vectors read
+//! UDIF (`.dmg`) images through `registry::open`: Apple's vectors read
 //! exactly, every codec, the run cache, UDRW images written in place
 //! against an in-memory model (zero and free runs taking new space,
 //! resizes), locks, refusals, hostile files, and every crash point.

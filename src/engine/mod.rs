@@ -100,6 +100,8 @@ pub struct OpenOptions {
     /// the first change; with more tables than this it does so on a
     /// background thread (reads go on, changes wait for it).
     pub scan_inline_tables: usize,
+    /// Unlocks encrypted containers; without it they are refused.
+    pub password: Option<crate::password::Password>,
 }
 
 impl Default for OpenOptions {
@@ -110,6 +112,7 @@ impl Default for OpenOptions {
             cache_groups: 512,
             lock: LockMode::Shared,
             scan_inline_tables: 8,
+            password: None,
         }
     }
 }
