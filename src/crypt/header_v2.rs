@@ -134,10 +134,12 @@ impl HeaderV2 {
             };
             match p.offset.checked_add(p.size) {
                 Some(end) if p.offset >= table_end as u64 && end <= h.data_offset => {}
-                _ => return Err(corrupt(format!(
+                _ => {
+                    return Err(corrupt(format!(
                     "encrcdsa header: key blob {i} at {}+{} lies outside the header (data at {})",
                     p.offset, p.size, h.data_offset
-                ))),
+                )))
+                }
             }
             h.key_pointers.push(p);
         }
