@@ -13,6 +13,7 @@
 
 mod atomic_file;
 pub mod cli;
+pub mod crypt;
 pub mod disk;
 pub mod engine;
 pub mod error;
