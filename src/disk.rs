@@ -37,6 +37,10 @@ pub enum Format {
     /// A read-write `.dmg` as hdiutil writes it (UDRW): the disk's bytes,
     /// with no trailer.
     Udrw,
+    /// A file encrypted with Apple's scheme (`encrcdsa` header or
+    /// `cdsaencr` trailer): what it holds is known only once unlocked, and
+    /// the opened disk reports that format.
+    Encrypted,
 }
 
 impl Format {
@@ -48,6 +52,7 @@ impl Format {
             Format::Udsb => "udsb",
             Format::Udsp => "udsp",
             Format::Udrw => "udrw",
+            Format::Encrypted => "encrypted",
         }
     }
 }

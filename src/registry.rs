@@ -4,20 +4,26 @@
 //! directory, its root): magic numbers first, then the `.dmg` rule. A
 //! `.dmg` without a `koly` trailer is hdiutil's UDRW, the disk's bytes as
 //! they are, so it opens as a raw disk rather than as a corrupt UDIF.
+//!
+//! Encryption is a layer under the formats: an encrypted file is unlocked
+//! into a [`CryptStorage`] of plaintext, and the same probe, on the
+//! plaintext, names what it holds (ASIF, a sparse image, a whole UDIF
+//! file, or else a raw disk), opened on that storage as on a file.
 
 use std::fs::File;
 use std::path::Path;
 
+use std::sync::Arc;
+
+use crate::crypt::{CryptStorage, Scheme};
 use crate::disk::{Disk, Format};
-use crate::engine::storage::{FileStorage, Storage};
-use crate::engine::OpenOptions;
+use crate::engine::storage::{open_container, FileStorage, Storage};
+use crate::engine::{CacheMode, OpenOptions};
 use crate::error::{Error, Result};
 
 /// The extensions of the containers a mount serves from a directory.
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["asif", "dmg", "sparseimage", "sparsebundle"];
 
-const ENCRYPTED_HEAD: &[u8; 8] = b"encrcdsa";
-const ENCRYPTED_TAIL: &[u8; 8] = b"cdsaencr";
 const KOLY_SIZE: u64 = 512;
 
 /// Whether `path` is named as a `.dmg`.
@@ -39,45 +45,130 @@ pub fn probe(path: &Path) -> Result<Option<Format>> {
         return Ok(None);
     }
     let s = FileStorage::new(File::open(path).map_err(ctx)?);
+    if crate::crypt::detect(&s)
+        .map_err(|e| in_file(path, e))?
+        .is_some()
+    {
+        return Ok(Some(Format::Encrypted));
+    }
     let len = s.len().map_err(ctx)?;
-    let mut head = [0u8; 8];
-    s.read_at(&mut head, 0).map_err(ctx)?;
-    if len >= 4 && head[..4] == crate::format::MAGIC {
+    match probe_content(&s, len).map_err(ctx)? {
+        Some(f) => Ok(Some(f)),
+        None if has_dmg_name(path) => {
+            if len == 0 || len % crate::raw::SECTOR != 0 {
+                return Err(Error::Corrupt(format!(
+                    "{}: neither a UDIF image (no koly trailer in the last 512 bytes) nor a raw UDRW disk ({len} bytes is not whole 512-byte sectors)",
+                    path.display()
+                )));
+            }
+            Ok(Some(Format::Udrw))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The format a container's bytes announce by their magic: ASIF or UDSP
+/// at the start, a UDIF `koly` trailer at the end.
+fn probe_content(s: &dyn Storage, len: u64) -> std::io::Result<Option<Format>> {
+    let mut head = [0u8; 4];
+    s.read_at(&mut head, 0)?;
+    if len >= 4 && head == crate::format::MAGIC {
         return Ok(Some(Format::Asif));
     }
-    if len >= 4 && head[..4] == crate::udsp::header::MAGIC {
+    if len >= 4 && head == crate::udsp::header::MAGIC {
         return Ok(Some(Format::Udsp));
-    }
-    if len >= 8 && &head == ENCRYPTED_HEAD {
-        return Err(encrypted(path, "encrcdsa"));
     }
     if len >= KOLY_SIZE {
         let mut tail = [0u8; KOLY_SIZE as usize];
-        s.read_at(&mut tail, len - KOLY_SIZE).map_err(ctx)?;
-        if tail.ends_with(ENCRYPTED_TAIL) {
-            return Err(encrypted(path, "cdsaencr"));
-        }
+        s.read_at(&mut tail, len - KOLY_SIZE)?;
         if tail[..4] == crate::udif::trailer::KOLY_MAGIC[..] {
             return Ok(Some(Format::Udif));
         }
     }
-    if has_dmg_name(path) {
-        if len == 0 || len % crate::raw::SECTOR != 0 {
-            return Err(Error::Corrupt(format!(
-                "{}: neither a UDIF image (no koly trailer in the last 512 bytes) nor a raw UDRW disk ({len} bytes is not whole 512-byte sectors)",
-                path.display()
-            )));
-        }
-        return Ok(Some(Format::Udrw));
-    }
     Ok(None)
 }
 
-fn encrypted(path: &Path, magic: &str) -> Error {
-    Error::Invalid(format!(
-        "{}: encrypted disk image ({magic}): not supported",
-        path.display()
-    ))
+/// Names the file in an error of the crypt layer, which knows no paths.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Io { context, source } => Error::io(format!("{}: {context}", path.display()), source),
+        Error::Invalid(m) => Error::Invalid(format!("{}: {m}", path.display())),
+        Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", path.display())),
+        e => e,
+    }
+}
+
+/// How the file at `path` is encrypted, from its signatures alone; `None`
+/// for a plain file (or a directory: bundles keep theirs in `token`).
+pub fn encryption(path: &Path) -> Result<Option<Scheme>> {
+    let ctx = |e| Error::io(path.display().to_string(), e);
+    if !std::fs::metadata(path).map_err(ctx)?.is_file() {
+        return Ok(None);
+    }
+    let s = FileStorage::new(File::open(path).map_err(ctx)?);
+    crate::crypt::detect(&s).map_err(|e| in_file(path, e))
+}
+
+/// Whether the image at `path` needs a password: an encrypted file, or a
+/// bundle whose `token` holds an `encrcdsa` header.
+pub fn is_encrypted(path: &Path) -> Result<bool> {
+    let ctx = |e| Error::io(path.display().to_string(), e);
+    if std::fs::metadata(path).map_err(ctx)?.is_dir() {
+        let mut head = [0u8; 8];
+        let n = match File::open(path.join("token")) {
+            Ok(f) => {
+                use std::io::Read;
+                f.take(8).read(&mut head).unwrap_or(0)
+            }
+            Err(_) => 0,
+        };
+        return Ok(n == 8 && &head == b"encrcdsa");
+    }
+    Ok(encryption(path)?.is_some())
+}
+
+/// What `info` says of an encrypted file without unlocking it.
+pub fn describe_encryption(scheme: Scheme) -> &'static str {
+    match scheme {
+        Scheme::HeaderV2 => "encrcdsa version 2 header",
+        Scheme::TrailerV1 => "cdsaencr version 1 trailer",
+    }
+}
+
+/// Unlocks the encrypted file at `path` and opens what it holds.
+fn open_encrypted(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Disk>> {
+    // Each block is decrypted in memory: O_DIRECT would only add copies.
+    let file_opts = OpenOptions {
+        cache: CacheMode::Writeback,
+        ..opts.clone()
+    };
+    let file: Arc<dyn Storage> = Arc::new(open_container(path, &file_opts)?);
+    let Some(password) = &opts.password else {
+        return Err(Error::Invalid(format!(
+            "{}: encrypted disk image: needs its password (--password-file FILE or --stdinpass)",
+            path.display()
+        )));
+    };
+    let plain = CryptStorage::unlock(file, password.bytes()).map_err(|e| in_file(path, e))?;
+    let read_only = opts.writable && plain.scheme() == Scheme::TrailerV1;
+    let writable = opts.writable && !read_only;
+    let len = plain.len().map_err(|e| Error::io(path.display().to_string(), e))?;
+    let format = probe_content(&plain, len).map_err(|e| Error::io(path.display().to_string(), e))?;
+    let plain: Arc<dyn Storage> = Arc::new(plain);
+    let inner_opts = OpenOptions {
+        writable,
+        ..opts.clone()
+    };
+    let disk: Box<dyn Disk> = match format {
+        Some(Format::Asif) => Box::new(crate::engine::Image::from_storage(path, plain, &inner_opts)?),
+        Some(Format::Udsp) => Box::new(crate::udsp::SparseImage::from_storage(path, plain, &inner_opts)?),
+        Some(Format::Udif) => Box::new(crate::udif::Udif::from_storage(path, plain, writable)?),
+        _ => Box::new(crate::raw::RawDisk::from_storage(path, Format::Udrw, plain, writable)?),
+    };
+    if read_only {
+        tracing::warn!("{}: serving read-only: version-1 encrypted images (cdsaencr trailer) are read-only", path.display());
+    }
+    Ok(disk)
 }
 
 /// The one-line refusal of a file no format claims.
@@ -100,6 +191,7 @@ pub fn open(path: &Path, format: Option<Format>, opts: &OpenOptions) -> Result<B
         Format::Udsb => Ok(Box::new(crate::udsb::SparseBundle::open(path, opts)?)),
         Format::Udsp => Ok(Box::new(crate::udsp::SparseImage::open(path, opts)?)),
         Format::Udrw => Ok(Box::new(crate::raw::RawDisk::open(path, opts)?)),
+        Format::Encrypted => open_encrypted(path, opts),
         Format::Raw => Err(Error::Invalid(format!(
             "{}: raw files are served as they are, not opened as images",
             path.display()

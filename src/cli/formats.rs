@@ -144,6 +144,32 @@ pub fn check_other(path: &Path, format: Format, json: bool) -> Result<i32> {
     Ok(code)
 }
 
+/// `check` of an encrypted image holding something other than ASIF: the
+/// password unlocked it and its format's structures were read and checked
+/// at open (an image that breaks them does not open).
+pub fn check_unlocked(path: &Path, disk: &dyn crate::disk::Disk, json: bool) -> Result<i32> {
+    let encryption = crate::registry::encryption(path)?
+        .map_or("encrcdsa header in token", crate::registry::describe_encryption);
+    if json {
+        super::print_json(&serde_json::json!({
+            "path": path.display().to_string(),
+            "format": disk.format().name(),
+            "encryption": encryption,
+            "problems": [],
+            "exit_code": 0,
+        }));
+    } else {
+        println!(
+            "{}: encrypted ({encryption}), unlocked: a {} disk of {} bytes whose structures read clean",
+            path.display(),
+            disk.format().name(),
+            disk.size()
+        );
+        println!("clean");
+    }
+    Ok(0)
+}
+
 pub fn not_supported(path: &Path, what: &str, format: Format) -> Error {
     Error::Invalid(format!(
         "{}: {what} is not supported for {} images",
@@ -174,12 +200,13 @@ pub fn has_asif_name(path: &Path) -> bool {
 pub fn resize_other(
     path: &Path,
     format: Format,
+    opts: &OpenOptions,
     wanted: impl Fn(u64) -> Result<u64>,
     shrink: bool,
 ) -> Result<(u64, u64)> {
     if !matches!(
         format,
-        Format::Udsb | Format::Udsp | Format::Udif | Format::Udrw
+        Format::Udsb | Format::Udsp | Format::Udif | Format::Udrw | Format::Encrypted
     ) {
         return Err(Error::Invalid(format!(
             "{}: resizing {} images is not supported (ASIF, UDRW, sparse images and sparse bundles can be resized)",
@@ -187,7 +214,13 @@ pub fn resize_other(
             format.name()
         )));
     }
-    let disk = crate::registry::open(path, Some(format), &OpenOptions::writable())?;
+    let disk = crate::registry::open(path, Some(format), opts)?;
+    if !disk.is_writable() {
+        return Err(Error::Invalid(format!(
+            "{}: cannot resize: the image is read-only",
+            path.display()
+        )));
+    }
     if let Some(why) = disk.write_refusal() {
         return Err(Error::Invalid(format!(
             "{}: cannot resize: {why}",

@@ -25,6 +25,8 @@ pub struct ResizeArgs {
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    password: super::password::PasswordArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -75,8 +77,17 @@ pub fn resize(a: ResizeArgs) -> Result<i32> {
     let spec = parse_spec(&a.size)?;
     let format = super::formats::format_of(&a.file)?;
     if format != crate::disk::Format::Asif {
-        let (old, new) =
-            super::formats::resize_other(&a.file, format, |old| target(spec, old), a.shrink)?;
+        let opts = OpenOptions {
+            password: a.password.for_image(&a.file)?,
+            ..OpenOptions::writable()
+        };
+        let (old, new) = super::formats::resize_other(
+            &a.file,
+            format,
+            &opts,
+            |old| target(spec, old),
+            a.shrink,
+        )?;
         return Ok(resized(old, new, a.json));
     }
     let img = Image::open(&a.file, &OpenOptions::writable())?;

@@ -5,6 +5,7 @@ mod docs;
 mod formats;
 mod lifecycle;
 mod mount_clients;
+pub mod password;
 mod progress;
 mod qemu_out;
 pub mod size;
@@ -103,6 +104,8 @@ struct ImageArgs {
     /// Read even if another process has the image open for writing.
     #[arg(short = 'U', long)]
     force_share: bool,
+    #[command(flatten)]
+    password: password::PasswordArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -269,6 +272,7 @@ fn open_for_reading(a: &ImageArgs) -> Result<Box<dyn Disk>> {
         Some(format),
         &OpenOptions {
             lock,
+            password: a.password.for_image(&a.file)?,
             ..OpenOptions::default()
         },
     )
@@ -278,6 +282,9 @@ fn open_for_reading(a: &ImageArgs) -> Result<Box<dyn Disk>> {
 #[derive(serde::Serialize)]
 struct InfoJson<T> {
     format: Format,
+    /// How the container is encrypted, for an encrypted one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption: Option<&'static str>,
     #[serde(flatten)]
     info: T,
 }
@@ -300,7 +307,8 @@ fn print_json(v: &impl serde::Serialize) {
 
 fn info(a: ImageArgs) -> Result<i32> {
     let disk = open_for_reading(&a)?;
-    print!("{}", info_text(&*disk, a.json())?);
+    let encryption = crate::registry::encryption(&a.file)?.map(crate::registry::describe_encryption);
+    print!("{}", info_text(&*disk, encryption, a.json())?);
     Ok(0)
 }
 
@@ -310,14 +318,15 @@ fn json_text(v: &impl serde::Serialize) -> String {
 
 /// What `info` prints: the figures every format has, then the ASIF
 /// translator's own.
-fn info_text(disk: &dyn Disk, json: bool) -> Result<String> {
+fn info_text(disk: &dyn Disk, encryption: Option<&'static str>, json: bool) -> Result<String> {
     let format = disk.format();
     let summary = |path: &str, virtual_size: u64, actual_size: u64| {
         format!(
-            "image: {path}\nfile format: {}\nvirtual size: {} ({virtual_size} bytes)\ndisk size: {}\n",
+            "image: {path}\nfile format: {}\nvirtual size: {} ({virtual_size} bytes)\ndisk size: {}\n{}",
             format.name(),
             human(virtual_size),
-            human(actual_size)
+            human(actual_size),
+            encryption.map_or(String::new(), |e| format!("encryption: {e}\n"))
         )
     };
     let Some(img) = disk.as_asif() else {
@@ -327,13 +336,21 @@ fn info_text(disk: &dyn Disk, json: bool) -> Result<String> {
             actual_size: disk.allocated_bytes()?,
         };
         if json {
-            return Ok(json_text(&InfoJson { format, info }));
+            return Ok(json_text(&InfoJson {
+                format,
+                encryption,
+                info,
+            }));
         }
         return Ok(summary(&info.path, info.virtual_size, info.actual_size));
     };
     let i = img.info()?;
     if json {
-        return Ok(json_text(&InfoJson { format, info: &i }));
+        return Ok(json_text(&InfoJson {
+            format,
+            encryption,
+            info: &i,
+        }));
     }
     Ok(summary(&i.path, i.virtual_size, i.actual_size)
         + &format!(
@@ -449,7 +466,18 @@ fn check(c: CheckArgs) -> Result<i32> {
     }
     match crate::registry::probe(&a.file) {
         Ok(Some(f @ (Format::Udif | Format::Udsb | Format::Udsp | Format::Udrw))) => {
-            return formats::check_other(&a.file, f, a.json())
+            if f != Format::Udsb || !crate::registry::is_encrypted(&a.file)? {
+                return formats::check_other(&a.file, f, a.json());
+            }
+            let disk = open_for_reading(&a)?;
+            return formats::check_unlocked(&a.file, &*disk, a.json());
+        }
+        Ok(Some(Format::Encrypted)) => {
+            let disk = open_for_reading(&a)?;
+            if disk.as_asif().is_none() {
+                return formats::check_unlocked(&a.file, &*disk, a.json());
+            }
+            return check_asif(&a, disk);
         }
         Err(e) if !a.json() => return Err(e),
         _ => {}
@@ -470,6 +498,10 @@ fn check(c: CheckArgs) -> Result<i32> {
         }
         Err(e) => return Err(e),
     };
+    check_asif(&a, disk)
+}
+
+fn check_asif(a: &ImageArgs, disk: Box<dyn Disk>) -> Result<i32> {
     let img = checkable(&a.file, &*disk)?;
     let r = img.check()?;
     if a.json() {

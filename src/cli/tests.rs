@@ -104,12 +104,12 @@ impl Disk for PlainDisk {
 fn info_of_another_format() {
     let d = PlainDisk::new();
     assert_eq!(
-        info_text(&d, false).unwrap(),
+        info_text(&d, None, false).unwrap(),
         "image: /images/plain.img\nfile format: raw\nvirtual size: 3 MiB (3145728 bytes)\n\
          disk size: 1.004 MiB\n"
     );
     assert_eq!(
-        info_text(&d, true).unwrap(),
+        info_text(&d, None, true).unwrap(),
         "{\n  \"format\": \"raw\",\n  \"path\": \"/images/plain.img\",\n  \
          \"virtual_size\": 3145728,\n  \"actual_size\": 1052672\n}\n"
     );
@@ -125,14 +125,14 @@ fn info_of_asif_starts_alike() {
     };
     Image::create(&p, &opts).unwrap().close().unwrap();
     let d = crate::registry::open(&p, None, &OpenOptions::default()).unwrap();
-    let text = info_text(&*d, false).unwrap();
+    let text = info_text(&*d, None, false).unwrap();
     let head = format!(
         "image: {}\nfile format: asif\nvirtual size: 3 MiB (3145728 bytes)\n",
         p.display()
     );
     assert!(text.starts_with(&head), "{text}");
     assert!(text.contains("\nchunk size: 1048576\n"), "{text}");
-    let json = info_text(&*d, true).unwrap();
+    let json = info_text(&*d, None, true).unwrap();
     assert!(
         json.starts_with(&format!(
             "{{\n  \"format\": \"asif\",\n  \"path\": \"{}\",\n  \"virtual_size\": 3145728,\n",
