@@ -119,7 +119,7 @@ integration: deps build
 # take 10 minutes here. There is no nightly toolchain: RUSTC_BOOTSTRAP=1
 # lets stable rustc take the flags cargo-fuzz passes. The fuzz crate has
 # its own target dir.
-FUZZ_TARGETS      := header directory entries metadata image udif_parse udsb_info udsp_parse
+FUZZ_TARGETS      := header directory entries metadata image udif_parse udsb_info udsp_parse crypt_header_v2 crypt_key_blob crypt_trailer_v1
 FUZZ_SECONDS      ?= 300
 FUZZ_TEST_SECONDS ?= 20
 .PHONY: $(addprefix fuzz-run-,$(FUZZ_TARGETS)) $(addprefix fuzz-test-,$(FUZZ_TARGETS))
@@ -137,6 +137,9 @@ FUZZ_MAX_LEN_image     := 262144
 FUZZ_MAX_LEN_udif_parse := 262144
 FUZZ_MAX_LEN_udsb_info := 70000
 FUZZ_MAX_LEN_udsp_parse := 600000
+FUZZ_MAX_LEN_crypt_header_v2 := 4096
+FUZZ_MAX_LEN_crypt_key_blob := 1024
+FUZZ_MAX_LEN_crypt_trailer_v1 := 1276
 # A run fails on a panic, an input slower than 10 s, or more than 2 GiB.
 FUZZ_LIMITS := -rss_limit_mb=2048 -malloc_limit_mb=2048 -timeout=10
 

@@ -156,6 +156,15 @@ def main():
         seed("udif_parse", name, (VECTORS / "udif" / f"{name}.dmg").read_bytes())
     seed("udif_parse", "data-starts", udif_data_starts())
 
+    enc = VECTORS / "real" / "encrypted"
+    for bits in (128, 256):
+        v2 = (enc / f"testimage.AES-{bits}.64k.header_v2.dmg").read_bytes()
+        # The fields, the key-pointer table and the key blob (0x60+0x268).
+        seed("crypt_header_v2", f"aes{bits}", v2[:0x2C8])
+        seed("crypt_key_blob", f"aes{bits}", v2[0x60:0x2C8])
+    v1 = (enc / "testimage.AES-256.64k.header_v1.dmg").read_bytes()
+    seed("crypt_trailer_v1", "aes256", v1[-1276:])
+
 
 if __name__ == "__main__":
     main()
