@@ -91,7 +91,9 @@ fn probe_content(s: &dyn Storage, len: u64) -> std::io::Result<Option<Format>> {
 /// Names the file in an error of the crypt layer, which knows no paths.
 fn in_file(path: &Path, e: Error) -> Error {
     match e {
-        Error::Io { context, source } => Error::io(format!("{}: {context}", path.display()), source),
+        Error::Io { context, source } => {
+            Error::io(format!("{}: {context}", path.display()), source)
+        }
         Error::Invalid(m) => Error::Invalid(format!("{}: {m}", path.display())),
         Error::Corrupt(m) => Error::Corrupt(format!("{}: {m}", path.display())),
         e => e,
@@ -152,21 +154,40 @@ fn open_encrypted(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Disk>> {
     let plain = CryptStorage::unlock(file, password.bytes()).map_err(|e| in_file(path, e))?;
     let read_only = opts.writable && plain.scheme() == Scheme::TrailerV1;
     let writable = opts.writable && !read_only;
-    let len = plain.len().map_err(|e| Error::io(path.display().to_string(), e))?;
-    let format = probe_content(&plain, len).map_err(|e| Error::io(path.display().to_string(), e))?;
+    let len = plain
+        .len()
+        .map_err(|e| Error::io(path.display().to_string(), e))?;
+    let format =
+        probe_content(&plain, len).map_err(|e| Error::io(path.display().to_string(), e))?;
     let plain: Arc<dyn Storage> = Arc::new(plain);
     let inner_opts = OpenOptions {
         writable,
         ..opts.clone()
     };
     let disk: Box<dyn Disk> = match format {
-        Some(Format::Asif) => Box::new(crate::engine::Image::from_storage(path, plain, &inner_opts)?),
-        Some(Format::Udsp) => Box::new(crate::udsp::SparseImage::from_storage(path, plain, &inner_opts)?),
+        Some(Format::Asif) => Box::new(crate::engine::Image::from_storage(
+            path,
+            plain,
+            &inner_opts,
+        )?),
+        Some(Format::Udsp) => Box::new(crate::udsp::SparseImage::from_storage(
+            path,
+            plain,
+            &inner_opts,
+        )?),
         Some(Format::Udif) => Box::new(crate::udif::Udif::from_storage(path, plain, writable)?),
-        _ => Box::new(crate::raw::RawDisk::from_storage(path, Format::Udrw, plain, writable)?),
+        _ => Box::new(crate::raw::RawDisk::from_storage(
+            path,
+            Format::Udrw,
+            plain,
+            writable,
+        )?),
     };
     if read_only {
-        tracing::warn!("{}: serving read-only: version-1 encrypted images (cdsaencr trailer) are read-only", path.display());
+        tracing::warn!(
+            "{}: serving read-only: version-1 encrypted images (cdsaencr trailer) are read-only",
+            path.display()
+        );
     }
     Ok(disk)
 }

@@ -85,6 +85,9 @@ pub struct ConvertArgs {
     /// Chunk and block size of an ASIF output.
     #[command(flatten)]
     geometry: super::GeometryArgs,
+    /// The password of an encrypted source.
+    #[command(flatten)]
+    password: crate::password::PasswordArgs,
 }
 
 /// Bytes moved per step at least; one chunk of a default image.
@@ -313,7 +316,8 @@ pub fn run(a: ConvertArgs) -> Result<i32> {
     }
     let out = a.output_format.unwrap_or_else(|| OutputFormat::of(&a.dst));
     let held = hold_destination(&a.dst, a.force, out)?;
-    let src = open_source(&a.src, a.source_format.as_deref())?;
+    let password = a.password.for_image(&a.src)?;
+    let src = open_source(&a.src, a.source_format.as_deref(), password)?;
     let tmp = temp_path(&a.dst);
     // Only a run of ours with this pid, killed, can have left one.
     let _ = remove_any(&tmp);
@@ -465,13 +469,17 @@ fn is_format_name(f: &str) -> bool {
 /// format [`registry::probe`] knows is opened by [`registry::open`]. A file named
 /// `.asif` is opened as ASIF whatever its magic, so a damaged image is
 /// refused rather than copied as if it were a raw disk.
-fn open_source(path: &Path, format: Option<&str>) -> Result<Source> {
+fn open_source(
+    path: &Path,
+    format: Option<&str>,
+    password: Option<crate::password::Password>,
+) -> Result<Source> {
     use clap::ValueEnum;
-    let open = |f| {
-        Ok(Source::Disk(
-            registry::open(path, Some(f), &OpenOptions::default())?.into(),
-        ))
+    let opts = OpenOptions {
+        password,
+        ..OpenOptions::default()
     };
+    let open = |f| Ok(Source::Disk(registry::open(path, Some(f), &opts)?.into()));
     match format {
         Some(f) if !is_format_name(f) => {
             return Err(Error::Invalid(format!(

@@ -88,6 +88,48 @@ pub fn create_other(
     }
 }
 
+/// Creates an empty encrypted image: a raw UDRW `.dmg` (the whole disk as
+/// encrypted zeros, as hdiutil writes it), a sparse image (its header node
+/// inside the encryption), or a sparse bundle (the header in `token`).
+pub fn create_encrypted(
+    path: &Path,
+    format: CreateFormat,
+    size: u64,
+    band: u64,
+    force: bool,
+    password: &crate::password::Password,
+    enc: crate::crypt::Encryption,
+) -> Result<()> {
+    use crate::crypt::create_file;
+    match format {
+        CreateFormat::Udrw => {
+            if size == 0 || size % crate::raw::SECTOR != 0 || size > crate::raw::MAX_SIZE {
+                return Err(Error::Invalid(format!(
+                    "size {size} is not a positive number of whole 512-byte sectors up to {}",
+                    crate::raw::MAX_SIZE
+                )));
+            }
+            create_file(path, force, password.bytes(), enc, size, |_| Ok(()))
+        }
+        CreateFormat::Udsp => {
+            let header = crate::udsp::create::new_header(&crate::udsp::create::CreateOptions {
+                size,
+                band_size: band,
+                force,
+            })?;
+            create_file(path, force, password.bytes(), enc, 0, |s| {
+                s.write_at(&header.encode(), 0)
+                    .map_err(|e| Error::io(format!("{}: writing the header", path.display()), e))
+            })
+        }
+        f => Err(Error::Invalid(format!(
+            "{}: --encryption makes udrw, udsp and udsb images, not {}",
+            path.display(),
+            format!("{f:?}").to_ascii_lowercase()
+        ))),
+    }
+}
+
 /// `check` of a format other than ASIF: its report as lines, and the exit
 /// code (0 clean, 2 corrupt).
 pub fn check_other(path: &Path, format: Format, json: bool) -> Result<i32> {
@@ -148,8 +190,10 @@ pub fn check_other(path: &Path, format: Format, json: bool) -> Result<i32> {
 /// password unlocked it and its format's structures were read and checked
 /// at open (an image that breaks them does not open).
 pub fn check_unlocked(path: &Path, disk: &dyn crate::disk::Disk, json: bool) -> Result<i32> {
-    let encryption = crate::registry::encryption(path)?
-        .map_or("encrcdsa header in token", crate::registry::describe_encryption);
+    let encryption = crate::registry::encryption(path)?.map_or(
+        "encrcdsa header in token",
+        crate::registry::describe_encryption,
+    );
     if json {
         super::print_json(&serde_json::json!({
             "path": path.display().to_string(),

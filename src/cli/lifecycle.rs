@@ -26,7 +26,7 @@ pub struct ResizeArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    password: super::password::PasswordArgs,
+    password: crate::password::PasswordArgs,
 }
 
 #[derive(clap::Args, Debug)]

@@ -5,7 +5,6 @@ mod docs;
 mod formats;
 mod lifecycle;
 mod mount_clients;
-pub mod password;
 mod progress;
 mod qemu_out;
 pub mod size;
@@ -77,6 +76,12 @@ struct CreateArgs {
     /// Band size of a sparse image (default 1M) or bundle (default 8M).
     #[arg(long, value_name = "SIZE")]
     band_size: Option<String>,
+    /// Encrypt the image (udrw, udsp, udsb) with a password, as hdiutil
+    /// -encryption does.
+    #[arg(long, value_enum, value_name = "aes-128|aes-256")]
+    encryption: Option<crate::crypt::Encryption>,
+    #[command(flatten)]
+    password: crate::password::PasswordArgs,
     #[command(flatten)]
     geometry: GeometryArgs,
 }
@@ -105,7 +110,7 @@ struct ImageArgs {
     #[arg(short = 'U', long)]
     force_share: bool,
     #[command(flatten)]
-    password: password::PasswordArgs,
+    password: crate::password::PasswordArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -231,6 +236,19 @@ impl GeometryArgs {
 
 fn create(a: CreateArgs) -> Result<i32> {
     let format = formats::create_format(&a.file, a.format)?;
+    if let Some(enc) = a.encryption {
+        let band = formats::band_size(format, a.band_size.as_deref())?;
+        let password = a.password.for_new_image(&a.file)?;
+        formats::create_encrypted(&a.file, format, a.size, band, a.force, &password, enc)?;
+        let name = format!("{format:?}").to_ascii_lowercase();
+        println!(
+            "Formatting '{}', fmt={name} size={} encryption={}",
+            a.file.display(),
+            a.size,
+            enc.key_bits()
+        );
+        return Ok(0);
+    }
     if format != formats::CreateFormat::Asif {
         let band = formats::band_size(format, a.band_size.as_deref())?;
         formats::create_other(&a.file, format, a.size, band, a.force)?;
@@ -307,7 +325,8 @@ fn print_json(v: &impl serde::Serialize) {
 
 fn info(a: ImageArgs) -> Result<i32> {
     let disk = open_for_reading(&a)?;
-    let encryption = crate::registry::encryption(&a.file)?.map(crate::registry::describe_encryption);
+    let encryption =
+        crate::registry::encryption(&a.file)?.map(crate::registry::describe_encryption);
     print!("{}", info_text(&*disk, encryption, a.json())?);
     Ok(0)
 }

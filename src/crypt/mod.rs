@@ -282,6 +282,79 @@ pub fn create_v2_with(
     Ok(keys)
 }
 
+/// AES key size of a new encrypted image.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encryption {
+    #[value(name = "aes-128")]
+    Aes128,
+    #[value(name = "aes-256")]
+    Aes256,
+}
+
+impl Encryption {
+    pub fn key_bits(self) -> u32 {
+        match self {
+            Encryption::Aes128 => 128,
+            Encryption::Aes256 => 256,
+        }
+    }
+}
+
+/// Block size of images we encrypt, as hdiutil writes them.
+pub const CREATE_BLOCK_SIZE: u32 = 4096;
+
+/// Makes a new encrypted file at `path` (refusing an existing one unless
+/// `force`), whose plaintext `fill` writes through the unlocked storage.
+/// Written under a temporary name and moved into place when complete, as
+/// every image we create.
+pub fn create_file(
+    path: &std::path::Path,
+    force: bool,
+    password: &[u8],
+    encryption: Encryption,
+    data_size: u64,
+    fill: impl FnOnce(&dyn Storage) -> Result<()>,
+) -> Result<()> {
+    use crate::atomic_file::{check_replaceable, temp_path, write_new, Place, NEW_TAG};
+    use crate::engine::storage::FileStorage;
+    check_replaceable(path, force)?;
+    let _ = std::fs::remove_file(temp_path(path, NEW_TAG));
+    let place = if force { Place::Rename } else { Place::Link };
+    let mut failure = None;
+    let placed = write_new(path, NEW_TAG, place, |file| {
+        let run = || -> Result<()> {
+            let file = file
+                .try_clone()
+                .map_err(|e| Error::io("creating the encrypted image", e))?;
+            let inner: std::sync::Arc<dyn Storage> = std::sync::Arc::new(FileStorage::new(file));
+            let keys = create_v2(
+                &*inner,
+                password,
+                encryption.key_bits(),
+                CREATE_BLOCK_SIZE,
+                data_size,
+            )?;
+            let plain = CryptStorage::with_keys(inner, keys)?;
+            fill(&plain)?;
+            plain
+                .sync()
+                .map_err(|e| Error::io("syncing the encrypted image", e))
+        };
+        run().map_err(|e| {
+            failure = Some(e);
+            std::io::Error::other("encrypting")
+        })
+    });
+    match (placed, failure) {
+        (_, Some(e)) => Err(e),
+        (Err(f), None) => Err(Error::io(
+            format!("{}: {}", path.display(), f.step),
+            f.error,
+        )),
+        (Ok(()), None) => Ok(()),
+    }
+}
+
 pub(crate) fn corrupt(msg: String) -> Error {
     Error::Corrupt(msg)
 }

@@ -74,6 +74,8 @@ pub(crate) struct Namespace {
     pub writable: bool,
     cache_groups: usize,
     cache: crate::CacheMode,
+    /// Unlocks the source's encrypted images; without it they are skipped.
+    password: Option<crate::password::Password>,
     inner: RwLock<Inner>,
     /// One scan / create / unlink / rename at a time: opening an image twice
     /// from this process would trip over our own exclusive lock.
@@ -215,6 +217,7 @@ impl Namespace {
         cache: crate::CacheMode,
     ) -> Namespace {
         Namespace {
+            password: None,
             source,
             writable,
             cache_groups,
@@ -237,8 +240,15 @@ impl Namespace {
         )
     }
 
+    /// Unlocks the encrypted images of the source.
+    pub fn with_password(mut self, password: Option<crate::password::Password>) -> Namespace {
+        self.password = password;
+        self
+    }
+
     fn open_options(&self) -> OpenOptions {
         OpenOptions {
+            password: self.password.clone(),
             writable: self.writable,
             cache: self.cache,
             cache_groups: self.cache_groups,

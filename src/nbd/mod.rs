@@ -77,6 +77,30 @@ pub struct ServeArgs {
     /// Once detached, append log lines to FILE (default: discarded).
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+    /// Options, comma separated: password-file=PATH unlocks the encrypted
+    /// images (the form fstab-like configurations use).
+    #[arg(short = 'o', value_name = "OPTS", value_delimiter = ',', action = clap::ArgAction::Append)]
+    pub options: Vec<String>,
+    /// The password of the encrypted images.
+    #[command(flatten)]
+    pub password: crate::password::PasswordArgs,
+}
+
+/// `-o` of serve: only `password-file=PATH` means something here.
+fn password_file_option(options: &[String]) -> Result<Option<PathBuf>> {
+    let mut file = None;
+    for o in options.iter().flat_map(|s| s.split(',')).map(str::trim) {
+        match o.strip_prefix("password-file=") {
+            Some(p) => file = Some(PathBuf::from(p)),
+            None if o.is_empty() => {}
+            None => {
+                return Err(Error::Invalid(format!(
+                    "bad serve option {o:?}: -o takes password-file=PATH"
+                )))
+            }
+        }
+    }
+    Ok(file)
 }
 
 fn parse_cache(s: &str) -> std::result::Result<CacheMode, String> {
@@ -174,6 +198,7 @@ fn open_exports(
     images: &[(String, PathBuf)],
     read_only: bool,
     cache: CacheMode,
+    password: Option<crate::password::Password>,
 ) -> Result<Vec<Export>> {
     let base = if read_only {
         OpenOptions {
@@ -183,7 +208,11 @@ fn open_exports(
     } else {
         OpenOptions::writable()
     };
-    let opts = OpenOptions { cache, ..base };
+    let opts = OpenOptions {
+        cache,
+        password,
+        ..base
+    };
     let mut exports = Vec::new();
     let mut last_err = None;
     for (name, path) in images {
@@ -277,6 +306,11 @@ pub fn cmd_serve(a: &ServeArgs) -> Result<i32> {
         (Some(c), Some(k)) => Some(tls::server_config(c, k, a.tls_ca.as_deref())?),
         _ => None,
     };
+    let password = crate::password::for_source(
+        &a.password,
+        password_file_option(&a.options)?.as_deref(),
+        &source,
+    )?;
     if a.handshake_timeout == 0 {
         return Err(Error::Invalid(
             "--handshake-timeout must be at least 1".into(),
@@ -298,7 +332,7 @@ pub fn cmd_serve(a: &ServeArgs) -> Result<i32> {
         None => None,
     };
     if a.foreground {
-        return run(a, &images, config, socket, tcp, None);
+        return run(a, &images, config, password, socket, tcp, None);
     }
     // As `mount`: fork before any thread exists; the child says when it is ready.
     match crate::fs::fork_daemon()? {
@@ -309,7 +343,7 @@ pub fn cmd_serve(a: &ServeArgs) -> Result<i32> {
             }
             Ok(crate::fs::failed_child_status(pid))
         }
-        crate::fs::Forked::Child(wr) => run(a, &images, config, socket, tcp, Some(wr)),
+        crate::fs::Forked::Child(wr) => run(a, &images, config, password, socket, tcp, Some(wr)),
     }
 }
 
@@ -317,11 +351,12 @@ fn run(
     a: &ServeArgs,
     images: &[(String, PathBuf)],
     config: Config,
+    password: Option<crate::password::Password>,
     socket: Option<PathBuf>,
     tcp: Option<Vec<SocketAddr>>,
     ready: Option<OwnedFd>,
 ) -> Result<i32> {
-    let exports = open_exports(images, a.read_only, a.cache)?;
+    let exports = open_exports(images, a.read_only, a.cache, password)?;
     let listener = match (socket, tcp) {
         (Some(p), _) => Listener::Unix(bind_unix(&p)?, p),
         (None, Some(addrs)) => Listener::Tcp(TcpListener::bind(&addrs[..]).map_err(|e| {
@@ -450,7 +485,7 @@ mod tests {
             (CacheMode::None, "none"),
             (CacheMode::Writeback, "writeback"),
         ] {
-            let exports = open_exports(&images, false, mode).unwrap();
+            let exports = open_exports(&images, false, mode, None).unwrap();
             assert_eq!(exports[0].disk.stats()["cache"], want);
         }
     }

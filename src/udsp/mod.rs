@@ -30,7 +30,7 @@
 //! two writers never take the same slot and slot writes never race.
 
 mod compact;
-mod create;
+pub mod create;
 pub mod header;
 pub mod index;
 pub mod layout;
