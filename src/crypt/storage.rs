@@ -17,8 +17,8 @@
 //!
 //! A write past the end follows the same order lazily: its blocks are
 //! written at once, the data-size field on the next `sync` (after the
-//! container's sync). Shrinking writes the smaller size first, then
-//! truncates the container.
+//! container's sync). Shrinking writes the smaller size and syncs it,
+//! then truncates the container.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -409,7 +409,10 @@ impl Storage for CryptStorage {
             *header = len;
             self.size.store(len, Ordering::Release);
         } else if len < old {
+            // The smaller size durable before the blocks go: a header
+            // never claims blocks a crash has cut off.
             self.write_header_size(len)?;
+            self.inner.sync()?;
             *header = len;
             self.size.store(len, Ordering::Release);
             let keep = self.block_at(len.div_ceil(self.bs))?;

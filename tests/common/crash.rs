@@ -28,6 +28,9 @@ pub const SECTOR: u64 = 512;
 pub struct Mem {
     pub pages: BTreeMap<u64, Box<[u8]>>,
     pub len: u64,
+    /// What a power cut keeps or loses whole (0: a sector); an encrypted
+    /// container's writes are whole cipher blocks.
+    pub atom: u64,
 }
 
 impl Mem {
@@ -138,14 +141,15 @@ impl Mem {
     }
 
     /// Applies `op` as a power cut may have left it: writes and punches
-    /// keep each sector or lose it at random.
+    /// keep each atom (a sector unless `atom` says) or lose it at random.
     pub fn apply_torn(&mut self, op: &Op, r: &mut Rng) {
+        let atom = if self.atom == 0 { SECTOR } else { self.atom };
         match op {
             Op::Write(off, data) => {
                 let end = off + data.len() as u64;
                 let mut at = *off;
                 while at < end {
-                    let piece_end = ((at / SECTOR + 1) * SECTOR).min(end);
+                    let piece_end = ((at / atom + 1) * atom).min(end);
                     if r.below(2) == 0 {
                         self.write(&data[(at - off) as usize..(piece_end - off) as usize], at);
                     }
@@ -155,7 +159,7 @@ impl Mem {
             Op::Punch(off, len) => {
                 let mut at = *off;
                 while at < off + len {
-                    let piece_end = ((at / SECTOR + 1) * SECTOR).min(off + len);
+                    let piece_end = ((at / atom + 1) * atom).min(off + len);
                     if r.below(2) == 0 {
                         self.zero(at, piece_end - at);
                     }
