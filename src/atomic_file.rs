@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::engine::{lock_file, LockMode};
+use crate::asif::engine::{lock_file, LockMode};
 use crate::error::{Error, Result};
 
 /// The tag of the temporaries new images are written to.

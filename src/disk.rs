@@ -16,7 +16,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::engine::{Extent, Image, Stats};
+use crate::asif::engine::{Extent, Image, Stats};
 use crate::error::{Error, Result};
 
 /// The container formats asiffs knows.

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::format::FormatError;
+use crate::asif::format::FormatError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -1,24 +1,27 @@
-//! asiffs: read, write and mount Apple Sparse Image Format (ASIF) disk images.
+//! asiffs: Apple disk images (ASIF, UDIF, UDSP, sparse bundles) on Linux.
 //!
 //! Layers, with data flowing one way:
-//! - [`format`]: pure encode/decode of the on-disk structures (no I/O);
-//! - [`engine`]: the sparse block translator ([`Image`]);
-//! - [`disk`]: the [`Disk`](disk::Disk) trait every format implements;
-//! - [`udif`]: Apple UDIF (`.dmg`) images behind the same trait;
-//! - [`fs`]: a thin FUSE adapter over the engine;
-//! - [`nbd`]: an NBD server over the [`Disk`](disk::Disk) trait;
+//! - [`host`]: where a container's bytes live: a file ([`host::file`]), a
+//!   bundle directory, and the decrypting layer over either
+//!   ([`host::crypt`]);
+//! - one folder per format, each with its pure codecs (no I/O) and its
+//!   translator: [`asif`] (`format` and `engine`), [`udif`], [`udsp`],
+//!   [`udsb`], [`raw`];
+//! - [`disk`]: the [`Disk`](disk::Disk) trait every format implements, and
+//!   [`registry`], which probes a container and opens it as one;
+//! - the transports, which translate requests and know no format: [`fs`]
+//!   (FUSE) and [`nbd`];
 //! - [`cli`]: the `asiffs` command line.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod asif;
 mod atomic_file;
 pub mod cli;
-pub mod crypt;
 pub mod disk;
-pub mod engine;
 pub mod error;
-pub mod format;
 pub mod fs;
+pub mod host;
 pub mod nbd;
 pub mod password;
 pub mod raw;
@@ -28,5 +31,5 @@ pub mod udif;
 pub mod udsb;
 pub mod udsp;
 
-pub use engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
+pub use asif::engine::{CacheMode, CreateOptions, Extent, Image, LockMode, OpenOptions, Stats};
 pub use error::{Error, Result};

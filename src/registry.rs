@@ -15,11 +15,11 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use crate::crypt::{CryptStorage, Scheme};
+use crate::asif::engine::{CacheMode, OpenOptions};
 use crate::disk::{Disk, Format};
-use crate::engine::storage::{open_container, FileStorage, Storage};
-use crate::engine::{CacheMode, OpenOptions};
 use crate::error::{Error, Result};
+use crate::host::crypt::{CryptStorage, Scheme};
+use crate::host::file::{open_container, FileStorage, Storage};
 
 /// The extensions of the containers a mount serves from a directory.
 pub const IMAGE_EXTENSIONS: [&str; 4] = ["asif", "dmg", "sparseimage", "sparsebundle"];
@@ -45,7 +45,7 @@ pub fn probe(path: &Path) -> Result<Option<Format>> {
         return Ok(None);
     }
     let s = FileStorage::new(File::open(path).map_err(ctx)?);
-    if crate::crypt::detect(&s)
+    if crate::host::crypt::detect(&s)
         .map_err(|e| in_file(path, e))?
         .is_some()
     {
@@ -72,7 +72,7 @@ pub fn probe(path: &Path) -> Result<Option<Format>> {
 fn probe_content(s: &dyn Storage, len: u64) -> std::io::Result<Option<Format>> {
     let mut head = [0u8; 4];
     s.read_at(&mut head, 0)?;
-    if len >= 4 && head == crate::format::MAGIC {
+    if len >= 4 && head == crate::asif::format::MAGIC {
         return Ok(Some(Format::Asif));
     }
     if len >= 4 && head == crate::udsp::header::MAGIC {
@@ -108,7 +108,7 @@ pub fn encryption(path: &Path) -> Result<Option<Scheme>> {
         return Ok(None);
     }
     let s = FileStorage::new(File::open(path).map_err(ctx)?);
-    crate::crypt::detect(&s).map_err(|e| in_file(path, e))
+    crate::host::crypt::detect(&s).map_err(|e| in_file(path, e))
 }
 
 /// Whether the image at `path` needs a password: an encrypted file, or a
@@ -165,7 +165,7 @@ fn open_encrypted(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Disk>> {
         ..opts.clone()
     };
     let disk: Box<dyn Disk> = match format {
-        Some(Format::Asif) => Box::new(crate::engine::Image::from_storage(
+        Some(Format::Asif) => Box::new(crate::asif::engine::Image::from_storage(
             path,
             plain,
             &inner_opts,
@@ -207,7 +207,7 @@ pub fn open(path: &Path, format: Option<Format>, opts: &OpenOptions) -> Result<B
         None => probe(path)?.ok_or_else(|| unknown(path))?,
     };
     match format {
-        Format::Asif => Ok(Box::new(crate::engine::Image::open(path, opts)?)),
+        Format::Asif => Ok(Box::new(crate::asif::engine::Image::open(path, opts)?)),
         Format::Udif => Ok(Box::new(crate::udif::Udif::open(path, opts)?)),
         Format::Udsb => Ok(Box::new(crate::udsb::SparseBundle::open(path, opts)?)),
         Format::Udsp => Ok(Box::new(crate::udsp::SparseImage::open(path, opts)?)),

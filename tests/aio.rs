@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use asiffs::engine::aio::Ring;
+use asiffs::asif::engine::aio::Ring;
 use asiffs::{CacheMode, Image, OpenOptions};
 use common::{blank_image, Rng, MIB};
 use crossbeam_channel::bounded;

@@ -1,4 +1,4 @@
-//! Encrypted images (`src/crypt`): the hdiutil vectors through
+//! Encrypted images (`src/host/crypt`): the hdiutil vectors through
 //! `CryptStorage` and the format readers, wrong passwords, hostile headers,
 //! and round trips through `create_v2`.
 
@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use asiffs::crypt::{self, CryptStorage, Scheme};
+use asiffs::asif::engine::memory::MemStorage;
 use asiffs::disk::Disk;
-use asiffs::engine::memory::MemStorage;
-use asiffs::engine::storage::{FileStorage, Storage};
+use asiffs::host::crypt::{self, CryptStorage, Scheme};
+use asiffs::host::file::{FileStorage, Storage};
 use asiffs::udif::Udif;
 use asiffs::udsp::SparseImage;
 use asiffs::OpenOptions;

@@ -12,9 +12,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use asiffs::crypt::{self, CryptStorage};
 use asiffs::disk::{Disk, Format};
-use asiffs::engine::storage::Storage;
+use asiffs::host::crypt::{self, CryptStorage};
+use asiffs::host::file::Storage;
 use asiffs::password::Password;
 use asiffs::raw::RawDisk;
 use asiffs::{registry, Error, LockMode, OpenOptions};

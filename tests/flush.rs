@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 mod common;
 
-use asiffs::engine::storage::{FileStorage, Storage};
+use asiffs::host::file::{FileStorage, Storage};
 use asiffs::{Image, OpenOptions};
 use common::blank_image;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 mod common;
 
-use asiffs::engine::storage::{FileStorage, Storage};
+use asiffs::host::file::{FileStorage, Storage};
 use asiffs::{Image, OpenOptions};
 use common::{blank_image, Rng};
 

@@ -30,7 +30,7 @@ fn read(img: &Image, off: u64, len: usize) -> Vec<u8> {
 }
 
 #[track_caller]
-fn assert_clean(img: &Image) -> asiffs::engine::CheckReport {
+fn assert_clean(img: &Image) -> asiffs::asif::engine::CheckReport {
     let r = img.check().expect("check runs");
     assert!(r.corruptions.is_empty(), "corruptions: {:?}", r.corruptions);
     assert_eq!(r.corruptions_not_listed, 0);

@@ -4,7 +4,7 @@
 
 #![no_main]
 
-use asiffs::crypt::header_v2::HeaderV2;
+use asiffs::host::crypt::header_v2::HeaderV2;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,8 +5,8 @@
 
 #![no_main]
 
-use asiffs::crypt::header_v2::PasswordBlob;
-use asiffs::crypt::keys;
+use asiffs::host::crypt::header_v2::PasswordBlob;
+use asiffs::host::crypt::keys;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

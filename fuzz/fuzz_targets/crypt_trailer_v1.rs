@@ -4,8 +4,8 @@
 
 #![no_main]
 
-use asiffs::crypt::keys;
-use asiffs::crypt::trailer_v1::TrailerV1;
+use asiffs::host::crypt::keys;
+use asiffs::host::crypt::trailer_v1::TrailerV1;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

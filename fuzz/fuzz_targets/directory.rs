@@ -2,7 +2,7 @@
 
 #![no_main]
 
-use asiffs::format::Directory;
+use asiffs::asif::format::Directory;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use asiffs::format::{
+use asiffs::asif::format::{
     bitmap_span, BitmapEntry, ChunkEntry, ChunkState, SectorState, MAX_CHUNK_NUMBER,
 };
 use libfuzzer_sys::fuzz_target;

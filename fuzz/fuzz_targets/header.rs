@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use asiffs::format::{Geometry, Header, HEADER_SIZE};
+use asiffs::asif::format::{Geometry, Header, HEADER_SIZE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -9,9 +9,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use asiffs::engine::memory::MemStorage;
-use asiffs::engine::storage::Storage;
-use asiffs::format::Header;
+use asiffs::asif::engine::memory::MemStorage;
+use asiffs::host::file::Storage;
+use asiffs::asif::format::Header;
 use asiffs::{Image, OpenOptions};
 use libfuzzer_sys::fuzz_target;
 

@@ -2,7 +2,7 @@
 
 #![no_main]
 
-use asiffs::format::{Metadata, META_HEADER_SIZE};
+use asiffs::asif::format::{Metadata, META_HEADER_SIZE};
 use libfuzzer_sys::fuzz_target;
 
 /// The decoder's cap on the property list (private to it).

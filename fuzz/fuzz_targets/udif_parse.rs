@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use asiffs::disk::Disk;
-use asiffs::engine::memory::MemStorage;
+use asiffs::asif::engine::memory::MemStorage;
 use asiffs::udif::blkx::MAX_RUN_BYTES;
 use asiffs::udif::Udif;
 use libfuzzer_sys::fuzz_target;

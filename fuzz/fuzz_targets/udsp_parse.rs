@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use asiffs::engine::memory::MemStorage;
+use asiffs::asif::engine::memory::MemStorage;
 use asiffs::udsp::SparseImage;
 use asiffs::{LockMode, OpenOptions};
 use libfuzzer_sys::fuzz_target;

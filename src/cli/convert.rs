@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 
 use super::progress;
+use crate::asif::engine::{CreateOptions, Image, LockMode, OpenOptions};
 use crate::disk::{self, Disk};
-use crate::engine::{CreateOptions, Image, LockMode, OpenOptions};
 use crate::error::{Error, Result};
 use crate::registry;
 
@@ -241,7 +241,7 @@ fn hold_destination(dst: &Path, force: bool, out: OutputFormat) -> Result<Option
         ))),
         Ok(_) => {
             let f = File::open(dst).map_err(ctx)?;
-            crate::engine::lock_file(&f, LockMode::Exclusive, dst)?;
+            crate::asif::engine::lock_file(&f, LockMode::Exclusive, dst)?;
             Ok(Some(Held::File(f)))
         }
     }

@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use super::size::parse_size;
+use crate::asif::engine::OpenOptions;
 use crate::disk::Format;
-use crate::engine::OpenOptions;
 use crate::error::{Error, Result};
 
 /// What `create` makes.
@@ -98,9 +98,9 @@ pub fn create_encrypted(
     band: u64,
     force: bool,
     password: &crate::password::Password,
-    enc: crate::crypt::Encryption,
+    enc: crate::host::crypt::Encryption,
 ) -> Result<()> {
-    use crate::crypt::create_file;
+    use crate::host::crypt::create_file;
     match format {
         CreateFormat::Udrw => {
             if size == 0 || size % crate::raw::SECTOR != 0 || size > crate::raw::MAX_SIZE {

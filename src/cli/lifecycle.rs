@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use super::progress;
 use super::size::{human, parse_size};
-use crate::engine::{Image, OpenOptions};
+use crate::asif::engine::{Image, OpenOptions};
 use crate::error::{Error, Result};
 
 #[derive(clap::Args, Debug)]

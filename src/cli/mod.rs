@@ -16,10 +16,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::asif::engine::{CreateOptions, Image, LockMode, OpenOptions};
+use crate::asif::format::{DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE};
 use crate::disk::{Disk, Format};
-use crate::engine::{CreateOptions, Image, LockMode, OpenOptions};
 use crate::error::{Error, Result};
-use crate::format::{DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE};
 use size::{human, parse_size};
 
 #[derive(Parser, Debug)]
@@ -79,7 +79,7 @@ struct CreateArgs {
     /// Encrypt the image (udrw, udsp, udsb) with a password, as hdiutil
     /// -encryption does.
     #[arg(long, value_enum, value_name = "aes-128|aes-256")]
-    encryption: Option<crate::crypt::Encryption>,
+    encryption: Option<crate::host::crypt::Encryption>,
     #[command(flatten)]
     password: crate::password::PasswordArgs,
     #[command(flatten)]
@@ -506,7 +506,7 @@ fn check(c: CheckArgs) -> Result<i32> {
         // A script asking for JSON gets it for an image too broken to open.
         Err(e @ (Error::Format(_) | Error::Corrupt(_))) if a.json() => {
             eprintln!("asiffs: {e}");
-            let r = crate::engine::CheckReport {
+            let r = crate::asif::engine::CheckReport {
                 corruptions: vec![e.to_string()],
                 ..Default::default()
             };
@@ -547,7 +547,7 @@ fn not_checked(file: &std::path::Path, format: Format) -> Error {
     ))
 }
 
-fn print_check(img: &Image, r: &crate::engine::CheckReport) {
+fn print_check(img: &Image, r: &crate::asif::engine::CheckReport) {
     for c in &r.corruptions {
         println!("ERROR {c}");
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 
 use super::*;
-use crate::engine::Extent;
+use crate::asif::engine::Extent;
 
 /// An in-memory disk of another format: the first MiB holds data (its
 /// bytes are their offsets mod 251), the rest reads as zeros.

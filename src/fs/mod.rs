@@ -431,12 +431,12 @@ fn serve(
     };
     let ring = match args.aio {
         Aio::Threads => None,
-        Aio::Uring => match crate::engine::aio::Ring::new() {
+        Aio::Uring => match crate::asif::engine::aio::Ring::new() {
             Ok(r) => Some(Arc::new(r)),
             Err(e) => {
                 warn!(
                     "{}: container I/O falls back to blocking calls on {} threads",
-                    crate::engine::aio::unavailable_reason(&e),
+                    crate::asif::engine::aio::unavailable_reason(&e),
                     args.threads
                 );
                 None

@@ -27,8 +27,8 @@ use tracing::{debug, warn};
 
 use super::namespace::{flush_logged, Namespace, Node, Source, ROOT_INO};
 use super::DirectIo;
+use crate::asif::engine::aio::Ring;
 use crate::disk::Disk;
-use crate::engine::aio::Ring;
 
 pub(crate) const XATTR_STATS: &str = "user.asiffs.stats";
 pub(crate) const XATTR_PID: &str = "user.asiffs.pid";

@@ -18,11 +18,11 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
+use crate::asif::engine::{Extent, OpenOptions};
 use crate::atomic_file::{check_replaceable, temp_path, write_new, Place, NEW_TAG};
 use crate::disk::{Disk, Format};
-use crate::engine::storage::{open_container, Storage};
-use crate::engine::{Extent, OpenOptions};
 use crate::error::{Error, Result};
+use crate::host::file::{open_container, Storage};
 use crate::stats::IoCounters;
 
 /// A disk is whole sectors, as hdiutil writes it.

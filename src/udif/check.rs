@@ -9,8 +9,8 @@ use super::blkx::{RunKind, SECTOR};
 use super::create::{crc32_of_zeros, master_checksum};
 use super::trailer::{Checksum, CHECKSUM_NONE};
 use super::Udif;
+use crate::asif::engine::OpenOptions;
 use crate::disk::Disk;
-use crate::engine::OpenOptions;
 use crate::error::{Error, Result};
 
 /// What `check` found. Problems make the image corrupt; notes do not.

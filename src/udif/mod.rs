@@ -57,10 +57,10 @@ use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
+use crate::asif::engine::{lock_file, Extent, OpenOptions};
 use crate::disk::{Disk, Format};
-use crate::engine::storage::{FileStorage, Storage};
-use crate::engine::{lock_file, Extent, OpenOptions};
 use crate::error::{Error, Result};
+use crate::host::file::{FileStorage, Storage};
 use crate::stats::{Counter, IoCounters, IoStats};
 use blkx::{Mish, RunKind, RunMap, SECTOR};
 pub use check::{check, CheckReport};

@@ -38,8 +38,8 @@ use parking_lot::{Mutex, RwLock};
 use rustix::fs::{Mode, OFlags, RenameFlags, CWD};
 use rustix::io::Errno;
 
+use crate::asif::engine::{lock_file, Extent, LockMode, OpenOptions};
 use crate::disk::{Disk, Format};
-use crate::engine::{lock_file, Extent, LockMode, OpenOptions};
 use crate::error::{Error, Result};
 use crate::stats::{Counter, IoCounters};
 pub use info::{band_name, parse_band_name, Info, InfoError, DEFAULT_BAND_SIZE};

@@ -1,6 +1,6 @@
 //! What a bundle needs from its directory, behind two small traits so that
 //! tests can substitute a recording store and replay crashes, as the other
-//! formats do with [`Storage`](crate::engine::storage::Storage).
+//! formats do with [`Storage`](crate::host::file::Storage).
 //!
 //! Durability is the host's: a band file's changes become durable at its
 //! `sync`, and entries made, removed or renamed in `bands/` or in the

@@ -43,10 +43,10 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Serialize;
 
+use crate::asif::engine::{lock_file, Extent, OpenOptions};
 use crate::disk::{Disk, Format};
-use crate::engine::storage::{open_container, FileStorage, Storage};
-use crate::engine::{lock_file, Extent, OpenOptions};
 use crate::error::{Error, Result};
+use crate::host::file::{open_container, FileStorage, Storage};
 use crate::stats::{Counter, IoCounters, IoStats};
 pub use compact::CompactReport;
 pub use create::{create, create_with, CreateOptions};
@@ -749,7 +749,7 @@ fn check_storage(storage: &dyn Storage, len: u64) -> Result<Vec<String>> {
 pub fn check(path: &Path) -> Result<Vec<String>> {
     let ctx = |e| Error::io(path.display().to_string(), e);
     let file = File::open(path).map_err(ctx)?;
-    lock_file(&file, crate::engine::LockMode::Shared, path)?;
+    lock_file(&file, crate::asif::engine::LockMode::Shared, path)?;
     let storage = FileStorage::new(file);
     let len = storage.len().map_err(ctx)?;
     check_storage(&storage, len)

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use asiffs::disk::Disk;
-use asiffs::engine::storage::Storage;
+use asiffs::host::file::Storage;
 use parking_lot::Mutex;
 
 use super::Rng;

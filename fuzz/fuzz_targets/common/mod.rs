@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use asiffs::disk::Disk;
-use asiffs::engine::Extent;
+use asiffs::asif::engine::Extent;
 
 /// Whether a read inside the disk may fail (a corrupt compressed run) or
 /// must succeed.

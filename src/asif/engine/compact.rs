@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use super::types::PhysChunk;
 use super::usage::{self, Owner};
 use super::Image;
+use crate::asif::format::{BitmapEntry, ChunkState, Location};
 use crate::error::{Error, Result};
-use crate::format::{BitmapEntry, ChunkState, Location};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CompactReport {

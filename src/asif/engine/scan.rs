@@ -7,10 +7,10 @@ use serde::Serialize;
 use super::types::PhysChunk;
 use super::usage::{self, Owner};
 use super::Image;
-use crate::error::{Error, Result};
-use crate::format::{
+use crate::asif::format::{
     be_u64, bitmap_span, BitmapEntry, ChunkEntry, ChunkState, Directory, FlagBits, SectorState,
 };
+use crate::error::{Error, Result};
 
 /// A run of the virtual disk that is all data or all zeros.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -22,12 +22,12 @@
 
 use std::collections::BTreeMap;
 
-use super::storage::Storage;
 use super::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use super::sync::{Condvar, Mutex};
 use super::types::PhysChunk;
+use crate::asif::format::MAX_CHUNK_NUMBER;
 use crate::error::{Error, Result};
-use crate::format::MAX_CHUNK_NUMBER;
+use crate::host::file::Storage;
 
 /// Chunks the file grows by at a time: half what it holds, within these
 /// bounds, so a large sequential write pays for few syncs.

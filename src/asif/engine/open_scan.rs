@@ -16,11 +16,11 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use super::alloc::{Allocator, FreeRanges};
-use super::storage::Storage;
 use super::usage::{self, Usage};
 use super::OpenOptions;
+use crate::asif::format::Geometry;
 use crate::error::{Error, Result};
-use crate::format::Geometry;
+use crate::host::file::Storage;
 
 /// What the scan found, waiting to be handed to the allocator.
 struct Found {

@@ -28,8 +28,8 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::header_v2::{HeaderV2, DATA_SIZE_AT};
 use super::{detect, keys, trailer_v1, Scheme, Unlocked, HEADER_READ_MAX};
-use crate::engine::storage::Storage;
 use crate::error::{Error, Result};
+use crate::host::file::Storage;
 
 /// Stripes of block locks: block `n` takes stripe `n % STRIPES`.
 const STRIPES: usize = 64;
@@ -486,8 +486,8 @@ impl Storage for CryptStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypt::header_v2;
-    use crate::engine::memory::MemStorage;
+    use crate::asif::engine::memory::MemStorage;
+    use crate::host::crypt::header_v2;
 
     fn new_image(size: u64, bs: u32) -> (Arc<MemStorage>, CryptStorage) {
         let mem = Arc::new(MemStorage::new(Vec::new()));

@@ -38,7 +38,6 @@ pub mod memory;
 mod open_scan;
 mod repair;
 mod scan;
-pub mod storage;
 mod sync;
 pub mod types;
 mod usage;
@@ -55,8 +54,11 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Serialize;
 
+use crate::asif::format::{
+    BitmapEntry, ChunkEntry, Directory, Geometry, Header, Metadata, HEADER_SIZE,
+};
 use crate::error::{Error, Result};
-use crate::format::{BitmapEntry, ChunkEntry, Directory, Geometry, Header, Metadata, HEADER_SIZE};
+use crate::host::file::{FileStorage, Storage};
 use crate::stats::{Counter, IoCounters, IoStats};
 use alloc::{Allocator, IoGate};
 use cache::GroupCache;
@@ -65,7 +67,6 @@ pub use create::CreateOptions;
 use open_scan::OpenScan;
 pub use repair::RepairReport;
 pub use scan::{CheckReport, Extent, ImageInfo};
-use storage::{FileStorage, Storage};
 
 /// How an image is locked against other processes (`flock`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,7 +268,7 @@ impl Image {
         let len = storage.len().map_err(|e| Error::io(ctx("stat"), e))?;
         let mut hb = [0u8; HEADER_SIZE];
         if len < HEADER_SIZE as u64 {
-            return Err(Error::Format(crate::format::FormatError::Truncated(
+            return Err(Error::Format(crate::asif::format::FormatError::Truncated(
                 len as usize,
                 HEADER_SIZE,
             )));

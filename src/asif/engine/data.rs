@@ -6,8 +6,8 @@ use super::alloc::Released;
 use super::cache::Group;
 use super::types::{GroupKey, PhysChunk};
 use super::Image;
+use crate::asif::format::{bitmap_span, BitmapEntry, ChunkState, Location, SectorState};
 use crate::error::{Error, Result};
-use crate::format::{bitmap_span, BitmapEntry, ChunkState, Location, SectorState};
 
 /// One piece of a request that stays inside a single chunk.
 pub(super) struct Piece {

@@ -10,7 +10,7 @@ use std::io;
 
 use parking_lot::Mutex;
 
-use super::storage::Storage;
+use crate::host::file::Storage;
 
 /// Default cap on the container's length. A hostile header can ask for
 /// huge offsets; past the cap every call fails instead of allocating.

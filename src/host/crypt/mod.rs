@@ -101,8 +101,8 @@ pub mod trailer_v1;
 pub use cipher::Unlocked;
 pub use storage::CryptStorage;
 
-use crate::engine::storage::Storage;
 use crate::error::{Error, Result};
+use crate::host::file::Storage;
 use header_v2::{HeaderV2, KeyPointer, PasswordBlob};
 use keys::Keys;
 
@@ -316,7 +316,7 @@ pub fn create_file(
     fill: impl FnOnce(&dyn Storage) -> Result<()>,
 ) -> Result<()> {
     use crate::atomic_file::{check_replaceable, temp_path, write_new, Place, NEW_TAG};
-    use crate::engine::storage::FileStorage;
+    use crate::host::file::FileStorage;
     check_replaceable(path, force)?;
     let _ = std::fs::remove_file(temp_path(path, NEW_TAG));
     let place = if force { Place::Rename } else { Place::Link };

@@ -18,10 +18,10 @@ use shuttle::thread;
 
 use super::alloc::{Allocator, IoGate, Released};
 use super::cache::{Group, GroupCache};
-use super::storage::Storage;
 use super::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use super::types::{GroupKey, PhysChunk};
-use crate::format::ChunkState;
+use crate::asif::format::ChunkState;
+use crate::host::file::Storage;
 
 /// Runs `f` under one scheduler for `iterations` interleavings.
 fn run(scheduler: impl Scheduler + 'static, f: impl Fn() + Send + Sync + 'static) {

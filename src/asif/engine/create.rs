@@ -7,12 +7,12 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::atomic_file::{check_replaceable, write_new, Place, NEW_TAG};
-use crate::error::{Error, Result};
-use crate::format::{
+use crate::asif::format::{
     put_u64, BitmapEntry, ChunkEntry, ChunkState, Directory, Geometry, Header, Metadata,
     DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE, DEFAULT_MAX_SECTORS, DEFAULT_METADATA_CHUNK,
 };
+use crate::atomic_file::{check_replaceable, write_new, Place, NEW_TAG};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -59,7 +59,7 @@ pub fn new_header(opts: &CreateOptions) -> Result<(Header, Geometry)> {
     h.max_sector_count = (DEFAULT_MAX_SECTORS * 512) / u64::from(bs.max(1));
     h.metadata_chunk = ((DEFAULT_METADATA_CHUNK + 1) << 20) / u64::from(opts.chunk_size.max(1)) - 1;
     // Directory A right after the header and B right after A, as macOS does.
-    let a = (crate::format::HEADER_SIZE as u64).next_multiple_of(u64::from(bs));
+    let a = (crate::asif::format::HEADER_SIZE as u64).next_multiple_of(u64::from(bs));
     let dir_bytes = Geometry::directory_bytes_for(&h)?;
     h.directory_offsets = [a, a + dir_bytes];
     let geo = Geometry::new(&h)?;
@@ -106,7 +106,7 @@ pub fn write_fresh(file: &File, h: &Header, geo: &Geometry, stable_uuid: &str) -
     // Mark the metadata's sectors written, two bits each, low bits first.
     let first = loc.index * geo.sectors_per_chunk() + loc.within / geo.block_size;
     let count = m.len() as u64 / geo.block_size;
-    let span = crate::format::bitmap_span(first, count);
+    let span = crate::asif::format::bitmap_span(first, count);
     let mut bits = vec![0u8; (span.end - span.start) as usize];
     for s in first..first + count {
         bits[(s / 4 - span.start) as usize] |= 1 << ((s % 4) * 2);

@@ -9,9 +9,11 @@
 use std::collections::HashMap;
 
 use super::alloc::FreeRanges;
-use super::storage::Storage;
 use super::types::PhysChunk;
-use crate::format::{be_u64, BitmapEntry, ChunkEntry, ChunkState, Geometry, MAX_CHUNK_NUMBER};
+use crate::asif::format::{
+    be_u64, BitmapEntry, ChunkEntry, ChunkState, Geometry, MAX_CHUNK_NUMBER,
+};
+use crate::host::file::Storage;
 
 /// Chunks covered by one pass (a 16 MiB bitmap; 128 TiB of 1 MiB chunks).
 pub const WINDOW: u64 = 1 << 27;
@@ -266,7 +268,7 @@ pub fn chunks_holding_data(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::storage::FileStorage;
+    use crate::host::file::FileStorage;
     use crate::{CreateOptions, Image, OpenOptions};
 
     /// Only the chunk-groups that hold data on the host are read: those

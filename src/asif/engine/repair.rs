@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::alloc::FreeRanges;
 use super::usage;
 use super::Image;
+use crate::asif::format::{be_u64, BitmapEntry, ChunkEntry, ChunkState};
 use crate::error::{Error, Result};
-use crate::format::{be_u64, BitmapEntry, ChunkEntry, ChunkState};
 
 /// What a repair changed.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -26,7 +26,7 @@ use lru::LruCache;
 use super::sync::atomic::{AtomicU64, Ordering};
 use super::sync::{Condvar, Mutex, MutexGuard};
 use super::types::{GroupKey, PhysChunk};
-use crate::format::{be_u64, put_u64, ChunkEntry, ChunkState};
+use crate::asif::format::{be_u64, put_u64, ChunkEntry, ChunkState};
 
 /// One chunk-group in memory: `N` data entries then the bitmap entry.
 pub struct Group {

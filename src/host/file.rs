@@ -93,7 +93,7 @@ pub fn open_container(
             path.display()
         )));
     }
-    crate::engine::lock_file(&file, opts.lock, path)?;
+    crate::asif::engine::lock_file(&file, opts.lock, path)?;
     let direct = || {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()

@@ -27,10 +27,10 @@ use parking_lot::{Mutex, RawRwLock};
 use slab::Slab;
 
 use super::alloc::OwnedGateGuard;
-use super::storage::{aligned, AlignedBuf, AsyncFds, DIRECT_ALIGN};
 use super::Image;
+use crate::asif::format::ChunkState;
 use crate::error::Result;
-use crate::format::ChunkState;
+use crate::host::file::{aligned, AlignedBuf, AsyncFds, DIRECT_ALIGN};
 
 /// Called once with the bytes read.
 pub type ReadDone = Box<dyn FnOnce(Result<ReadBuf>) + Send>;

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering;
 
 use super::Image;
+use crate::asif::format::Directory;
 use crate::error::{Error, Result};
-use crate::format::Directory;
 
 impl Image {
     pub(super) fn note_data_change(&self) {
