@@ -115,7 +115,7 @@ struct Counters {
 enum Unlock<'a> {
     Password(Option<&'a [u8]>),
     /// Keys just made with the header (no second key derivation).
-    Keys(Unlocked),
+    Keys(Box<Unlocked>),
 }
 
 impl SparseBundle {
@@ -173,7 +173,7 @@ impl SparseBundle {
         // Cheap checks first: the key derivation takes a while.
         let crypt = match (header, unlock) {
             (None, _) => None,
-            (Some(_), Unlock::Keys(keys)) => Some(keys),
+            (Some(_), Unlock::Keys(keys)) => Some(*keys),
             (Some(_), Unlock::Password(None)) => {
                 return Err(Error::Invalid(format!(
                     "{}: encrypted sparse bundle: needs its password (--password-file FILE or --stdinpass)",
@@ -326,7 +326,7 @@ impl SparseBundle {
             Arc::new(dir),
             Some(token),
             true,
-            Unlock::Keys(keys),
+            Unlock::Keys(Box::new(keys)),
         )
     }
 
