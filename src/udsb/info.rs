@@ -87,7 +87,7 @@ impl Info {
         };
         if let Some(k) = dict.keys().find(|k| k.to_lowercase().contains("encrypt")) {
             return Err(InfoError::Unsupported(format!(
-                "key {:?} marks an encrypted bundle; encrypted bundles are not supported",
+                "key {:?} marks an encryption asiffs does not know (hdiutil's encrypted bundles keep an encrcdsa header in token)",
                 one_line(k)
             )));
         }

@@ -1,7 +1,8 @@
 //! Sparse bundles (UDSB, `.sparsebundle`): a directory holding `Info.plist`,
-//! its copy `Info.bckup`, an empty `token` and `bands/`, where the file
-//! named `n` in lowercase hex holds the disk's bytes
-//! `[n * band-size, (n + 1) * band-size)`.
+//! its copy `Info.bckup`, `token` and `bands/`, where the file named `n` in
+//! lowercase hex holds the disk's bytes `[n * band-size, (n + 1) *
+//! band-size)`. `token` is empty, or holds the `encrcdsa` header of an
+//! encrypted bundle whose band files are ciphertext ([`crypt`]).
 //!
 //! Invariants while a bundle is open (the flock on `token` keeps other
 //! asiffs processes from writing it):
@@ -22,6 +23,7 @@
 //! open restores it from `Info.plist`. `tests/udsb.rs` replays every crash
 //! point of a workload through a recording [`store::BundleDir`].
 
+pub mod crypt;
 pub mod info;
 pub mod store;
 
@@ -45,6 +47,10 @@ use crate::stats::{Counter, IoCounters};
 pub use info::{band_name, parse_band_name, Info, InfoError, DEFAULT_BAND_SIZE};
 use info::{MAX_INFO_LEN, SECTOR};
 use store::{BandFile, BundleDir, HostDir};
+
+use self::crypt::BandCrypt;
+use crate::crypt::header_v2::HeaderV2;
+use crate::crypt::Unlocked;
 
 pub const INFO: &str = "Info.plist";
 pub const BACKUP: &str = "Info.bckup";
@@ -77,6 +83,8 @@ pub struct SparseBundle {
     /// Holds the lock for as long as the bundle is open (none on a store
     /// that is not the host's).
     _token: Option<File>,
+    /// The keys of an encrypted bundle; its band files are wrapped.
+    crypt: Option<Arc<BandCrypt>>,
     counters: Counters,
 }
 
@@ -103,14 +111,29 @@ struct Counters {
     bands_removed: Counter,
 }
 
+/// How an encrypted bundle is unlocked.
+enum Unlock<'a> {
+    Password(Option<&'a [u8]>),
+    /// Keys just made with the header (no second key derivation).
+    Keys(Box<Unlocked>),
+}
+
 impl SparseBundle {
-    /// Opens the bundle at `path`. Refuses, with one line naming the
-    /// problem and without writing anything, a bundle that is encrypted,
-    /// of another layout version, or damaged.
+    /// Opens the bundle at `path`; an encrypted one with
+    /// `opts.password`. Refuses, with one line naming the problem and
+    /// without writing anything, a bundle of another layout version, a
+    /// damaged one, and an encrypted one without its password.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<SparseBundle> {
         let path = path.as_ref();
         let (dir, token) = open_host(path, opts.lock)?;
-        SparseBundle::from_store(path, Arc::new(dir), Some(token), opts.writable)
+        let password = opts.password.as_ref().map(|p| p.bytes());
+        SparseBundle::from_store_unlocking(
+            path,
+            Arc::new(dir),
+            Some(token),
+            opts.writable,
+            Unlock::Password(password),
+        )
     }
 
     /// Opens a bundle on any [`BundleDir`]; `token`, when given, holds the
@@ -121,11 +144,57 @@ impl SparseBundle {
         token: Option<File>,
         writable: bool,
     ) -> Result<SparseBundle> {
-        let info = read_info(&*dir, path)?;
+        SparseBundle::from_store_with_password(path, dir, token, writable, None)
+    }
+
+    /// [`SparseBundle::from_store`] of a bundle that may be encrypted.
+    pub fn from_store_with_password(
+        path: &Path,
+        dir: Arc<dyn BundleDir>,
+        token: Option<File>,
+        writable: bool,
+        password: Option<&[u8]>,
+    ) -> Result<SparseBundle> {
+        SparseBundle::from_store_unlocking(path, dir, token, writable, Unlock::Password(password))
+    }
+
+    fn from_store_unlocking(
+        path: &Path,
+        dir: Arc<dyn BundleDir>,
+        token: Option<File>,
+        writable: bool,
+        unlock: Unlock<'_>,
+    ) -> Result<SparseBundle> {
+        let (info, header) = read_info(&*dir, path)?;
         let (present, mut problems) = scan_bands(path, &*dir, &info)?;
         if !problems.is_empty() {
             return Err(problems.swap_remove(0));
         }
+        // Cheap checks first: the key derivation takes a while.
+        let crypt = match (header, unlock) {
+            (None, _) => None,
+            (Some(_), Unlock::Keys(keys)) => Some(*keys),
+            (Some(_), Unlock::Password(None)) => {
+                return Err(Error::Invalid(format!(
+                    "{}: encrypted sparse bundle: needs its password (--password-file FILE or --stdinpass)",
+                    path.display()
+                )))
+            }
+            (Some(bytes), Unlock::Password(Some(pw))) => {
+                match crate::crypt::unlock_header_v2(&bytes, pw) {
+                    Ok((_, keys)) => Some(keys),
+                    Err(e) if crate::crypt::is_wrong_password(&e) => {
+                        return Err(Error::Invalid(format!(
+                            "{}: {}",
+                            path.display(),
+                            crate::crypt::WRONG_PASSWORD
+                        )))
+                    }
+                    Err(e) => return Err(token_error(path, e)),
+                }
+            }
+        }
+        .map(|keys| Arc::new(BandCrypt::new(keys, info.band_size)));
         if writable {
             remove_leftovers(path, &*dir)?;
             restore_backup(path, &*dir, &info)?;
@@ -146,6 +215,7 @@ impl SparseBundle {
             syncing: Mutex::new(()),
             dir,
             _token: token,
+            crypt,
             counters: Counters::default(),
         })
     }
@@ -155,9 +225,60 @@ impl SparseBundle {
     /// directory beside `path` and renamed into place, so `path` never
     /// holds half a bundle.
     pub fn create(path: impl AsRef<Path>, size: u64, band_size: u64) -> Result<SparseBundle> {
+        SparseBundle::create_with(path.as_ref(), size, band_size, None)
+    }
+
+    /// Creates an empty encrypted bundle as hdiutil lays one out: `token`
+    /// is a fresh `encrcdsa` header (AES-`key_bits`, 4096-byte blocks,
+    /// data size 0, [`crate::crypt::CREATE_ITERATIONS`]), the plist the
+    /// same as a plain bundle's. Opens it for writing.
+    pub fn create_encrypted(
+        path: impl AsRef<Path>,
+        size: u64,
+        band_size: u64,
+        password: &[u8],
+        key_bits: u32,
+    ) -> Result<SparseBundle> {
+        SparseBundle::create_encrypted_with(
+            path,
+            size,
+            band_size,
+            password,
+            key_bits,
+            crate::crypt::CREATE_ITERATIONS,
+        )
+    }
+
+    /// [`SparseBundle::create_encrypted`] with a chosen PBKDF2 iteration
+    /// count (tests use few).
+    pub fn create_encrypted_with(
+        path: impl AsRef<Path>,
+        size: u64,
+        band_size: u64,
+        password: &[u8],
+        key_bits: u32,
+        iterations: u32,
+    ) -> Result<SparseBundle> {
         let path = path.as_ref();
         let size = size.checked_next_multiple_of(SECTOR).unwrap_or(u64::MAX);
+        check_geometry(path, band_size, size, CREATE_BLOCK_SIZE)?;
+        let (header, keys) =
+            crate::crypt::new_header_v2_with(password, key_bits, CREATE_BLOCK_SIZE, 0, iterations)?;
+        SparseBundle::create_with(path, size, band_size, Some((header, keys)))
+    }
+
+    fn create_with(
+        path: &Path,
+        size: u64,
+        band_size: u64,
+        token: Option<(Vec<u8>, Unlocked)>,
+    ) -> Result<SparseBundle> {
+        let size = size.checked_next_multiple_of(SECTOR).unwrap_or(u64::MAX);
         let info = Info::new(size, band_size).map_err(|e| Error::Invalid(e.to_string()))?;
+        let (header, keys) = match token {
+            Some((h, k)) => (h, Some(k)),
+            None => (Vec::new(), None),
+        };
         let exists = || Error::Invalid(format!("{}: already exists", path.display()));
         if path.symlink_metadata().is_ok() {
             return Err(exists());
@@ -177,7 +298,7 @@ impl SparseBundle {
         // Only a run of ours with this pid, killed, can have left one.
         let _ = std::fs::remove_dir_all(&tmp);
         let ctx = |e: std::io::Error| Error::io(path.display().to_string(), e);
-        let built = build(&tmp, &info)
+        let built = build(&tmp, &info, &header)
             .map_err(|e| match e {
                 Error::Io { source, .. } => ctx(source),
                 e => e,
@@ -196,7 +317,22 @@ impl SparseBundle {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        SparseBundle::open(path, &OpenOptions::writable())
+        let Some(keys) = keys else {
+            return SparseBundle::open(path, &OpenOptions::writable());
+        };
+        let (dir, token) = open_host(path, OpenOptions::writable().lock)?;
+        SparseBundle::from_store_unlocking(
+            path,
+            Arc::new(dir),
+            Some(token),
+            true,
+            Unlock::Keys(Box::new(keys)),
+        )
+    }
+
+    /// Whether the bundle is encrypted (and was unlocked).
+    pub fn is_encrypted(&self) -> bool {
+        self.crypt.is_some()
     }
 
     pub fn band_size(&self) -> u64 {
@@ -256,7 +392,10 @@ impl SparseBundle {
             return Ok(None);
         }
         let f = match self.dir.open_band(&band_name(n), create, self.writable) {
-            Ok(Some(f)) => f,
+            Ok(Some(f)) => match &self.crypt {
+                Some(c) => c.wrap(f, n),
+                None => f,
+            },
             // Removed behind our back (an unlocked reader): reads as zeros.
             Ok(None) => {
                 st.present.remove(&n);
@@ -452,7 +591,11 @@ impl Disk for SparseBundle {
     /// The largest size a plist may name, in whole sectors: bands are files
     /// made as they are written, so growth costs nothing until then.
     fn max_size(&self) -> u64 {
-        info::MAX_SIZE / SECTOR * SECTOR
+        let max = match &self.crypt {
+            Some(c) => info::MAX_SIZE.min(crypt::MAX_BLOCKS * c.block_size()),
+            None => info::MAX_SIZE,
+        };
+        max / SECTOR * SECTOR
     }
 
     fn is_writable(&self) -> bool {
@@ -547,6 +690,9 @@ impl Disk for SparseBundle {
             return Err(Error::Invalid(format!(
                 "size {new_size} is not a multiple of {SECTOR} bytes"
             )));
+        }
+        if let Some(c) = &self.crypt {
+            check_geometry(&self.path, self.band_size, new_size, c.block_size() as u32)?;
         }
         let _only = self.exclusive.write();
         let info = self
@@ -770,24 +916,60 @@ fn open_host(path: &Path, lock: LockMode) -> Result<(HostDir, File)> {
     Ok((HostDir::new(root), token))
 }
 
-/// Reads the plist and refuses encrypted bundles.
-fn read_info(dir: &dyn BundleDir, path: &Path) -> Result<Info> {
+/// Reads the plist and `token`: the token's bytes when it holds an
+/// `encrcdsa` header (checked, but not unlocked), `None` when it is empty.
+fn read_info(dir: &dyn BundleDir, path: &Path) -> Result<(Info, Option<Vec<u8>>)> {
     let bytes = read_small(dir, path, INFO, MAX_INFO_LEN)?;
     let info = decode_info(path, INFO, &bytes)?;
-    let head = read_small(dir, path, TOKEN, 4096)?;
+    let head = read_small(dir, path, TOKEN, crate::crypt::HEADER_READ_MAX as usize)?;
     if head.starts_with(ENCRYPTED_MAGIC) {
-        return Err(Error::Invalid(format!(
-            "{}: encrypted (token holds an encrcdsa header); encrypted bundles are not supported",
-            path.display()
-        )));
+        let (h, _) = HeaderV2::decode_with_blob(&head).map_err(|e| token_error(path, e))?;
+        check_header(path, &h, &info)?;
+        return Ok((info, Some(head)));
     }
     if !head.is_empty() {
         return Err(Error::Invalid(format!(
-            "{}: token is not empty; only encrypted bundles keep data there, and those are not supported",
+            "{}: token is neither empty nor an encrcdsa header",
             path.display()
         )));
     }
-    Ok(info)
+    Ok((info, None))
+}
+
+/// Block size of the bundles we create, as hdiutil's.
+const CREATE_BLOCK_SIZE: u32 = 4096;
+
+/// What the bundle's geometry must be for its header (see [`crypt`]).
+fn check_header(path: &Path, h: &HeaderV2, info: &Info) -> Result<()> {
+    // The data size field is 0 in a bundle: the plist's size counts.
+    check_geometry(path, info.band_size, info.size, h.block_size)
+}
+
+/// Blocks must not straddle bands, and their numbers must fit 32 bits.
+fn check_geometry(path: &Path, band_size: u64, size: u64, block_size: u32) -> Result<()> {
+    let bs = block_size as u64;
+    if band_size % bs != 0 {
+        return Err(Error::Invalid(format!(
+            "{}: band size {band_size} is not a multiple of the {bs}-byte encryption block",
+            path.display()
+        )));
+    }
+    if size.div_ceil(bs) > crypt::MAX_BLOCKS {
+        return Err(Error::Invalid(format!(
+            "{}: {size} bytes is more than 2^32 encryption blocks of {bs} bytes",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A crypt error about `token`, named after it.
+fn token_error(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Corrupt(m) => Error::Corrupt(format!("{}/{TOKEN}: {m}", path.display())),
+        Error::Invalid(m) => Error::Invalid(format!("{}/{TOKEN}: {m}", path.display())),
+        e => e,
+    }
 }
 
 /// The bands present, and every band file that breaks the layout (each
@@ -877,11 +1059,11 @@ fn restore_backup(path: &Path, dir: &dyn BundleDir, info: &Info) -> Result<()> {
 }
 
 /// Lays out a fresh bundle in `dir` (which must not exist), synced.
-fn build(dir: &Path, info: &Info) -> Result<()> {
+fn build(dir: &Path, info: &Info, token: &[u8]) -> Result<()> {
     let ctx = |e: std::io::Error| Error::io(dir.display().to_string(), e);
     std::fs::create_dir(dir).map_err(ctx)?;
     let bytes = info.encode();
-    for (name, content) in [(INFO, &bytes[..]), (BACKUP, &bytes[..]), (TOKEN, &[][..])] {
+    for (name, content) in [(INFO, &bytes[..]), (BACKUP, &bytes[..]), (TOKEN, token)] {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -936,7 +1118,7 @@ pub fn check(path: &Path) -> Result<Vec<String>> {
 /// [`check`] of a bundle on any [`BundleDir`] (no lock).
 pub fn check_store(path: &Path, dir: &dyn BundleDir) -> Vec<String> {
     let info = match read_info(dir, path) {
-        Ok(i) => i,
+        Ok((i, _)) => i,
         Err(e) => return vec![e.to_string()],
     };
     let mut lines = Vec::new();
