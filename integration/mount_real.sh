@@ -57,7 +57,11 @@ for f in testimage.AES-128.64k.header_v2.dmg testimage.AES-256.64k.header_v2.spa
     testimage.AES-256.64k.header_v1.dmg HFS+-UDZO-password-data.dmg; do
     cp "$ENC/$f" esrc/
 done
-chmod u+w esrc/*
+tar -xzf "$ENC/testimage.AES-256.64k.header_v2.sparsebundle.tar.gz" -C stage
+ebundle="$(find stage -maxdepth 2 -name '*.sparsebundle' -type d | grep -v aj_bundle | head -n 1)"
+[[ -n "$ebundle" ]] || fail "no .sparsebundle in the encrypted bundle's archive"
+mv "$ebundle" esrc/esb.sparsebundle
+chmod -R u+w esrc
 mv esrc/testimage.AES-128.64k.header_v2.dmg esrc/eraw.dmg
 mv esrc/testimage.AES-256.64k.header_v2.sparseimage esrc/esp.sparseimage
 mv esrc/testimage.AES-256.64k.header_v1.dmg esrc/ev1.dmg
@@ -68,18 +72,19 @@ chmod 600 pw
 "$ASIFFS" mount esrc emnt -o password-file="$TESTDIR/pw" --log "$TESTDIR/emount.log" 2>emount.err \
     || fail "encrypted mount: $(cat emount.err)"
 mountpoint -q emnt || fail "encrypted mount did not appear"
-assert_eq "eraw.img esp.img ev1.img plain.img" "$(ls emnt | LC_ALL=C sort | tr '\n' ' ' | sed 's/ $//')" \
+assert_eq "eraw.img esb.img esp.img ev1.img plain.img" "$(ls emnt | LC_ALL=C sort | tr '\n' ' ' | sed 's/ $//')" \
     "names in the encrypted mount (the image with another password skipped)"
 grep -q "udzo-other-password.dmg: skipped: .*wrong password" emount.err \
     || fail "the image with another password was not skipped with the reason: $(cat emount.err)"
 grep -q "vilefault" emount.err emount.log 2>/dev/null && fail "the password appears in the log"
 assert_eq 6fd3ed173450459fb2e838a846e9bee88c9b9e9c6a97fe554aa0a65a54ce7f12 "$(sha256sum <emnt/eraw.img | cut -c1-64)" "eraw.img"
 assert_eq 9d429673a0eb8602bcf2a30af390eb14555acae3d85997e4619123096bfa1c2e "$(sha256sum <emnt/esp.img | cut -c1-64)" "esp.img"
-echo "PASS encrypted UDRW and sparse image read as hdiutil's disks; another password's image skipped with the reason"
+assert_eq eb35ccf058905d535e4dbf3176ebd8d94b89fb282a4ccc7ae88f08bfc2b68b17 "$(sha256sum <emnt/esb.img | cut -c1-64)" "esb.img"
+echo "PASS encrypted UDRW, sparse image and bundle read as hdiutil's disks; another password's image skipped with the reason"
 
 # Writes through the mount: plaintext in the mount, none in the containers.
 python3 -c 'import sys; sys.stdout.buffer.write((b"ENCRYPTED-MOUNT-SECRET-" * 1500)[:30000])' >secret
-for n in eraw esp; do
+for n in eraw esp esb; do
     cp "emnt/$n.img" "model-$n.raw"
     dd if=secret of="emnt/$n.img" bs=1 seek=1234 conv=notrunc,fsync status=none
     dd if=secret of="model-$n.raw" bs=1 seek=1234 conv=notrunc status=none
@@ -92,12 +97,12 @@ if printf 'x' | dd of=emnt/ev1.img bs=1 seek=0 conv=notrunc status=none 2>ev1.er
 fi
 grep -q "Read-only file system" ev1.err || fail "ev1.img write: $(cat ev1.err)"
 "$ASIFFS" umount emnt || fail "umount"
-for c in esrc/eraw.dmg esrc/esp.sparseimage; do
-    grep -q "ENCRYPTED-MOUNT-SECRET" "$c" && fail "plaintext found in $c"
+for c in esrc/eraw.dmg esrc/esp.sparseimage esrc/esb.sparsebundle; do
+    grep -rq "ENCRYPTED-MOUNT-SECRET" "$c" && fail "plaintext found in $c"
 done
 "$ASIFFS" mount esrc emnt -o password-file="$TESTDIR/pw" --log "$TESTDIR/emount2.log" 2>emount2.err \
     || fail "encrypted remount: $(cat emount2.err)"
-for n in eraw esp; do
+for n in eraw esp esb; do
     cmp "emnt/$n.img" "model-$n.raw" || fail "$n.img after the remount differs from the model"
 done
 "$ASIFFS" umount emnt || fail "umount"

@@ -1069,7 +1069,7 @@ fn fresh_tree(encrypted: bool) -> Tree {
     let (p, b) = new_bundle(t.path(), CDISK, CBAND);
     b.close().unwrap();
     if encrypted {
-        let (header, _) = asiffs::crypt::new_header_v2_with(CPW, 128, 512, 0, 2).unwrap();
+        let (header, _) = asiffs::host::crypt::new_header_v2_with(CPW, 128, 512, 0, 2).unwrap();
         fs::write(p.join("token"), header).unwrap();
     }
     DirRecorder::load(&p)

@@ -11,9 +11,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use asiffs::crypt;
+use asiffs::asif::engine::Extent;
 use asiffs::disk::Disk;
-use asiffs::engine::Extent;
+use asiffs::host::crypt;
 use asiffs::password::Password;
 use asiffs::registry;
 use asiffs::udsb::SparseBundle;

@@ -122,6 +122,14 @@ pub fn create_encrypted(
                     .map_err(|e| Error::io(format!("{}: writing the header", path.display()), e))
             })
         }
+        CreateFormat::Udsb => crate::udsb::SparseBundle::create_encrypted(
+            path,
+            size,
+            band,
+            password.bytes(),
+            enc.key_bits(),
+        )?
+        .close(),
         f => Err(Error::Invalid(format!(
             "{}: --encryption makes udrw, udsp and udsb images, not {}",
             path.display(),

@@ -1,5 +1,5 @@
 //! Encrypted sparse bundles: `token` holds an `encrcdsa` version 2 header
-//! (see [`crate::crypt`]) and every band file holds ciphertext in blocks of
+//! (see [`crate::host::crypt`]) and every band file holds ciphertext in blocks of
 //! the header's block size, encrypted with its keys.
 //!
 //! # Block numbers and the header's fields
@@ -51,8 +51,8 @@ use std::sync::Arc;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::store::BandFile;
-use crate::crypt::Unlocked;
 use crate::error::Error;
+use crate::host::crypt::Unlocked;
 
 /// Stripes of block locks and of band locks.
 const STRIPES: usize = 64;

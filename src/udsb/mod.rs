@@ -49,8 +49,8 @@ use info::{MAX_INFO_LEN, SECTOR};
 use store::{BandFile, BundleDir, HostDir};
 
 use self::crypt::BandCrypt;
-use crate::crypt::header_v2::HeaderV2;
-use crate::crypt::Unlocked;
+use crate::host::crypt::header_v2::HeaderV2;
+use crate::host::crypt::Unlocked;
 
 pub const INFO: &str = "Info.plist";
 pub const BACKUP: &str = "Info.bckup";
@@ -181,13 +181,13 @@ impl SparseBundle {
                 )))
             }
             (Some(bytes), Unlock::Password(Some(pw))) => {
-                match crate::crypt::unlock_header_v2(&bytes, pw) {
+                match crate::host::crypt::unlock_header_v2(&bytes, pw) {
                     Ok((_, keys)) => Some(keys),
-                    Err(e) if crate::crypt::is_wrong_password(&e) => {
+                    Err(e) if crate::host::crypt::is_wrong_password(&e) => {
                         return Err(Error::Invalid(format!(
                             "{}: {}",
                             path.display(),
-                            crate::crypt::WRONG_PASSWORD
+                            crate::host::crypt::WRONG_PASSWORD
                         )))
                     }
                     Err(e) => return Err(token_error(path, e)),
@@ -230,7 +230,7 @@ impl SparseBundle {
 
     /// Creates an empty encrypted bundle as hdiutil lays one out: `token`
     /// is a fresh `encrcdsa` header (AES-`key_bits`, 4096-byte blocks,
-    /// data size 0, [`crate::crypt::CREATE_ITERATIONS`]), the plist the
+    /// data size 0, [`crate::host::crypt::CREATE_ITERATIONS`]), the plist the
     /// same as a plain bundle's. Opens it for writing.
     pub fn create_encrypted(
         path: impl AsRef<Path>,
@@ -245,7 +245,7 @@ impl SparseBundle {
             band_size,
             password,
             key_bits,
-            crate::crypt::CREATE_ITERATIONS,
+            crate::host::crypt::CREATE_ITERATIONS,
         )
     }
 
@@ -262,8 +262,13 @@ impl SparseBundle {
         let path = path.as_ref();
         let size = size.checked_next_multiple_of(SECTOR).unwrap_or(u64::MAX);
         check_geometry(path, band_size, size, CREATE_BLOCK_SIZE)?;
-        let (header, keys) =
-            crate::crypt::new_header_v2_with(password, key_bits, CREATE_BLOCK_SIZE, 0, iterations)?;
+        let (header, keys) = crate::host::crypt::new_header_v2_with(
+            password,
+            key_bits,
+            CREATE_BLOCK_SIZE,
+            0,
+            iterations,
+        )?;
         SparseBundle::create_with(path, size, band_size, Some((header, keys)))
     }
 
@@ -921,7 +926,12 @@ fn open_host(path: &Path, lock: LockMode) -> Result<(HostDir, File)> {
 fn read_info(dir: &dyn BundleDir, path: &Path) -> Result<(Info, Option<Vec<u8>>)> {
     let bytes = read_small(dir, path, INFO, MAX_INFO_LEN)?;
     let info = decode_info(path, INFO, &bytes)?;
-    let head = read_small(dir, path, TOKEN, crate::crypt::HEADER_READ_MAX as usize)?;
+    let head = read_small(
+        dir,
+        path,
+        TOKEN,
+        crate::host::crypt::HEADER_READ_MAX as usize,
+    )?;
     if head.starts_with(ENCRYPTED_MAGIC) {
         let (h, _) = HeaderV2::decode_with_blob(&head).map_err(|e| token_error(path, e))?;
         check_header(path, &h, &info)?;
