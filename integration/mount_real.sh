@@ -107,3 +107,19 @@ for n in eraw esp esb; do
 done
 "$ASIFFS" umount emnt || fail "umount"
 echo "PASS writes and punches through the mount to encrypted images survive a remount; no plaintext in the containers; v1 is read-only"
+
+# --- the same encrypted images over NBD: serve -o password-file= ----------
+SOCK="$TESTDIR/enc.sock"
+"$ASIFFS" serve esrc --socket "$SOCK" -o password-file="$TESTDIR/pw" --pid-file "$TESTDIR/serve.pid" \
+    --log "$TESTDIR/serve.log" >serve.out 2>serve.err || fail "serve: $(cat serve.err)"
+spid="$(cat "$TESTDIR/serve.pid")"
+trap 'rc=$?; kill -TERM "$spid" 2>/dev/null || true; (exit $rc); _lib_cleanup' EXIT
+grep -q "udzo-other-password.dmg.*wrong password" serve.err || fail "serve did not name the image it skipped: $(cat serve.err)"
+for n in eraw esp esb; do
+    qemu-img convert -f raw -O raw "nbd+unix:///$n?socket=$SOCK" "nbd-$n.raw" || fail "qemu-img read of export $n"
+    cmp "nbd-$n.raw" "model-$n.raw" || fail "export $n reads differently from the model"
+done
+kill -TERM "$spid"
+for ((i = 0; i < 300; i++)); do kill -0 "$spid" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$spid" 2>/dev/null && fail "serve did not exit on SIGTERM"
+echo "PASS serve -o password-file=: the encrypted images' exports read as the model; another password's image skipped"

@@ -622,3 +622,37 @@ fn the_encrypted_replay_detects_a_lost_flushed_write() {
         check_sectors(&d, model, durable, started, ctx);
     });
 }
+
+#[test]
+fn a_udif_inside_encryption_takes_writes_into_new_space() {
+    let t = tempfile::tempdir().unwrap();
+    let plain = t.path().join("plain.dmg");
+    asiffs::udif::create_udrw(&plain, 4 << 20).unwrap();
+    let bytes = fs::read(&plain).unwrap();
+    let p = t.path().join("enc.dmg");
+    crypt::create_file(
+        &p,
+        false,
+        b"pw",
+        crypt::Encryption::Aes128,
+        bytes.len() as u64,
+        |s| {
+            s.write_at(&bytes, 0)
+                .map_err(|e| Error::io("writing the UDIF image", e))
+        },
+    )
+    .unwrap();
+    let d = registry::open(&p, None, &with_password(b"pw", true)).unwrap();
+    assert_eq!((d.format(), d.size()), (Format::Udif, 4 << 20));
+    assert!(d.is_writable());
+    let secret = secret_text(100_000);
+    d.write_at(&secret, 1_000_001).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    let d = registry::open(&p, None, &with_password(b"pw", false)).unwrap();
+    let mut want = vec![0u8; 4 << 20];
+    want[1_000_001..1_100_001].copy_from_slice(&secret);
+    assert_same_bytes("after reopening", &read_all(&*d), &want);
+    drop(d);
+    assert!(find(&fs::read(&p).unwrap(), b"PLAINTEXT-SECRET").is_none());
+}

@@ -267,15 +267,15 @@ pub fn resize_other(
         )));
     }
     let disk = crate::registry::open(path, Some(format), opts)?;
-    if !disk.is_writable() {
-        return Err(Error::Invalid(format!(
-            "{}: cannot resize: the image is read-only",
-            path.display()
-        )));
-    }
     if let Some(why) = disk.write_refusal() {
         return Err(Error::Invalid(format!(
             "{}: cannot resize: {why}",
+            path.display()
+        )));
+    }
+    if !disk.is_writable() {
+        return Err(Error::Invalid(format!(
+            "{}: cannot resize: the image is read-only",
             path.display()
         )));
     }

@@ -217,7 +217,7 @@ pub fn parse(s: &dyn Storage, path: &Path) -> Result<Layout> {
 
 fn encrypted(path: &Path, magic: &str) -> Error {
     Error::Invalid(format!(
-        "{}: encrypted disk image ({magic}): not supported",
+        "{}: encrypted disk image ({magic}): unlock it with its password rather than read it as a plain UDIF",
         path.display()
     ))
 }
