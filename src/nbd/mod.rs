@@ -2,6 +2,7 @@
 //!
 //! - [`proto`]: the wire format, pure encode/decode;
 //! - [`server`]: listeners and per-client sessions over the [`Disk`] trait;
+//! - [`room`]: the one bound on write payload bytes held across clients;
 //! - [`tls`]: rustls configuration for `NBD_OPT_STARTTLS`.
 //!
 //! Each image is opened once (writable with an exclusive lock, or with
@@ -10,6 +11,7 @@
 //! with a logged reason; the others are served.
 
 pub mod proto;
+pub mod room;
 pub mod server;
 pub mod tls;
 
@@ -65,9 +67,14 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without TLS.
     #[arg(long)]
     pub insecure: bool,
-    /// Seconds a client may take for the handshake (and for each write payload).
+    /// Seconds a client may take for the handshake; a write payload gets
+    /// as long plus one second per MiB.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub handshake_timeout: u64,
+    /// MiB of write payloads held across all clients at once (at least
+    /// 32); a client past it waits for room.
+    #[arg(long, value_name = "MIB", default_value_t = server::DEFAULT_PAYLOAD_MEMORY >> 20)]
+    pub max_payload_memory: u64,
     /// Clients served at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_connections: usize,
@@ -321,11 +328,18 @@ pub fn cmd_serve(a: &ServeArgs) -> Result<i32> {
             "--max-connections must be at least 1".into(),
         ));
     }
+    let min_room = u64::from(server::MAX_PAYLOAD) >> 20;
+    if a.max_payload_memory < min_room {
+        return Err(Error::Invalid(format!(
+            "--max-payload-memory must be at least {min_room} (MiB): one write payload"
+        )));
+    }
     let images = find_images(&source, a.export.as_deref())?;
     let config = Config {
         tls,
         handshake_timeout: Duration::from_secs(a.handshake_timeout),
         max_connections: a.max_connections,
+        max_payload_memory: a.max_payload_memory.saturating_mul(1 << 20),
     };
     let socket = match &a.socket {
         Some(p) => Some(std::path::absolute(p).map_err(|e| io_err(p.display().to_string(), e))?),
