@@ -137,6 +137,28 @@ fn listen_addrs(spec: &str) -> Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
+fn has_image_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| registry::IMAGE_EXTENSIONS.contains(&e))
+}
+
+/// What `path` is when it is neither a regular file nor a directory.
+fn special_kind(path: &Path) -> Option<&'static str> {
+    let t = std::fs::metadata(path).ok()?.file_type();
+    Some(if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        return None;
+    })
+}
+
 /// Export names for the images of `source`: the file name without its
 /// extension, or the whole file name where two images would share one.
 fn find_images(source: &Path, only: Option<&str>) -> Result<Vec<(String, PathBuf)>> {
@@ -161,6 +183,13 @@ fn find_images(source: &Path, only: Option<&str>) -> Result<Vec<(String, PathBuf
         for path in entries {
             match registry::probe(&path) {
                 Ok(Some(_)) => add(path),
+                // Named as an image but not a file the probe can read: say so,
+                // as for every other skipped image.
+                Ok(None) if has_image_name(&path) => {
+                    if let Some(kind) = special_kind(&path) {
+                        warn!("{}: skipped: {kind}, not a regular file", path.display());
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => warn!("{}: skipped: {e}", path.display()),
             }
