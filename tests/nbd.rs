@@ -5,6 +5,8 @@
 //! slow and vanishing peers), each followed by a check that a second
 //! client is still served, and TLS (STARTTLS required, then a rustls
 //! client). Every expected value comes from the NBD spec (doc/proto.md).
+//! The payload memory, payload deadline and skip-log tests run `asiffs
+//! serve -f` as a child process, to read its /proc status and its log.
 //!
 //! tests/data/nbd-tls holds a throwaway CA and server key made with
 //! openssl for these tests only.
@@ -28,14 +30,20 @@ struct Fixture {
     socket: PathBuf,
     image_a: PathBuf,
     disk_a: Arc<dyn Disk>,
+    server: Arc<Server>,
 }
 
 /// Exports `a` (8 MiB, writable) and `b` (4 MiB, read-only).
 fn start(config: Config) -> Fixture {
+    start_sized(config, 8 * MIB)
+}
+
+/// As [`start`], with `a` of `size_a` bytes.
+fn start_sized(config: Config, size_a: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut exports = Vec::new();
     let mut disk_a = None;
-    for (name, size, ro) in [("a", 8 * MIB, false), ("b", 4 * MIB, true)] {
+    for (name, size, ro) in [("a", size_a, false), ("b", 4 * MIB, true)] {
         let path = dir.path().join(format!("{name}.asif"));
         let opts = CreateOptions {
             size,
@@ -56,12 +64,14 @@ fn start(config: Config) -> Fixture {
     let socket = dir.path().join("nbd.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     let server = Server::new(exports, config);
-    std::thread::spawn(move || server.serve_unix(listener));
+    let serving = Arc::clone(&server);
+    std::thread::spawn(move || serving.serve_unix(listener));
     Fixture {
         image_a: dir.path().join("a.asif"),
         _dir: dir,
         socket,
         disk_a: disk_a.unwrap(),
+        server,
     }
 }
 
@@ -72,7 +82,11 @@ struct Client<S: Read + Write> {
 type Plain = Client<UnixStream>;
 
 fn connect(f: &Fixture) -> Plain {
-    let s = UnixStream::connect(&f.socket).unwrap();
+    connect_to(&f.socket)
+}
+
+fn connect_to(socket: &Path) -> Plain {
+    let s = UnixStream::connect(socket).unwrap();
     // A server that stops answering fails the test instead of hanging it.
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     Client { s }
@@ -912,4 +926,322 @@ fn disconnect_answers_the_writes_in_flight() {
         other.read_at(&mut buf, 2 * MIB + h * n).unwrap();
         assert_eq!(buf, pattern(h, N as usize), "write {h}");
     }
+}
+
+/// Polls `done` every 10 ms until it holds; fails after `limit`.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < limit, "{what}: not after {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// With room for exactly one 32 MiB payload, a 32 MiB write waits for a
+/// half-sent one to finish instead of being refused; both land whole, and
+/// the payload bytes held never pass the bound.
+#[test]
+fn a_32_mib_write_waits_for_room_and_lands() {
+    const BIG: u32 = 32 << 20;
+    let f = Arc::new(start_sized(
+        Config {
+            max_payload_memory: BIG.into(),
+            ..Config::default()
+        },
+        64 * MIB,
+    ));
+    let first = pattern(1, BIG as usize);
+    let second = pattern(2, BIG as usize);
+
+    // The first write's header and 1 MiB: the server holds that piece and
+    // the room for the next one, 2 MiB.
+    let mut early = session_a(&f);
+    early.request(0, CMD_WRITE, 1, 0, BIG);
+    early.send(&first[..MIB as usize]);
+    wait_until(Duration::from_secs(20), "2 MiB held", || {
+        f.server.payload_bytes_held() == 2 * MIB
+    });
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = {
+        let (f, stop) = (Arc::clone(&f), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                peak = peak.max(f.server.payload_bytes_held());
+                std::thread::yield_now();
+            }
+            peak
+        })
+    };
+    // The second cannot take room while the first could not then finish.
+    let late = {
+        let (f, second) = (Arc::clone(&f), second.clone());
+        std::thread::spawn(move || {
+            let mut c = session_a(&f);
+            c.write(2, 32 * MIB, &second, 0)
+        })
+    };
+    early.send(&first[MIB as usize..]);
+    assert_eq!(early.status(1), 0);
+    assert_eq!(late.join().unwrap(), 0);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(peak.join().unwrap() <= u64::from(BIG));
+    assert_eq!(f.server.payload_bytes_held(), 0);
+
+    let (data, _) = early.read(3, 0, BIG);
+    assert!(data == first, "first 32 MiB read back");
+    let (data, _) = early.read(4, 32 * MIB, BIG);
+    assert!(data == second, "second 32 MiB read back");
+}
+
+/// `asiffs serve -f` as a child process, so its memory and log can be
+/// looked at; killed when dropped.
+struct Served {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Served {
+    /// Serves a directory holding `a.asif` (64 MiB) and a FIFO `x.asif`;
+    /// returns once the server says it is serving.
+    fn start(args: &[&str]) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let opts = CreateOptions {
+            size: 64 * MIB,
+            ..CreateOptions::default()
+        };
+        Image::create(src.join("a.asif"), &opts)
+            .unwrap()
+            .close()
+            .unwrap();
+        let fifo = std::ffi::CString::new(src.join("x.asif").into_os_string().into_encoded_bytes())
+            .unwrap();
+        // SAFETY: fifo is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let socket = dir.path().join("nbd.sock");
+        let log = dir.path().join("stderr.log");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_asiffs"))
+            .arg("serve")
+            .arg(&src)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("-f")
+            .args(args)
+            .env_remove("ASIFFS_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.starts_with("serving a on "), "{line:?}");
+        Served {
+            child,
+            dir,
+            socket,
+            log,
+        }
+    }
+
+    /// A client in transmission on `a`.
+    fn session(&self) -> Plain {
+        let mut c = connect_to(&self.socket);
+        c.greet(FLAGS);
+        c.go("a");
+        c
+    }
+
+    /// A line of /proc/PID/status, in KiB.
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} in {status}"));
+        line[field.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// The path of an entry of SOURCE as the server names it.
+    fn source_path(&self, name: &str) -> String {
+        let src = self.dir.path().join("src").canonicalize().unwrap();
+        src.join(name).display().to_string()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Raises this process's descriptor limit to at least `n`.
+fn want_fds(n: u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: r is a valid rlimit for the call to fill and then read.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        if r.rlim_cur < n && r.rlim_max >= n {
+            r.rlim_cur = n;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
+        }
+    }
+}
+
+/// 256 clients each announce a 32 MiB write, send 2 MiB and stall: the
+/// server holds no more than the 64 MiB bound of payloads (its whole
+/// resident size stays under 64 MiB + the margin below), and a
+/// well-behaved client still writes and reads back its bytes meanwhile.
+#[test]
+fn announced_writes_cost_only_what_is_sent() {
+    const STALLERS: usize = 256;
+    const ANNOUNCED: u32 = 32 << 20;
+    const SENT: usize = 2 << 20;
+    // Threads (17 per connection), stacks and the allocator's slack.
+    const MARGIN_MIB: u64 = 96;
+    want_fds(4096);
+    let s = Served::start(&["--max-connections", "300", "--handshake-timeout", "60"]);
+    let base = s.status_kib("VmRSS:");
+    let payload = vec![0xa5u8; SENT];
+    let mut stallers: Vec<(Plain, usize)> = (0..STALLERS)
+        .map(|i| {
+            let mut c = s.session();
+            c.request(0, CMD_WRITE, i as u64, 0, ANNOUNCED);
+            c.s.set_nonblocking(true).unwrap();
+            (c, 0)
+        })
+        .collect();
+    // Push the 2 MiB of each as far as the server takes them. Room goes
+    // to about 33 of them a piece each, then only to the one furthest
+    // along (the others could not all finish otherwise); so wait until
+    // that one has sent its 2 MiB whole.
+    wait_until(Duration::from_secs(30), "a staller's 2 MiB taken", || {
+        for (c, sent) in stallers.iter_mut() {
+            while *sent < SENT {
+                match c.s.write(&payload[*sent..]) {
+                    Ok(n) => *sent += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("staller: {e}"),
+                }
+            }
+        }
+        stallers.iter().any(|(_, n)| *n == SENT)
+    });
+    let whole = stallers.iter().filter(|(_, n)| *n == SENT).count();
+    let pushed: usize = stallers.iter().map(|(_, n)| n).sum();
+
+    // All stallers still connected: a fresh client is served, exactly.
+    let mut c = s.session();
+    let data = pattern(7, MIB as usize);
+    assert_eq!(c.write(1, 40 * MIB, &data, CMD_FLAG_FUA), 0);
+    let (back, _) = c.read(2, 40 * MIB, MIB as u32);
+    assert!(back == data, "1 MiB read back");
+
+    let rss = s.status_kib("VmRSS:");
+    let peak = s.status_kib("VmHWM:");
+    eprintln!(
+        "{STALLERS} stallers ({whole} sent 2 MiB whole, {} MiB sent in all): \
+         RSS {} MiB at start, {} MiB now, peak {} MiB",
+        pushed >> 20,
+        base >> 10,
+        rss >> 10,
+        peak >> 10
+    );
+    let bound = (server_default_room() >> 20) + MARGIN_MIB;
+    assert!(
+        peak >> 10 <= bound,
+        "peak RSS {} MiB over {bound} MiB",
+        peak >> 10
+    );
+    drop(stallers);
+}
+
+fn server_default_room() -> u64 {
+    asiffs::nbd::server::DEFAULT_PAYLOAD_MEMORY
+}
+
+/// A payload trickled a byte every 100 ms is dropped once its deadline
+/// (handshake timeout 2 s + 4096 bytes at 1 MiB/s) passes, with the reason
+/// in the log; another client is served all along.
+#[test]
+fn a_trickled_payload_is_dropped_at_its_deadline() {
+    let s = Served::start(&["--handshake-timeout", "2"]);
+    let mut slow = s.session();
+    slow.request(0, CMD_WRITE, 1, 0, 4096);
+    let t = Instant::now();
+    let mut trickle = slow.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        // Ends at the first failed write, once the server has hung up.
+        for i in 0..4096u32 {
+            if trickle.write_all(&[i as u8]).is_err() {
+                return i;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        4096
+    });
+    // Meanwhile another client writes and reads back.
+    let mut c = s.session();
+    for k in 0..5u64 {
+        let data = pattern(k, 64 * 1024);
+        assert_eq!(c.write(k, k * MIB, &data, 0), 0);
+        assert_eq!(c.read(100 + k, k * MIB, 64 * 1024).0, data);
+    }
+    slow.expect_closed();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+        "dropped after {took:?}"
+    );
+    let sent = writer.join().unwrap();
+    assert!(sent < 60, "{sent} bytes trickled before the close was seen");
+    // The log says why.
+    let want = "dropped: write payload of 4096 bytes not received within 2.0 s";
+    wait_until(Duration::from_secs(5), "the drop logged", || {
+        s.log().contains(want)
+    });
+    // And the server goes on.
+    let mut c = s.session();
+    assert_eq!(c.write(9, 0, &[0x3c; 4096], 0), 0);
+    assert_eq!(c.read(10, 0, 4096).0, vec![0x3c; 4096]);
+}
+
+/// A FIFO named as an image is skipped with its reason, as other skipped
+/// images are.
+#[test]
+fn a_fifo_named_as_an_image_is_skipped_with_a_reason() {
+    let s = Served::start(&[]);
+    let want = format!(
+        "{}: skipped: a FIFO, not a regular file",
+        s.source_path("x.asif")
+    );
+    // Logged before the server said it was serving.
+    let log = s.log();
+    assert_eq!(
+        log.lines().filter(|l| l.ends_with(&want)).count(),
+        1,
+        "{log}"
+    );
 }

@@ -146,6 +146,31 @@ fn is_container(ext: &str, md: &std::fs::Metadata) -> bool {
     }
 }
 
+/// Why an entry named as a container is not one.
+fn wrong_kind(ext: &str, md: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    let is = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "a regular file"
+    };
+    let want = if ext == "sparsebundle" {
+        "a directory"
+    } else {
+        "a regular file"
+    };
+    format!("{is}, not {want}")
+}
+
 /// The shown name of each container among `names` (file names in SOURCE).
 fn shown_names(names: &[OsString]) -> HashMap<OsString, OsString> {
     let mut by_stem: HashMap<&OsStr, Vec<&OsString>> = HashMap::new();
@@ -379,8 +404,19 @@ impl Namespace {
                         continue;
                     };
                     // Follows symlinks: a link to an image is an image.
-                    if std::fs::metadata(e.path()).is_ok_and(|md| is_container(ext, &md)) {
-                        present.push(fname);
+                    match std::fs::metadata(e.path()) {
+                        Ok(md) if is_container(ext, &md) => present.push(fname),
+                        // Logged once per file, as failed opens are.
+                        Ok(md) => {
+                            let path = e.path();
+                            let fp = fingerprint(&md);
+                            let mut inner = self.inner.write();
+                            if inner.failed.get(&path).map(|f| f.0) != Some(fp) {
+                                warn!("{}: skipped: {}", path.display(), wrong_kind(ext, &md));
+                                inner.failed.insert(path, (fp, false));
+                            }
+                        }
+                        Err(_) => {}
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //!
 //! - [`proto`]: the wire format, pure encode/decode;
 //! - [`server`]: listeners and per-client sessions over the [`Disk`] trait;
+//! - [`room`]: the one bound on write payload bytes held across clients;
 //! - [`tls`]: rustls configuration for `NBD_OPT_STARTTLS`.
 //!
 //! Each image is opened once (writable with an exclusive lock, or with
@@ -10,6 +11,7 @@
 //! with a logged reason; the others are served.
 
 pub mod proto;
+pub mod room;
 pub mod server;
 pub mod tls;
 
@@ -65,9 +67,14 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without TLS.
     #[arg(long)]
     pub insecure: bool,
-    /// Seconds a client may take for the handshake (and for each write payload).
+    /// Seconds a client may take for the handshake; a write payload gets
+    /// as long plus one second per MiB.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub handshake_timeout: u64,
+    /// MiB of write payloads held across all clients at once (at least
+    /// 32); a client past it waits for room.
+    #[arg(long, value_name = "MIB", default_value_t = server::DEFAULT_PAYLOAD_MEMORY >> 20)]
+    pub max_payload_memory: u64,
     /// Clients served at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_connections: usize,
@@ -130,6 +137,28 @@ fn listen_addrs(spec: &str) -> Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
+fn has_image_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| registry::IMAGE_EXTENSIONS.contains(&e))
+}
+
+/// What `path` is when it is neither a regular file nor a directory.
+fn special_kind(path: &Path) -> Option<&'static str> {
+    let t = std::fs::metadata(path).ok()?.file_type();
+    Some(if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        return None;
+    })
+}
+
 /// Export names for the images of `source`: the file name without its
 /// extension, or the whole file name where two images would share one.
 fn find_images(source: &Path, only: Option<&str>) -> Result<Vec<(String, PathBuf)>> {
@@ -154,6 +183,13 @@ fn find_images(source: &Path, only: Option<&str>) -> Result<Vec<(String, PathBuf
         for path in entries {
             match registry::probe(&path) {
                 Ok(Some(_)) => add(path),
+                // Named as an image but not a file the probe can read: say so,
+                // as for every other skipped image.
+                Ok(None) if has_image_name(&path) => {
+                    if let Some(kind) = special_kind(&path) {
+                        warn!("{}: skipped: {kind}, not a regular file", path.display());
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => warn!("{}: skipped: {e}", path.display()),
             }
@@ -321,11 +357,18 @@ pub fn cmd_serve(a: &ServeArgs) -> Result<i32> {
             "--max-connections must be at least 1".into(),
         ));
     }
+    let min_room = u64::from(server::MAX_PAYLOAD) >> 20;
+    if a.max_payload_memory < min_room {
+        return Err(Error::Invalid(format!(
+            "--max-payload-memory must be at least {min_room} (MiB): one write payload"
+        )));
+    }
     let images = find_images(&source, a.export.as_deref())?;
     let config = Config {
         tls,
         handshake_timeout: Duration::from_secs(a.handshake_timeout),
         max_connections: a.max_connections,
+        max_payload_memory: a.max_payload_memory.saturating_mul(1 << 20),
     };
     let socket = match &a.socket {
         Some(p) => Some(std::path::absolute(p).map_err(|e| io_err(p.display().to_string(), e))?),

@@ -13,8 +13,12 @@
 //! - hostile input never panics: sizes are checked before any allocation
 //!   (options over [`MAX_OPTION_LEN`], payloads over [`MAX_PAYLOAD`]), bad
 //!   magic or a broken handshake closes only that connection, and a peer
-//!   that stalls during the handshake or a write payload is dropped after
-//!   the handshake timeout.
+//!   that takes too long over the handshake or a write payload (see
+//!   [`payload_time`]) is dropped;
+//! - write payloads are read piece by piece into room taken from one
+//!   [`Room`] for the whole server, so what clients announce costs nothing
+//!   until they send it, and all payloads together never hold more than
+//!   [`Config::max_payload_memory`].
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -28,6 +32,7 @@ use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use tracing::{debug, info, warn};
 
 use super::proto::*;
+use super::room::{Room, PIECE};
 use crate::disk::Disk;
 use crate::Error;
 
@@ -49,6 +54,18 @@ const CONTEXT_ID: u32 = 1;
 const HANDSHAKE_FLAGS: u16 = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES;
 /// A client that stops reading replies for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of [`Config::max_payload_memory`]: two payloads of the largest
+/// size.
+pub const DEFAULT_PAYLOAD_MEMORY: u64 = 2 * MAX_PAYLOAD as u64;
+/// Slowest rate a write payload may arrive at, on top of the handshake
+/// timeout: a 32 MiB payload gets the timeout plus 32 s.
+pub const MIN_PAYLOAD_RATE: u64 = 1024 * 1024;
+
+/// How long a client has to send a whole write payload of `len` bytes,
+/// not counting time the server spent waiting for room.
+pub fn payload_time(timeout: Duration, len: u64) -> Duration {
+    timeout + Duration::from_secs_f64(len as f64 / MIN_PAYLOAD_RATE as f64)
+}
 
 /// One served image.
 pub struct Export {
@@ -63,11 +80,14 @@ pub struct Config {
     /// With TLS, every option but `STARTTLS` and `ABORT` is refused until
     /// the client has started TLS (the spec's FORCEDTLS mode).
     pub tls: Option<Arc<ServerConfig>>,
-    /// Time a client may take for the whole handshake, and for each write
-    /// payload.
+    /// Time a client may take for the whole handshake, and (with
+    /// [`payload_time`]) for each write payload.
     pub handshake_timeout: Duration,
     /// Connections served at once; more are closed at once.
     pub max_connections: usize,
+    /// Write payload bytes held across all connections at once; at least
+    /// [`MAX_PAYLOAD`]. A client past it waits for room.
+    pub max_payload_memory: u64,
 }
 
 impl Default for Config {
@@ -76,6 +96,7 @@ impl Default for Config {
             tls: None,
             handshake_timeout: Duration::from_secs(30),
             max_connections: 256,
+            max_payload_memory: DEFAULT_PAYLOAD_MEMORY,
         }
     }
 }
@@ -84,6 +105,8 @@ pub struct Server {
     exports: BTreeMap<String, Arc<Export>>,
     config: Config,
     active: AtomicUsize,
+    /// Room for the write payloads of every connection.
+    room: Room,
 }
 
 /// A connected client socket.
@@ -153,10 +176,58 @@ impl Write for Sock {
     }
 }
 
+/// A socket whose reads can share one deadline: each read waits only for
+/// what is left of it, so trickling bytes cannot stretch it (TLS reads the
+/// socket many times per record, hence the deadline lives down here).
+struct Timed {
+    sock: Sock,
+    deadline: Option<Instant>,
+}
+
+impl Timed {
+    fn new(sock: Sock) -> Timed {
+        Timed {
+            sock,
+            deadline: None,
+        }
+    }
+
+    /// Sets or clears the deadline; clearing leaves reads without a timeout.
+    fn set_deadline(&mut self, d: Option<Instant>) -> io::Result<()> {
+        self.deadline = d;
+        if d.is_none() {
+            self.sock.set_read_timeout(None)?;
+        }
+        Ok(())
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.sock.set_read_timeout(Some(left))?;
+        }
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The byte stream of a session: the socket, or TLS over it after STARTTLS.
 enum Conn {
-    Plain(Sock),
-    Tls(Box<StreamOwned<ServerConnection, Sock>>),
+    Plain(Timed),
+    Tls(Box<StreamOwned<ServerConnection, Timed>>),
     /// Only while switching to TLS.
     Gone,
 }
@@ -164,8 +235,16 @@ enum Conn {
 impl Conn {
     fn sock(&self) -> Option<&Sock> {
         match self {
+            Conn::Plain(s) => Some(&s.sock),
+            Conn::Tls(t) => Some(&t.sock.sock),
+            Conn::Gone => None,
+        }
+    }
+
+    fn timed(&mut self) -> Option<&mut Timed> {
+        match self {
             Conn::Plain(s) => Some(s),
-            Conn::Tls(t) => Some(&t.sock),
+            Conn::Tls(t) => Some(&mut t.sock),
             Conn::Gone => None,
         }
     }
@@ -241,9 +320,15 @@ impl Server {
                 .into_iter()
                 .map(|e| (e.name.clone(), Arc::new(e)))
                 .collect(),
+            room: Room::new(config.max_payload_memory.max(MAX_PAYLOAD.into())),
             config,
             active: AtomicUsize::new(0),
         })
+    }
+
+    /// Write payload bytes held right now, across all connections.
+    pub fn payload_bytes_held(&self) -> u64 {
+        self.room.used()
     }
 
     pub fn exports(&self) -> impl Iterator<Item = &Export> {
@@ -322,7 +407,7 @@ impl Server {
         let _ = sock.set_write_timeout(Some(WRITE_TIMEOUT));
         let mut s = Session {
             server: self,
-            conn: Conn::Plain(sock),
+            conn: Conn::Plain(Timed::new(sock)),
             no_zeroes: false,
             structured: false,
             tls: false,
@@ -572,7 +657,7 @@ impl Session<'_> {
         let tls = ServerConnection::new(cfg).map_err(|e| Stop(format!("TLS: {e}")))?;
         let mut stream = StreamOwned::new(tls, sock);
         while stream.conn.is_handshaking() {
-            stream.sock.set_read_timeout(Some(self.time_left()?))?;
+            stream.sock.sock.set_read_timeout(Some(self.time_left()?))?;
             stream
                 .conn
                 .complete_io(&mut stream.sock)
@@ -685,15 +770,18 @@ impl Session<'_> {
     fn transmission(&mut self, export: &Export) -> Step<()> {
         // Idle clients are normal once connected (a VM with a quiet disk).
         self.conn.set_read_timeout(None)?;
+        let peer = self.conn.sock().map(Sock::peer).unwrap_or_default();
         let ctx = Ctx {
             export,
             structured: self.structured,
             meta: self.meta.as_deref() == Some(export.name.as_str()),
+            room: &self.server.room,
+            timeout: self.server.config.handshake_timeout,
+            peer: &peer,
         };
-        let timeout = self.server.config.handshake_timeout;
         match std::mem::replace(&mut self.conn, Conn::Gone) {
             Conn::Plain(sock) => {
-                let r = concurrent(&ctx, &sock, timeout);
+                let r = concurrent(&ctx, &sock.sock);
                 self.conn = Conn::Plain(sock);
                 r
             }
@@ -701,20 +789,20 @@ impl Session<'_> {
             // half, so TLS sessions answer one request at a time.
             conn => {
                 self.conn = conn;
-                self.serial(&ctx, timeout)
+                self.serial(&ctx)
             }
         }
     }
 
-    fn serial(&mut self, ctx: &Ctx, timeout: Duration) -> Step<()> {
+    fn serial(&mut self, ctx: &Ctx) -> Step<()> {
         let mut out = Vec::new();
         loop {
-            let Some(job) = next_request(&mut self.conn, ctx, timeout, &mut out, &mut |_| {})?
-            else {
+            let Some(job) = next_request(&mut self.conn, ctx, &mut out, &mut |_| {})? else {
                 return Ok(());
             };
             out.clear();
-            answer(ctx, &job.req, &job.payload, &mut out);
+            answer(ctx, &job.req, &job.payload.pieces, &mut out);
+            drop(job);
             self.send(&out)?;
         }
     }
@@ -726,12 +814,24 @@ struct Ctx<'a> {
     structured: bool,
     /// `base:allocation` was selected for this export.
     meta: bool,
+    /// Where write payloads take their memory from.
+    room: &'a Room,
+    /// The handshake timeout, the base of each payload's deadline.
+    timeout: Duration,
+    peer: &'a str,
+}
+
+/// A write payload in pieces of at most [`PIECE`] bytes, with the room
+/// they hold (given back when it is dropped).
+struct Payload<'a> {
+    pieces: Vec<Vec<u8>>,
+    _grant: Option<super::room::Grant<'a>>,
 }
 
 /// A request read off the wire, with its write payload.
-struct Job {
+struct Job<'a> {
     req: Request,
-    payload: Vec<u8>,
+    payload: Payload<'a>,
     /// Bytes of [`BUDGET`] it holds until answered.
     cost: u64,
 }
@@ -769,13 +869,12 @@ impl Budget {
 /// Reads the next request and its payload. `None` is a clean end (EOF or
 /// `NBD_CMD_DISC`); an oversize write is answered (bytes left in `out`,
 /// already sent by the caller's stream) and ends the session.
-fn next_request<S: Read + Write + ReadTimeout>(
+fn next_request<'a, S: Read + Write + Deadline>(
     conn: &mut S,
-    ctx: &Ctx,
-    timeout: Duration,
+    ctx: &Ctx<'a>,
     out: &mut Vec<u8>,
     reserve: &mut dyn FnMut(u64),
-) -> Step<Option<Job>> {
+) -> Step<Option<Job<'a>>> {
     let mut hb = [0u8; REQUEST_LEN];
     match conn.read_exact(&mut hb) {
         Ok(()) => {}
@@ -792,7 +891,10 @@ fn next_request<S: Read + Write + ReadTimeout>(
         _ => 0,
     };
     reserve(cost);
-    let mut payload = Vec::new();
+    let mut payload = Payload {
+        pieces: Vec::new(),
+        _grant: None,
+    };
     if req.command == CMD_WRITE {
         if req.len > MAX_PAYLOAD {
             // The payload is not read: the stream cannot be trusted past it.
@@ -806,28 +908,81 @@ fn next_request<S: Read + Write + ReadTimeout>(
             conn.flush()?;
             return Err(Stop(msg));
         }
-        payload.resize(req.len as usize, 0);
-        conn.read_timeout(Some(timeout))?;
-        conn.read_exact(&mut payload)?;
-        conn.read_timeout(None)?;
+        payload = read_payload(conn, ctx, req.len.into())?;
     }
     Ok(Some(Job { req, payload, cost }))
 }
 
-/// Setting the read timeout of whatever stream a session reads from.
-trait ReadTimeout {
-    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
-}
-
-impl ReadTimeout for Conn {
-    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
+/// Reads a write payload of `len` bytes, taking room for each piece just
+/// before reading it. The whole payload must arrive within
+/// [`payload_time`]; time spent waiting for room is the server's, not the
+/// client's, and moves the deadline.
+fn read_payload<'a, S: Read + Deadline>(
+    conn: &mut S,
+    ctx: &Ctx<'a>,
+    len: u64,
+) -> Step<Payload<'a>> {
+    let mut payload = Payload {
+        pieces: Vec::new(),
+        _grant: None,
+    };
+    if len == 0 {
+        return Ok(payload);
     }
+    let allowed = payload_time(ctx.timeout, len);
+    let mut deadline = Instant::now() + allowed;
+    let grant = payload._grant.insert(ctx.room.start(len));
+    let mut got = 0;
+    while got < len {
+        let n = (len - got).min(PIECE);
+        let asked = Instant::now();
+        if grant.grow(n) {
+            deadline += asked.elapsed();
+        }
+        conn.set_deadline(Some(deadline))?;
+        let mut piece = vec![0u8; n as usize];
+        let r = conn.read_exact(&mut piece);
+        conn.set_deadline(None)?;
+        match r {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                ) =>
+            {
+                let why = format!(
+                    "dropped: write payload of {len} bytes not received within {:.1} s \
+                     ({got} bytes came)",
+                    allowed.as_secs_f64()
+                );
+                warn!("{}: {why}", ctx.peer);
+                return Err(Stop(why));
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(Stop(format!(
+                    "the client left during a write payload ({got} of {len} bytes came)"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        got += n;
+        payload.pieces.push(piece);
+    }
+    Ok(payload)
 }
 
-impl ReadTimeout for Sock {
-    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
+/// Setting the read deadline of whatever stream a session reads from.
+trait Deadline {
+    fn set_deadline(&mut self, d: Option<Instant>) -> io::Result<()>;
+}
+
+impl Deadline for Conn {
+    fn set_deadline(&mut self, d: Option<Instant>) -> io::Result<()> {
+        match self.timed() {
+            Some(t) => t.set_deadline(d),
+            None => Ok(()),
+        }
     }
 }
 
@@ -837,8 +992,8 @@ impl ReadTimeout for Sock {
 /// (NBD matches them by handle). On `NBD_CMD_DISC`, EOF or a read error the
 /// requests already read are still answered before the session ends; a
 /// failed reply write shuts the socket, which ends the reading too.
-fn concurrent(ctx: &Ctx, sock: &Sock, timeout: Duration) -> Step<()> {
-    let mut reader = sock.try_clone()?;
+fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
+    let mut reader = Timed::new(sock.try_clone()?);
     let writer = std::sync::Mutex::new(sock.try_clone()?);
     let broken: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
     let budget = Budget {
@@ -858,9 +1013,15 @@ fn concurrent(ctx: &Ctx, sock: &Sock, timeout: Duration) -> Step<()> {
                     // disk calls) so the reader never waits on the budget forever.
                     for job in rx {
                         let dead = broken.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                        let Job { req, payload, cost } = job;
                         if !dead {
                             out.clear();
-                            answer(ctx, &job.req, &job.payload, &mut out);
+                            answer(ctx, &req, &payload.pieces, &mut out);
+                        }
+                        // Its room is needed by other clients more than by
+                        // this reply.
+                        drop(payload);
+                        if !dead {
                             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
                             if let Err(e) = w.write_all(&out) {
                                 w.shutdown();
@@ -868,8 +1029,6 @@ fn concurrent(ctx: &Ctx, sock: &Sock, timeout: Duration) -> Step<()> {
                                 b.get_or_insert_with(|| e.to_string());
                             }
                         }
-                        let cost = job.cost;
-                        drop(job);
                         // A big read's buffer is not kept past its reply.
                         if out.capacity() > 256 * 1024 {
                             out = Vec::new();
@@ -889,7 +1048,6 @@ fn concurrent(ctx: &Ctx, sock: &Sock, timeout: Duration) -> Step<()> {
             let job = match next_request(
                 &mut WriteVia(&mut reader, &writer),
                 ctx,
-                timeout,
                 &mut out,
                 &mut |n| budget.take(n),
             ) {
@@ -912,7 +1070,7 @@ fn concurrent(ctx: &Ctx, sock: &Sock, timeout: Duration) -> Step<()> {
 
 /// Reads from the reader half, writes (rare: the oversize-write error)
 /// through the shared writer lock.
-struct WriteVia<'a>(&'a mut Sock, &'a std::sync::Mutex<Sock>);
+struct WriteVia<'a>(&'a mut Timed, &'a std::sync::Mutex<Sock>);
 
 impl Read for WriteVia<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -935,9 +1093,9 @@ impl Write for WriteVia<'_> {
     }
 }
 
-impl ReadTimeout for WriteVia<'_> {
-    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.0.set_read_timeout(t)
+impl Deadline for WriteVia<'_> {
+    fn set_deadline(&mut self, d: Option<Instant>) -> io::Result<()> {
+        self.0.set_deadline(d)
     }
 }
 
@@ -950,8 +1108,9 @@ fn fail(ctx: &Ctx, req: &Request, error: u32, message: &str, out: &mut Vec<u8>) 
     }
 }
 
-/// Does what `req` asks and appends its whole reply to `out`.
-fn answer(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
+/// Does what `req` asks and appends its whole reply to `out`; a write's
+/// payload comes in pieces, written in order.
+fn answer(ctx: &Ctx, req: &Request, payload: &[Vec<u8>], out: &mut Vec<u8>) {
     let export = ctx.export;
     let allowed = match req.command {
         CMD_READ if ctx.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
@@ -998,7 +1157,12 @@ fn answer(ctx: &Ctx, req: &Request, payload: &[u8], out: &mut Vec<u8>) {
     let done = match req.command {
         CMD_READ => return read(ctx, disk, req, out),
         CMD_BLOCK_STATUS => return block_status(ctx, req, out),
-        CMD_WRITE => disk.write_at(&payload[..req.len as usize], req.offset),
+        CMD_WRITE => payload
+            .iter()
+            .try_fold(req.offset, |at, piece| {
+                disk.write_at(piece, at).map(|()| at + piece.len() as u64)
+            })
+            .map(|_| ()),
         CMD_TRIM => disk.discard(req.offset, req.len.into()),
         CMD_WRITE_ZEROES => {
             let r = disk.write_zeroes(req.offset, req.len.into());
