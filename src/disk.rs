@@ -12,7 +12,9 @@
 //!   [`Error::ReadOnly`] or [`Error::WritesRefused`] and never touches its
 //!   file.
 
+use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -100,6 +102,14 @@ pub trait Disk: Send + Sync {
     fn allocated_bytes(&self) -> Result<u64>;
     /// Counters for `asiffs stats`.
     fn stats(&self) -> serde_json::Value;
+    /// The file whose bytes are the disk's, byte for byte, when there is
+    /// one: a transport may then hand reads and writes to the kernel
+    /// (FUSE passthrough). From the first call on, the disk takes its
+    /// size from the file and syncs it at every flush, since writes may
+    /// have bypassed it.
+    fn passthrough_file(&self) -> Option<Arc<File>> {
+        None
+    }
     /// The ASIF translator underneath, for paths that are faster with it
     /// (the mount's asynchronous reads).
     fn as_asif(&self) -> Option<&Image> {

@@ -135,6 +135,8 @@ struct Opts {
     cache: crate::CacheMode,
     /// `password-file=`: unlocks every encrypted image of SOURCE.
     password_file: Option<PathBuf>,
+    /// `passthrough=on|off`: raw disks' I/O handed to the kernel.
+    passthrough: bool,
 }
 
 fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
@@ -147,6 +149,7 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
         // fifth, and nothing cached twice.
         cache: crate::CacheMode::None,
         password_file: None,
+        passthrough: true,
     };
     let mut fsname = false;
     let mut subtype = false;
@@ -202,6 +205,19 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
             x if x.starts_with("cache=") => {
                 return Err(Error::Invalid(format!(
                     "bad mount option {x:?}: cache= takes none or writeback"
+                )));
+            }
+            "passthrough=on" => {
+                o.passthrough = true;
+                continue;
+            }
+            "passthrough=off" => {
+                o.passthrough = false;
+                continue;
+            }
+            x if x.starts_with("passthrough=") => {
+                return Err(Error::Invalid(format!(
+                    "bad mount option {x:?}: passthrough= takes on or off"
                 )));
             }
             x if x.starts_with("password-file=") => {
@@ -449,7 +465,7 @@ fn serve(
         "blocking"
     };
     let vol = Arc::new(Volume::new(ns.clone(), ring, direct_io, root_md));
-    let fs = AsifFs::new(vol, pool.clone());
+    let fs = AsifFs::new(vol, pool.clone(), opts.passthrough);
     let mut config = Config::default();
     config.mount_options = opts.mount.clone();
     config.acl = opts.acl;

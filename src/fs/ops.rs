@@ -4,18 +4,21 @@
 //! where a request runs: on fuser's thread, the worker pool, or (ASIF with
 //! io_uring) submitted so the ring's thread replies.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use tracing::debug;
+use parking_lot::Mutex;
+use tracing::{debug, info, warn};
 
 use super::pool::Pool;
 use super::volume::{Attr, Kind, Opened, SetAttr, SetTime, Volume};
@@ -30,7 +33,26 @@ pub(crate) const MAX_WRITE: u32 = 1 << 20;
 pub(crate) struct AsifFs {
     vol: Arc<Volume>,
     pool: Option<Arc<Pool>>,
+    passthrough: Passthrough,
 }
+
+/// FUSE passthrough: a disk that is its file byte for byte has its reads
+/// and writes handed to the kernel, which does them on the file itself.
+#[derive(Default)]
+struct Passthrough {
+    /// `-o passthrough=off` clears it.
+    wanted: bool,
+    /// The kernel took the capability at init, and no open has failed.
+    on: AtomicBool,
+    /// The backing registration of each open passthrough handle, by the
+    /// key in its file handle; dropped (unregistered) at release.
+    backing: Mutex<HashMap<u64, BackingId>>,
+    next: AtomicU64,
+}
+
+/// Bits of a file handle above this carry the passthrough key; the low
+/// bit is the volume's write flag.
+const KEY_SHIFT: u32 = 1;
 
 fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
@@ -126,8 +148,15 @@ fn xattr_reply(reply: ReplyXattr, size: u32, value: &[u8]) {
 }
 
 impl AsifFs {
-    pub fn new(vol: Arc<Volume>, pool: Option<Arc<Pool>>) -> AsifFs {
-        AsifFs { vol, pool }
+    pub fn new(vol: Arc<Volume>, pool: Option<Arc<Pool>>, passthrough: bool) -> AsifFs {
+        AsifFs {
+            vol,
+            pool,
+            passthrough: Passthrough {
+                wanted: passthrough,
+                ..Passthrough::default()
+            },
+        }
     }
 
     /// Runs `f` on the worker pool, or right here with fuser's own threads.
@@ -166,6 +195,17 @@ impl Filesystem for AsifFs {
             if config.add_capabilities(cap).is_err() {
                 debug!("kernel lacks {cap:?}");
             }
+        }
+        if self.passthrough.wanted {
+            // Depth 1: the images' files are on an ordinary file system.
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if ok {
+                info!("FUSE passthrough on for raw disks");
+            } else {
+                info!("FUSE passthrough off: the kernel does not offer it");
+            }
+            self.passthrough.on.store(ok, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -267,9 +307,35 @@ impl Filesystem for AsifFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.vol.open(ino.0, flags.0) {
-            Ok(o) => reply.opened(FileHandle(o.fh), fopen_flags(o)),
-            Err(e) => reply.error(errno(e)),
+        let o = match self.vol.open(ino.0, flags.0) {
+            Ok(o) => o,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let file = if self.passthrough.on.load(Ordering::Relaxed) {
+            self.vol.passthrough_file(ino.0)
+        } else {
+            None
+        };
+        let Some(file) = file else {
+            return reply.opened(FileHandle(o.fh), fopen_flags(o));
+        };
+        match reply.open_backing(&*file) {
+            Ok(id) => {
+                let key = self.passthrough.next.fetch_add(1, Ordering::Relaxed) + 1;
+                let fh = o.fh | (key << KEY_SHIFT);
+                // Registered before the reply, so a release cannot miss it.
+                let mut backing = self.passthrough.backing.lock();
+                let id = backing.entry(key).or_insert(id);
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+            }
+            Err(e) => {
+                // One refusal (no CAP_SYS_ADMIN, a stacked file system)
+                // turns it off for the mount: mixing modes on an inode fails.
+                if self.passthrough.on.swap(false, Ordering::Relaxed) {
+                    warn!("FUSE passthrough off: registering a backing file failed: {e}");
+                }
+                reply.opened(FileHandle(o.fh), fopen_flags(o));
+            }
         }
     }
 
@@ -346,12 +412,16 @@ impl Filesystem for AsifFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let key = fh.0 >> KEY_SHIFT;
+        if key != 0 {
+            self.passthrough.backing.lock().remove(&key);
+        }
         self.vol.release(ino.0);
         reply.ok();
     }

@@ -437,6 +437,12 @@ impl Volume {
         })
     }
 
+    /// The file to hand the kernel for passthrough, when the node's disk
+    /// is its file byte for byte.
+    pub fn passthrough_file(&self, ino: u64) -> Option<Arc<std::fs::File>> {
+        self.node(ino).ok()?.disk.passthrough_file()
+    }
+
     pub fn release(&self, ino: u64) {
         if let Some(node) = self.ns.get(ino) {
             self.ns.release(&node);

@@ -10,8 +10,12 @@
 //!   decides, see [`Storage::punch`]); either way the range reads as zeros;
 //! - SEEK_DATA/SEEK_HOLE and `extents` are the container's holes;
 //! - a flush is the container's sync, which covers every completed write,
-//!   punch and length change.
+//!   punch and length change;
+//! - once its file is handed out for passthrough, writes may reach the file
+//!   without passing here (and may grow it): the size is then the file's
+//!   length, read at each use, and every flush syncs.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,6 +47,10 @@ pub struct RawDisk {
     writable: bool,
     dirty: AtomicBool,
     counters: IoCounters,
+    /// The container, when the disk is a plain file (not decrypted).
+    file: Option<Arc<File>>,
+    /// Set once `file` is handed out: the kernel may write it directly.
+    bypassed: AtomicBool,
 }
 
 impl RawDisk {
@@ -52,7 +60,13 @@ impl RawDisk {
         let path = path.as_ref();
         // The store keeps the locked descriptor for the disk's lifetime.
         let storage = open_container(path, opts)?;
-        Self::from_storage(path, Format::Udrw, Arc::new(storage), opts.writable)
+        let file = storage
+            .file()
+            .try_clone()
+            .map_err(|e| Error::io(path.display().to_string(), e))?;
+        let mut disk = Self::from_storage(path, Format::Udrw, Arc::new(storage), opts.writable)?;
+        disk.file = Some(Arc::new(file));
+        Ok(disk)
     }
 
     /// A raw disk on any [`Storage`] (a decrypted container, tests).
@@ -73,6 +87,8 @@ impl RawDisk {
             writable,
             dirty: AtomicBool::new(false),
             counters: IoCounters::default(),
+            file: None,
+            bypassed: AtomicBool::new(false),
         })
     }
 
@@ -88,6 +104,15 @@ impl RawDisk {
         }
     }
 
+    /// The size under the resize lock: the file's length once the kernel
+    /// may have written it directly.
+    fn current(&self, cached: u64) -> Result<u64> {
+        if !self.bypassed.load(Ordering::Acquire) {
+            return Ok(cached);
+        }
+        self.storage.len().map_err(|e| self.io("stat", e))
+    }
+
     fn in_range(size: u64, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
@@ -99,7 +124,7 @@ impl RawDisk {
     fn punch(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         let size = self.size.read();
-        let end = offset.saturating_add(len).min(*size);
+        let end = offset.saturating_add(len).min(self.current(*size)?);
         if offset >= end {
             return Ok(());
         }
@@ -120,7 +145,8 @@ impl Disk for RawDisk {
         &self.path
     }
     fn size(&self) -> u64 {
-        *self.size.read()
+        let cached = *self.size.read();
+        self.current(cached).unwrap_or(cached)
     }
     fn max_size(&self) -> u64 {
         MAX_SIZE.max(self.size())
@@ -131,7 +157,7 @@ impl Disk for RawDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let size = self.size.read();
-        Self::in_range(*size, offset, buf.len() as u64)?;
+        Self::in_range(self.current(*size)?, offset, buf.len() as u64)?;
         self.storage
             .read_data(buf, offset)
             .map_err(|e| self.io("reading", e))?;
@@ -142,7 +168,7 @@ impl Disk for RawDisk {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
         let size = self.size.read();
-        Self::in_range(*size, offset, buf.len() as u64)?;
+        Self::in_range(self.current(*size)?, offset, buf.len() as u64)?;
         self.storage
             .write_data(buf, offset)
             .map_err(|e| self.io("writing", e))?;
@@ -164,7 +190,7 @@ impl Disk for RawDisk {
     fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         let size = self.size.read();
-        Self::in_range(*size, offset, len)?;
+        Self::in_range(self.current(*size)?, offset, len)?;
         self.storage
             .reserve(offset, len)
             .map_err(|e| self.io("allocating", e))?;
@@ -176,7 +202,8 @@ impl Disk for RawDisk {
         if !self.writable {
             return Ok(());
         }
-        if self.dirty.swap(false, Ordering::AcqRel) {
+        let dirty = self.dirty.swap(false, Ordering::AcqRel);
+        if dirty || self.bypassed.load(Ordering::Acquire) {
             if let Err(e) = self.storage.sync() {
                 self.dirty.store(true, Ordering::Release);
                 return Err(self.io("syncing", e));
@@ -209,7 +236,7 @@ impl Disk for RawDisk {
     }
 
     fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
-        let size = *self.size.read();
+        let size = self.size();
         if offset >= size {
             return Ok(None);
         }
@@ -221,7 +248,7 @@ impl Disk for RawDisk {
     }
 
     fn seek_hole(&self, offset: u64) -> Result<u64> {
-        let size = *self.size.read();
+        let size = self.size();
         if offset >= size {
             return Err(Error::OutOfRange {
                 offset,
@@ -237,7 +264,7 @@ impl Disk for RawDisk {
     }
 
     fn extents(&self) -> Result<Vec<Extent>> {
-        let size = *self.size.read();
+        let size = self.size();
         let mut out = Vec::new();
         let mut at = 0;
         while at < size {
@@ -278,7 +305,15 @@ impl Disk for RawDisk {
     }
 
     fn stats(&self) -> serde_json::Value {
-        serde_json::to_value(self.counters.snapshot()).unwrap_or_default()
+        let mut v = serde_json::to_value(self.counters.snapshot()).unwrap_or_default();
+        v["passthrough"] = self.bypassed.load(Ordering::Relaxed).into();
+        v
+    }
+
+    fn passthrough_file(&self) -> Option<Arc<File>> {
+        let file = self.file.clone()?;
+        self.bypassed.store(true, Ordering::Release);
+        Some(file)
     }
 }
 
