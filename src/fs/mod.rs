@@ -86,10 +86,13 @@ pub struct MountArgs {
     pub foreground: bool,
     /// Mount options, comma separated (ro, allow_other, allow_root,
     /// default_permissions, auto_unmount, nodev, nosuid, noexec, noatime,
-    /// fsname=, subtype=, direct_io, cache=none|writeback; others go to the
-    /// kernel as they are). cache=none (the default) reads and writes guest
-    /// data with O_DIRECT on the container, as QEMU's cache.direct=on;
-    /// cache=writeback goes through the host page cache.
+    /// fsname=, subtype=, direct_io, cache=none|writeback,
+    /// passthrough=on|off, password-file=PATH; others go to the kernel as
+    /// they are). cache=none (the default) reads and writes guest data with
+    /// O_DIRECT on the container, as QEMU's cache.direct=on;
+    /// cache=writeback goes through the host page cache. passthrough=on
+    /// (the default) hands a raw disk's reads and writes to the kernel.
+    /// password-file= unlocks the encrypted images.
     #[arg(short = 'o', value_name = "OPTS", value_delimiter = ',', action = clap::ArgAction::Append)]
     pub options: Vec<String>,
     /// Index cache size per image, in chunk-groups.
