@@ -69,10 +69,14 @@ mv esrc/HFS+-UDZO-password-data.dmg esrc/udzo-other-password.dmg
 cp src/udrw.dmg esrc/plain.dmg
 printf 'vilefault\n' >pw
 chmod 600 pw
+# Images we encrypt ourselves, with the same password.
+"$ASIFFS" create esrc/new.dmg --size 8M --encryption aes-256 --password-file pw >/dev/null
+"$ASIFFS" create esrc/newsp.sparseimage --size 8M --encryption aes-128 --password-file pw >/dev/null
+"$ASIFFS" create esrc/newsb.sparsebundle --size 16M --band-size 4M --encryption aes-256 --password-file pw >/dev/null
 "$ASIFFS" mount esrc emnt -o password-file="$TESTDIR/pw" --log "$TESTDIR/emount.log" 2>emount.err \
     || fail "encrypted mount: $(cat emount.err)"
 mountpoint -q emnt || fail "encrypted mount did not appear"
-assert_eq "eraw.img esb.img esp.img ev1.img plain.img" "$(ls emnt | LC_ALL=C sort | tr '\n' ' ' | sed 's/ $//')" \
+assert_eq "eraw.img esb.img esp.img ev1.img new.img newsb.img newsp.img plain.img" "$(ls emnt | LC_ALL=C sort | tr '\n' ' ' | sed 's/ $//')" \
     "names in the encrypted mount (the image with another password skipped)"
 grep -q "udzo-other-password.dmg: skipped: .*wrong password" emount.err \
     || fail "the image with another password was not skipped with the reason: $(cat emount.err)"
@@ -84,7 +88,7 @@ echo "PASS encrypted UDRW, sparse image and bundle read as hdiutil's disks; anot
 
 # Writes through the mount: plaintext in the mount, none in the containers.
 python3 -c 'import sys; sys.stdout.buffer.write((b"ENCRYPTED-MOUNT-SECRET-" * 1500)[:30000])' >secret
-for n in eraw esp esb; do
+for n in eraw esp esb new newsp newsb; do
     cp "emnt/$n.img" "model-$n.raw"
     dd if=secret of="emnt/$n.img" bs=1 seek=1234 conv=notrunc,fsync status=none
     dd if=secret of="model-$n.raw" bs=1 seek=1234 conv=notrunc status=none
@@ -97,16 +101,16 @@ if printf 'x' | dd of=emnt/ev1.img bs=1 seek=0 conv=notrunc status=none 2>ev1.er
 fi
 grep -q "Read-only file system" ev1.err || fail "ev1.img write: $(cat ev1.err)"
 "$ASIFFS" umount emnt || fail "umount"
-for c in esrc/eraw.dmg esrc/esp.sparseimage esrc/esb.sparsebundle; do
+for c in esrc/eraw.dmg esrc/esp.sparseimage esrc/esb.sparsebundle esrc/new.dmg esrc/newsp.sparseimage esrc/newsb.sparsebundle; do
     grep -rq "ENCRYPTED-MOUNT-SECRET" "$c" && fail "plaintext found in $c"
 done
 "$ASIFFS" mount esrc emnt -o password-file="$TESTDIR/pw" --log "$TESTDIR/emount2.log" 2>emount2.err \
     || fail "encrypted remount: $(cat emount2.err)"
-for n in eraw esp esb; do
+for n in eraw esp esb new newsp newsb; do
     cmp "emnt/$n.img" "model-$n.raw" || fail "$n.img after the remount differs from the model"
 done
 "$ASIFFS" umount emnt || fail "umount"
-echo "PASS writes and punches through the mount to encrypted images survive a remount; no plaintext in the containers; v1 is read-only"
+echo "PASS writes and punches through the mount to encrypted images (hdiutil's and ours) survive a remount; no plaintext in the containers; v1 is read-only"
 
 # --- the same encrypted images over NBD: serve -o password-file= ----------
 SOCK="$TESTDIR/enc.sock"
