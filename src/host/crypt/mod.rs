@@ -89,8 +89,9 @@
 //! size is in `Info.plist`) and the bands hold the blocks. The one bundle
 //! vector has a single band, so it cannot tell whether block numbers
 //! restart in each band or count from the start of the disk: both read
-//! `bands/0` as blocks 0, 1, ... (checked in `tests/crypt.rs`). See
-//! [`Unlocked::decrypt_blocks`] for what a bundle wrapper needs.
+//! `bands/0` as blocks 0, 1, ... (checked in `tests/crypt.rs`). asiffs
+//! counts them from the start of the disk, so that `token` followed by the
+//! bands is laid out as a version-2 `.dmg` (`src/udsb/crypt.rs`).
 
 pub mod cipher;
 pub mod header_v2;
