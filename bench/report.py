@@ -434,7 +434,7 @@ def main():
         title = (f"{how[mode]}; native direct={st['native_direct']}, asiffs cache={st['asiffs_cache']} "
                  f"(asiffs stats: {seen}), udrw (.dmg, passthrough) as asiffs, "
                  f"nbd (asiffs serve) cache={st['nbd_cache']}, "
-                 f"qsd cache.direct={st['qsd_cache_direct']}; fio opens asiffs and qsd files direct=1 "
+                 f"qsd cache.direct={st['qsd_cache_direct']}; fio opens asiffs, udrw and qsd files direct=1 "
                  f"(bufwrite/bufread: direct=0 there), nbd through fio's nbd engine (libnbd, "
                  f"no client cache; psync jobs run at iodepth 1). median (min-max) over runs; "
                  f"ratios are per-run pairs")
