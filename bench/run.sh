@@ -562,7 +562,7 @@ PY
 # udrw_stats REP MODE AT: was the .dmg served by FUSE passthrough?  `asiffs stats`
 # says so (passthrough), and reads counts the reads that reached the daemon.
 udrw_stats() {
-    local out=$RAW/rep$1/udrw-stats.$2.$3.json pt reads
+    local out=$RAW/rep$1/udrw-stats.$2.$3.json pt=null reads=null
     mkdir -p "$RAW/rep$1"
     if ! timeout 10 "$ASIFFS" stats "$T_UDRW/mnt" bench > "$out" 2>>"$LOGS/asiffs-stats.log"; then
         warn "asiffs stats of the udrw mount failed (see $LOGS/asiffs-stats.log)"
