@@ -12,8 +12,9 @@ import os
 import statistics
 import sys
 
-TARGETS = ["native", "asiffs", "nbd", "qsd"]
-DAEMONS = ["asiffs", "nbd", "qsd"]   # targets with a server process whose CPU is counted
+# udrw: a raw .dmg on an asiffs mount, served through FUSE passthrough
+TARGETS = ["native", "asiffs", "udrw", "nbd", "qsd"]
+DAEMONS = ["asiffs", "udrw", "nbd", "qsd"]   # targets with a server process whose CPU is counted
 MODES = ["cold", "warm"]
 
 # table rows: (job, figure, unit, description); "higher" unless the unit is a latency
@@ -49,6 +50,10 @@ NBD_CHECKS = [
     ("cold", "randread", "iops", ">", 1.0),
     ("cold", "randwrite", "iops", ">", 1.0),
 ]
+
+# udrw/native, in every job of every mode run (the job's throughput figure):
+# passthrough leaves the kernel alone with the .dmg, so it should be native's
+UDRW_MIN = 0.95
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -175,6 +180,7 @@ def main():
             for t in TARGETS:
                 e[t] = spread([x[fig] for x in per.get((mode, job, t), {}).values()])
             e["asiffs_vs_native"] = paired(mode, job, fig, "asiffs", "native")
+            e["udrw_vs_native"] = paired(mode, job, fig, "udrw", "native")
             e["asiffs_vs_qsd"] = paired(mode, job, fig, "asiffs", "qsd")
             e["nbd_vs_native"] = paired(mode, job, fig, "nbd", "native")
             e["nbd_vs_asiffs"] = paired(mode, job, fig, "nbd", "asiffs")
@@ -229,6 +235,8 @@ def main():
     rss = [r["vmhwm_kib"] for r in rows if r["kind"] == "rss" and r["vmhwm_kib"] is not None]
     rss_qsd = [r["vmhwm_kib"] for r in rows if r["kind"] == "rss_qsd" and r["vmhwm_kib"] is not None]
     rss_nbd = [r["vmhwm_kib"] for r in rows if r["kind"] == "rss_nbd" and r["vmhwm_kib"] is not None]
+    rss_udrw = [r["vmhwm_kib"] for r in rows if r["kind"] == "rss_udrw" and r["vmhwm_kib"] is not None]
+    udrw_rss_mib = max(rss_udrw) / 1024 if rss_udrw else None
     nbd_rss_mib = max(rss_nbd) / 1024 if rss_nbd else None
     peak_rss_mib = max(rss) / 1024 if rss else None
     qsd_rss_mib = max(rss_qsd) / 1024 if rss_qsd else None
@@ -292,6 +300,17 @@ def main():
     for mode, m in modes.items():
         m["settings"]["asiffs_cache_seen"] = sorted(cache_seen.get(mode, []))
 
+    # ---- was udrw served by passthrough?  (`asiffs stats` after the fill and at each mode's end)
+    udrw_seen = [{k: r.get(k) for k in ("rep", "mode", "at", "passthrough", "reads")}
+                 for r in rows if r["kind"] == "udrw_stats"]
+    udrw_pt = None
+    if udrw_seen:
+        pts = [x["passthrough"] for x in udrw_seen]
+        udrw_pt = {"passthrough": (True if all(v is True for v in pts)
+                                   else False if any(v is False for v in pts) else None),
+                   "max_reads": max((x["reads"] for x in udrw_seen if x["reads"] is not None), default=None),
+                   "samples": udrw_seen}
+
     # ---- PASS/MISS checks (on medians; the spread is shown beside)
     checks = []
 
@@ -333,6 +352,20 @@ def main():
         check(f"{mode} {job} 4k {labels[fig]} nbd/asiffs (export beats FUSE)", sp and sp["median"], op, thr,
               "x", sp, skipped(mode))
     for mode in MODES:
+        # udrw/native on each job's throughput figure; cold always listed (N/A if not run)
+        if mode in modes:
+            jobs = [(e["job"], e["figure"], e["unit"], e.get("udrw_vs_native"))
+                    for e in modes[mode]["jobs"] if e["figure"] in ("bw", "iops")]
+        elif mode == "cold":
+            first = {j: (f, u) for j, f, u, _ in reversed(ROWS)}
+            names = ["fill"] + (config.get("cold_jobs") or "").split()
+            jobs = [(j, *first[j], None) for j in names if j in first]
+        else:
+            jobs = []
+        for job, fig, unit, sp in jobs:
+            check(f"{mode} {job} {unit} udrw/native", sp and sp["median"], ">=", UDRW_MIN, "x", sp,
+                  skipped(mode))
+    for mode in MODES:
         # the worst job decides: CPU per GiB must not exceed qsd's in any of them
         worst = None
         for c in modes.get(mode, {}).get("cpu_s_per_gib", []):
@@ -360,6 +393,8 @@ def main():
         "asiffs_peak_rss_mib": peak_rss_mib,
         "qsd_peak_rss_mib": qsd_rss_mib,
         "nbd_peak_rss_mib": nbd_rss_mib,
+        "udrw_peak_rss_mib": udrw_rss_mib,
+        "udrw_passthrough": udrw_pt,
         "mount_many": mount_many,
         "open_big": open_big,
         "convert": conv,
@@ -397,20 +432,21 @@ def main():
         st = m["settings"]
         seen = "/".join(st["asiffs_cache_seen"]) or "not reported"
         title = (f"{how[mode]}; native direct={st['native_direct']}, asiffs cache={st['asiffs_cache']} "
-                 f"(asiffs stats: {seen}), "
+                 f"(asiffs stats: {seen}), udrw (.dmg, passthrough) as asiffs, "
                  f"nbd (asiffs serve) cache={st['nbd_cache']}, "
-                 f"qsd cache.direct={st['qsd_cache_direct']}; fio opens asiffs and qsd files direct=1 "
+                 f"qsd cache.direct={st['qsd_cache_direct']}; fio opens asiffs, udrw and qsd files direct=1 "
                  f"(bufwrite/bufread: direct=0 there), nbd through fio's nbd engine (libnbd, "
                  f"no client cache; psync jobs run at iodepth 1). median (min-max) over runs; "
                  f"ratios are per-run pairs")
-        hdr = ["job", "unit", "native", "asiffs", "nbd", "qsd", "asiffs/native", "asiffs/qsd",
-               "nbd/native", "nbd/asiffs"]
+        hdr = ["job", "unit"] + TARGETS + ["asiffs/native", "udrw/native", "asiffs/qsd",
+                                           "nbd/native", "nbd/asiffs"]
         body = []
         for e in m["jobs"]:
             name = e["job"] if e["figure"] in ("bw", "iops") else f"{e['job']} {e['figure'].replace('_', ' ')}"
             body.append([name, e["unit"]] + [fmt_sp(e[t]) for t in TARGETS]
-                        + [fmt_sp(e[k], "ratio") for k in ("asiffs_vs_native", "asiffs_vs_qsd",
-                                                           "nbd_vs_native", "nbd_vs_asiffs")])
+                        + [fmt_sp(e[k], "ratio") for k in ("asiffs_vs_native", "udrw_vs_native",
+                                                           "asiffs_vs_qsd", "nbd_vs_native",
+                                                           "nbd_vs_asiffs")])
         sections.append((title, *render(hdr, body)))
         if m["cpu_s_per_gib"]:
             body = [[c["job"]] + [fmt_sp(c[t]) for t in DAEMONS]
@@ -439,7 +475,12 @@ def main():
            f"kernel={config.get('kernel')} nproc={config.get('nproc')}")
     extra = []
     extra.append(f"asiffs peak RSS (VmHWM, max over reps): {fmt(peak_rss_mib)} MiB"
-                 f"   (nbd serve: {fmt(nbd_rss_mib)} MiB, qsd: {fmt(qsd_rss_mib)} MiB)")
+                 f"   (udrw mount: {fmt(udrw_rss_mib)} MiB, nbd serve: {fmt(nbd_rss_mib)} MiB, "
+                 f"qsd: {fmt(qsd_rss_mib)} MiB)")
+    if udrw_pt:
+        pt = {True: "yes", False: "NO", None: "not reported"}[udrw_pt["passthrough"]]
+        extra.append(f"udrw through FUSE passthrough (asiffs stats, {len(udrw_pt['samples'])} samples): {pt}; "
+                     f"reads that reached the daemon: at most {udrw_pt['max_reads'] if udrw_pt['max_reads'] is not None else 'n/a'}")
     if mount_many:
         extra.append(f"mount {mount_many['images']} images: median {fmt(mount_many['median_ms'])} ms "
                      f"(runs: {', '.join(fmt(x) for x in mount_many['runs_ms'])})")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# asiffs benchmark harness: native file vs asiffs FUSE mount vs `asiffs serve`
+# asiffs benchmark harness: native file vs asiffs FUSE mount (ASIF, and a raw
+# UDRW .dmg served through FUSE passthrough) vs `asiffs serve`
 # (NBD over a unix socket, fio's nbd engine) vs qemu-storage-daemon (qcow2 FUSE
 # export), cold (host cache dropped) and warm, plus daemon CPU per
 # GiB, RSS / mount-1000 / open-10T / convert figures.
@@ -32,7 +33,7 @@ BIGCHUNKS=${BENCH_BIG_CHUNKS:-$d_bigchunks}  # 1 MiB chunks touched in it
 CONV=${BENCH_CONVERT_SIZE:-$d_conv}          # convert input size (~50% data)
 OPEN_RUNS=${BENCH_OPEN_RUNS:-$d_open_runs}
 MOUNT_RUNS=${BENCH_MOUNT_RUNS:-$d_mount_runs}
-TARGETS=${BENCH_TARGETS:-native asiffs nbd qsd}
+TARGETS=${BENCH_TARGETS:-native asiffs udrw nbd qsd}
 MODES=${BENCH_MODES:-cold warm}
 COLD_JOBS=${BENCH_COLD_JOBS:-seqwrite seqread randwrite randread qd1read bufwrite bufread mixed}
 WARM_JOBS=${BENCH_WARM_JOBS:-seqwrite seqread randwrite randread qd1read}
@@ -206,29 +207,33 @@ asiffs_create() {
 }
 
 # ---------------------------------------------------------------- mounts
-# asiffs: start `asiffs mount -f DIR MNT` in the background; sets ASIFFS_PID.
+# asiffs: start `asiffs mount -f DIR MNT` in the background; sets ASIFFS_PID,
+# or the variable named by PIDVAR (the udrw mount is live beside the asiffs one,
+# so each keeps its own pid).
 ASIFFS_PID=
+UDRW_PID=
 asiffs_mount() {
-    local dir=$1 mnt=$2 expect=${3:-} extra=${4:-}
+    local dir=$1 mnt=$2 expect=${3:-} extra=${4:-} pidvar=${5:-ASIFFS_PID}
     mkdir -p "$mnt"
     not_mounted "$mnt" || die "$mnt is already a mount point"
     # shellcheck disable=SC2086
     "$ASIFFS" mount -f $ASIFFS_MOUNT_OPTS $extra "$dir" "$mnt" >>"$LOGS/asiffs-mount.log" 2>&1 &
-    ASIFFS_PID=$!
-    CLEAN_PIDS+=("$ASIFFS_PID"); CLEAN_MOUNTS+=("$mnt")
+    printf -v "$pidvar" %s "$!"
+    CLEAN_PIDS+=("$!"); CLEAN_MOUNTS+=("$mnt")
     if ! wait_for 30 is_mounted "$mnt"; then
         warn "asiffs mount of $dir did not appear within 30 s (see $LOGS/asiffs-mount.log)"
-        asiffs_unmount "$mnt"
+        asiffs_unmount "$mnt" "$pidvar"
         return 1
     fi
     if [[ -n $expect ]] && ! wait_for 10 timeout -s KILL 5 test -e "$mnt/$expect"; then
         warn "asiffs mount: $mnt/$expect did not appear"
-        asiffs_unmount "$mnt"
+        asiffs_unmount "$mnt" "$pidvar"
         return 1
     fi
 }
-asiffs_unmount() {
-    local mnt=$1 pid=$ASIFFS_PID
+asiffs_unmount() { # MNT [PIDVAR]
+    local mnt=$1 pidvar=${2:-ASIFFS_PID} pid
+    pid=${!pidvar}
     if is_mounted "$mnt"; then
         timeout 30 "$ASIFFS" umount "$mnt" >/dev/null 2>&1 || fusermount3 -u "$mnt" 2>/dev/null || umount "$mnt" 2>/dev/null || true
     fi
@@ -238,7 +243,7 @@ asiffs_unmount() {
         forget_pid "$pid"
     fi
     is_mounted "$mnt" && umount -l "$mnt" 2>/dev/null
-    ASIFFS_PID=
+    printf -v "$pidvar" %s ""
     return 0
 }
 
@@ -323,8 +328,10 @@ T_NATIVE=$WORK/native
 T_ASIFFS=$WORK/asiffs
 T_QSD=$WORK/qsd
 T_NBD=$WORK/nbd
+T_UDRW=$WORK/udrw
 TFILE[native]=$T_NATIVE/bench.raw;        TCONT[native]=$T_NATIVE/bench.raw
 TFILE[asiffs]=$T_ASIFFS/mnt/bench.img;    TCONT[asiffs]=$T_ASIFFS/images/bench.asif
+TFILE[udrw]=$T_UDRW/mnt/bench.img;        TCONT[udrw]=$T_UDRW/images/bench.dmg
 TFILE[qsd]=$T_QSD/export;                 TCONT[qsd]=$T_QSD/bench.qcow2
 TFILE[nbd]="nbd+unix:///bench?socket=$T_NBD/nbd.sock"; TCONT[nbd]=$T_NBD/images/bench.asif
 
@@ -337,6 +344,11 @@ create_target() {
         mkdir -p "$T_ASIFFS/images" "$T_ASIFFS/mnt"
         rm -f "$T_ASIFFS"/images/*
         asiffs_create "${TCONT[asiffs]}" "$SIZE" || { warn "asiffs create failed"; return 1; } ;;
+    udrw)
+        # a .dmg without trailer: the disk byte for byte, which asiffs hands to FUSE passthrough
+        mkdir -p "$T_UDRW/images" "$T_UDRW/mnt"
+        rm -f "$T_UDRW"/images/*
+        asiffs_create "${TCONT[udrw]}" "$SIZE" || { warn "asiffs create (udrw .dmg) failed"; return 1; } ;;
     nbd)
         mkdir -p "$T_NBD/images"
         rm -f "$T_NBD"/images/*
@@ -403,6 +415,7 @@ serve_target() { # target mode
     case $1 in
     native) ;;
     asiffs) asiffs_mount "$T_ASIFFS/images" "$T_ASIFFS/mnt" bench.img "$(asiffs_cache_args "$2")" ;;
+    udrw)   asiffs_mount "$T_UDRW/images" "$T_UDRW/mnt" bench.img "$(asiffs_cache_args "$2")" UDRW_PID ;;
     qsd)    qsd_start "${TCONT[qsd]}" "${TFILE[qsd]}" "$(qsd_direct "$2")" ;;
     nbd)    nbd_start "$T_NBD/images" "$T_NBD/nbd.sock" "$(nbd_cache_args "$2")" ;;
     esac
@@ -411,12 +424,13 @@ unserve_target() {
     case $1 in
     native) ;;
     asiffs) asiffs_unmount "$T_ASIFFS/mnt" ;;
+    udrw)   asiffs_unmount "$T_UDRW/mnt" UDRW_PID ;;
     qsd)    qsd_stop "${TFILE[qsd]}" ;;
     nbd)    nbd_stop ;;
     esac
 }
 remove_target() { [[ $1 != native ]] || rm -f "${TFILE[native]}"; }
-daemon_pid() { case $1 in asiffs) echo "$ASIFFS_PID" ;; qsd) echo "$QSD_PID" ;; nbd) echo "$NBD_PID" ;; esac; }
+daemon_pid() { case $1 in asiffs) echo "$ASIFFS_PID" ;; udrw) echo "$UDRW_PID" ;; qsd) echo "$QSD_PID" ;; nbd) echo "$NBD_PID" ;; esac; }
 # cpu_ticks PID: utime + stime of all its threads, in clock ticks (null if none)
 cpu_ticks() {
     local st f
@@ -545,6 +559,24 @@ print(j["job_runtime"] / 1000, j["trim"]["io_bytes"])
 PY
 }
 
+# udrw_stats REP MODE AT: was the .dmg served by FUSE passthrough?  `asiffs stats`
+# says so (passthrough), and reads counts the reads that reached the daemon.
+udrw_stats() {
+    local out=$RAW/rep$1/udrw-stats.$2.$3.json pt=null reads=null
+    mkdir -p "$RAW/rep$1"
+    if ! timeout 10 "$ASIFFS" stats "$T_UDRW/mnt" bench > "$out" 2>>"$LOGS/asiffs-stats.log"; then
+        warn "asiffs stats of the udrw mount failed (see $LOGS/asiffs-stats.log)"
+        record kind='"udrw_stats"' rep="$1" mode="\"$2\"" at="\"$3\"" passthrough=null reads=null
+        return 0
+    fi
+    read -r pt reads < <(python3 -c 'import json,sys
+d = json.load(open(sys.argv[1]))
+print(*(json.dumps(d.get(k)) for k in ("passthrough", "reads")))' "$out" 2>>"$LOGS/asiffs-stats.log") || true
+    log "  udrw after $3 ($2): passthrough=$pt reads=$reads"
+    record kind='"udrw_stats"' rep="$1" mode="\"$2\"" at="\"$3\"" passthrough="${pt:-null}" \
+        reads="${reads:-null}" file="$(jstr "$out")"
+}
+
 rss_of() { local v; v=$(awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status" 2>/dev/null); echo "${v:-null}"; }
 
 # ---------------------------------------------------------------- main fio loop
@@ -556,7 +588,7 @@ run_main() {
     local -a targets=() order live up
     local t rep job i n mode last jobs pid filled
     for t in $TARGETS; do
-        if [[ $t == asiffs && $ASIFFS_OK != 1 ]]; then continue; fi
+        if [[ ($t == asiffs || $t == udrw) && $ASIFFS_OK != 1 ]]; then continue; fi
         if [[ $t == nbd ]] && ! nbd_usable; then continue; fi
         targets+=("$t")
     done
@@ -579,6 +611,7 @@ run_main() {
             live=("${up[@]}")
             if [[ $filled == 0 ]]; then
                 for t in "${live[@]}"; do log "  $mode fill on $t"; run_fio fill "$t" "$rep" "$mode"; done
+                if [[ " ${live[*]} " == *" udrw "* ]]; then udrw_stats "$rep" "$mode" fill; fi
                 filled=1
             fi
             jobs=$COLD_JOBS; [[ $mode == warm ]] && jobs=$WARM_JOBS
@@ -600,6 +633,11 @@ run_main() {
                         record kind='"asiffs_stats"' rep="$rep" mode="\"$mode\"" file="$(jstr "$RAW/rep$rep/asiffs-stats.$mode.json")"
                     record kind='"rss"' rep="$rep" mode="\"$mode\"" pid="$pid" \
                         vmhwm_kib="$(rss_of "$pid" VmHWM)" vmrss_kib="$(rss_of "$pid" VmRSS)"
+                fi
+                if [[ $t == udrw && -n $pid ]]; then
+                    # after the reads of the mode: still 0 if the kernel served them all
+                    udrw_stats "$rep" "$mode" end
+                    record kind='"rss_udrw"' rep="$rep" mode="\"$mode\"" pid="$pid" vmhwm_kib="$(rss_of "$pid" VmHWM)"
                 fi
                 if [[ $t == nbd && -n $pid ]]; then
                     record kind='"rss_nbd"' rep="$rep" mode="\"$mode\"" pid="$pid" vmhwm_kib="$(rss_of "$pid" VmHWM)"

@@ -8,12 +8,13 @@
 set -euo pipefail
 cmd=${1:-}; shift || true
 case $cmd in
---help|-h|help) echo "fake asiffs: create|mount|serve|umount|info|convert"; exit 0 ;;
+--help|-h|help) echo "fake asiffs: create|mount|serve|umount|stats|info|convert"; exit 0 ;;
 create)
     [[ ${1:-} == --help ]] && exit 0
     f=$1; shift; [[ $1 == --size ]]; size=$2
     rm -f "$f"; truncate -s "$size" "$f"
-    b=$(basename "$f" .asif); ln -sfn "$b.asif" "$(dirname "$f")/$b.img" ;;
+    # NAME.asif and NAME.dmg (the udrw target) both show up as NAME.img
+    b=$(basename "$f"); ln -sfn "$b" "$(dirname "$f")/${b%.*}.img" ;;
 mount)
     if [[ ${1:-} == --help ]]; then
         # FAKE_ASIFFS_CACHE=1 plays a binary that has the container cache option
@@ -52,6 +53,10 @@ serve)
 umount)
     [[ ${1:-} == --help ]] && exit 0
     umount "$1" ;;
+stats)
+    # a bind mount has no counters: report none rather than pretend passthrough
+    [[ ${1:-} == --help ]] && exit 0
+    echo '{}' ;;
 info)
     [[ ${1:-} == --help ]] && exit 0
     stat "$1" >/dev/null ;;
