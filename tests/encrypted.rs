@@ -656,3 +656,84 @@ fn a_udif_inside_encryption_takes_writes_into_new_space() {
     drop(d);
     assert!(find(&fs::read(&p).unwrap(), b"PLAINTEXT-SECRET").is_none());
 }
+
+/// An encrypted container in memory holding the plain image bytes `plain`
+/// (made by the format's own create), and its keys.
+fn fresh_holding(plain: &[u8]) -> (Arc<Recorder>, crypt::Unlocked) {
+    let (store, keys) = fresh(0);
+    let s = unlocked(store.clone(), &keys);
+    s.write_at(plain, 0).unwrap();
+    s.sync().unwrap();
+    (store, keys)
+}
+
+/// Replays every crash point of a random workload on a disk that `open`
+/// makes over the decrypted store; `verify_more` runs on each survivor.
+fn replay_inside_encryption<D: Disk>(
+    seed: u64,
+    plain: &[u8],
+    open: impl Fn(Arc<dyn Storage>, bool) -> asiffs::Result<D>,
+    verify_more: impl Fn(&D, &str),
+) {
+    let (store, keys) = fresh_holding(plain);
+    let size = open(unlocked(store.clone(), &keys), false).unwrap().size();
+    let plan = workload(seed, size / SECTOR, false);
+    let base = store.start();
+    {
+        let d = open(unlocked(store.clone(), &keys), true).unwrap();
+        run_steps(&*store, &d, &plan, 0);
+    }
+    let log = store.take_log();
+    let verify = |state: Mem, model: &Model, durable: usize, started: usize, ctx: &str| {
+        let st = Recorder::new(state);
+        let d = open(unlocked(st, &keys), false)
+            .unwrap_or_else(|e| panic!("{ctx}: does not open: {e}"));
+        check_sectors(&d, model, durable, started, ctx);
+        verify_more(&d, ctx);
+    };
+    let points = sweep(seed, base, &log, &plan, 0, 4, verify);
+    assert!(points > 100, "seed {seed}: only {points} crash points");
+}
+
+#[test]
+fn every_crash_point_of_an_encrypted_asif_image_opens_checks_and_keeps_flushed_writes() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("plain.asif");
+    let opts = asiffs::CreateOptions {
+        size: 8 << 20,
+        force: false,
+        chunk_size: 1 << 20,
+        block_size: 512,
+    };
+    asiffs::Image::create(&p, &opts).unwrap().close().unwrap();
+    let plain = fs::read(&p).unwrap();
+    for seed in [9] {
+        replay_inside_encryption(
+            seed,
+            &plain,
+            |s, writable| {
+                asiffs::Image::from_storage(Path::new("crash.asif"), s, &crash_opts(writable))
+            },
+            |img, ctx| {
+                let r = img.check().unwrap();
+                assert!(r.corruptions.is_empty(), "{ctx}: {r:?}");
+            },
+        );
+    }
+}
+
+#[test]
+fn every_crash_point_of_an_encrypted_udif_opens_and_keeps_flushed_writes() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("plain.dmg");
+    asiffs::udif::create_udrw(&p, 2 << 20).unwrap();
+    let plain = fs::read(&p).unwrap();
+    for seed in [13] {
+        replay_inside_encryption(
+            seed,
+            &plain,
+            |s, writable| asiffs::udif::Udif::from_storage(Path::new("crash.dmg"), s, writable),
+            |_, _| {},
+        );
+    }
+}
