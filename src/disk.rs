@@ -17,7 +17,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::asif::engine::{Extent, Image, Stats};
+use crate::asif::engine::{CheckReport, Extent, Image, ImageInfo, Stats};
 use crate::error::{Error, Result};
 use crate::host::file::{aligned, AsyncFds};
 
@@ -167,9 +167,14 @@ pub trait Disk: Send + Sync {
     fn io_done(&self, write: bool, len: u64, ok: bool) {
         let _ = (write, len, ok);
     }
-    /// The ASIF translator underneath, for paths that are faster with it
-    /// (the mount's asynchronous reads).
-    fn as_asif(&self) -> Option<&Image> {
+    /// The container's own figures for `info` beyond the common ones
+    /// (ASIF's geometry and tables); `None` for formats that have none.
+    fn details(&self) -> Option<Result<ImageInfo>> {
+        None
+    }
+    /// A structural check of the container (`check`); `None` for formats
+    /// that are checked by other means.
+    fn check_report(&self) -> Option<Result<CheckReport>> {
         None
     }
 
@@ -249,7 +254,10 @@ impl Disk for Image {
     fn may_translate(&self) -> bool {
         self.has_async_fds()
     }
-    fn as_asif(&self) -> Option<&Image> {
-        Some(self)
+    fn details(&self) -> Option<Result<ImageInfo>> {
+        Some(self.info())
+    }
+    fn check_report(&self) -> Option<Result<CheckReport>> {
+        Some(self.check())
     }
 }
