@@ -13,13 +13,52 @@
 //!   file.
 
 use std::fs::File;
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::asif::engine::{Extent, Image, Stats};
+use crate::asif::engine::{CheckReport, Extent, Image, ImageInfo, Stats};
 use crate::error::{Error, Result};
+use crate::host::file::{aligned, AsyncFds};
+
+/// Where a request lies in the host files, for the ring (`host::uring`)
+/// to read or write without the format's code on the way.
+pub struct Translation {
+    /// Sorted by `at`, not overlapping. Bytes of a read no piece covers
+    /// read as zeros.
+    pub pieces: Vec<HostPiece>,
+    /// Keeps what the format needs held (its resize or compaction lock,
+    /// ASIF's I/O gate) until the last host I/O completes and
+    /// [`Disk::io_done`] has run: dropped then.
+    pub hold: Box<dyn Send>,
+}
+
+/// One host read or write of a [`Translation`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostPiece {
+    /// Offset in the request's buffer.
+    pub at: usize,
+    pub fd: RawFd,
+    /// Offset in the host file.
+    pub host: u64,
+    pub len: usize,
+}
+
+impl HostPiece {
+    /// A piece on the `O_DIRECT` descriptor when the store has one (it
+    /// bypasses the page cache) and the piece is aligned in the file and
+    /// in the buffer, else on the buffered one: the kernel keeps the two
+    /// coherent, so pieces of one request may mix them.
+    pub fn on(fds: AsyncFds, at: usize, host: u64, len: usize) -> HostPiece {
+        let fd = match fds.direct {
+            Some(d) if aligned(host, len) && aligned(at as u64, len) => d,
+            _ => fds.buffered,
+        };
+        HostPiece { at, fd, host, len }
+    }
+}
 
 /// The container formats asiffs knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -76,6 +115,12 @@ pub trait Disk: Send + Sync {
     fn write_refusal(&self) -> Option<String> {
         None
     }
+    /// [`Disk::write_refusal`] as known now, without waiting for work the
+    /// open started (ASIF's scan of a large image, which logs its own
+    /// verdict when it ends).
+    fn refusal_now(&self) -> Option<String> {
+        self.write_refusal()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Makes the range read as zeros and frees what space the format can.
@@ -110,9 +155,36 @@ pub trait Disk: Send + Sync {
     fn passthrough_file(&self) -> Option<Arc<File>> {
         None
     }
-    /// The ASIF translator underneath, for paths that are faster with it
-    /// (the mount's asynchronous reads).
-    fn as_asif(&self) -> Option<&Image> {
+    /// Where `offset..offset+len` lies in the host files, for the ring.
+    /// `Ok(None)`: take the synchronous path (`read_at`/`write_at`), which
+    /// is what a format answers for anything but plain mapped bytes (a
+    /// write that allocates, compressed runs, stores without descriptors
+    /// such as encrypted ones). An error is the request's answer.
+    fn translate(&self, offset: u64, len: u64, write: bool) -> Result<Option<Translation>> {
+        let _ = (offset, len, write);
+        Ok(None)
+    }
+    /// Whether [`Disk::translate`] may ever answer `Some`: the mount sends
+    /// the other disks' requests to its thread pool rather than the ring.
+    fn may_translate(&self) -> bool {
+        false
+    }
+    /// Called by the ring when the host I/O of a translated request has
+    /// ended (`ok`: without error), before the reply and with the hold
+    /// still held: the format counts it and, for a write, marks itself
+    /// dirty so that a later flush syncs (even a failed write may have
+    /// changed the file).
+    fn io_done(&self, write: bool, len: u64, ok: bool) {
+        let _ = (write, len, ok);
+    }
+    /// The container's own figures for `info` beyond the common ones
+    /// (ASIF's geometry and tables); `None` for formats that have none.
+    fn details(&self) -> Option<Result<ImageInfo>> {
+        None
+    }
+    /// A structural check of the container (`check`); `None` for formats
+    /// that are checked by other means.
+    fn check_report(&self) -> Option<Result<CheckReport>> {
         None
     }
 
@@ -143,6 +215,9 @@ impl Disk for Image {
     }
     fn write_refusal(&self) -> Option<String> {
         Image::write_refusal(self)
+    }
+    fn refusal_now(&self) -> Option<String> {
+        Image::refusal_now(self)
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         Image::read_at(self, buf, offset)
@@ -180,7 +255,19 @@ impl Disk for Image {
     fn stats(&self) -> serde_json::Value {
         serde_json::to_value::<Stats>(Image::stats(self)).unwrap_or(serde_json::Value::Null)
     }
-    fn as_asif(&self) -> Option<&Image> {
-        Some(self)
+    fn translate(&self, offset: u64, len: u64, write: bool) -> Result<Option<Translation>> {
+        self.translate_data(offset, len, write)
+    }
+    fn io_done(&self, write: bool, len: u64, ok: bool) {
+        self.translated_done(write, len, ok)
+    }
+    fn may_translate(&self) -> bool {
+        self.has_async_fds()
+    }
+    fn details(&self) -> Option<Result<ImageInfo>> {
+        Some(self.info())
+    }
+    fn check_report(&self) -> Option<Result<CheckReport>> {
+        Some(self.check())
     }
 }

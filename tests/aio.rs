@@ -1,4 +1,4 @@
-//! The asynchronous data path (`engine::aio`): requests over mapped chunks
+//! The asynchronous data path (`host::uring`) on ASIF: requests over mapped chunks
 //! go through io_uring and finish on the ring's thread; everything else
 //! takes the synchronous path. Both must read and write exactly what the
 //! synchronous engine does, in both cache modes, with the smallest cache
@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use asiffs::asif::engine::aio::Ring;
+use asiffs::host::uring::Ring;
 use asiffs::{CacheMode, Image, OpenOptions};
 use common::{blank_image, Rng, MIB};
 use crossbeam_channel::bounded;
@@ -24,8 +24,8 @@ fn open(path: &std::path::Path, cache: CacheMode, groups: usize) -> Arc<Image> {
 
 fn read(img: &Arc<Image>, ring: &Ring, off: u64, len: usize) -> Vec<u8> {
     let (tx, rx) = bounded(1);
-    img.read_async(
-        ring,
+    ring.read(
+        img.clone(),
         off,
         len,
         Box::new(move |r| tx.send(r.map(|b| b.as_slice().to_vec())).unwrap()),
@@ -35,7 +35,12 @@ fn read(img: &Arc<Image>, ring: &Ring, off: u64, len: usize) -> Vec<u8> {
 
 fn write(img: &Arc<Image>, ring: &Ring, data: &[u8], off: u64) {
     let (tx, rx) = bounded(1);
-    img.write_async(ring, data, off, Box::new(move |r| tx.send(r).unwrap()));
+    ring.write(
+        img.clone(),
+        data,
+        off,
+        Box::new(move |r| tx.send(r).unwrap()),
+    );
     rx.recv().unwrap().unwrap();
 }
 
@@ -89,8 +94,8 @@ fn mapped_chunks_go_through_the_ring_and_the_rest_does_not() {
         assert!(zeros == vec![0; 3 * 4096]);
         // Out of range: the error, not a panic or a hang.
         let (tx, rx) = bounded(1);
-        img.read_async(
-            &ring,
+        ring.read(
+            img.clone(),
             64 * MIB - 512,
             1024,
             Box::new(move |r| tx.send(r.err().map(|e| e.to_string())).unwrap()),

@@ -455,7 +455,7 @@ fn an_asif_image_inside_encryption_is_served_as_asif() {
     let mut got = vec![0u8; secret.len()];
     d.read_at(&mut got, (10 << 20) + 7).unwrap();
     assert!(got == secret, "the write reads back");
-    let report = d.as_asif().unwrap().check().unwrap();
+    let report = d.check_report().unwrap().unwrap();
     assert_eq!(report.exit_code(), 0, "{report:?}");
     drop(d);
     assert!(find(&fs::read(&p).unwrap(), b"PLAINTEXT-SECRET").is_none());

@@ -348,7 +348,7 @@ fn info_text(disk: &dyn Disk, encryption: Option<&'static str>, json: bool) -> R
             encryption.map_or(String::new(), |e| format!("encryption: {e}\n"))
         )
     };
-    let Some(img) = disk.as_asif() else {
+    let Some(details) = disk.details() else {
         let info = DiskInfo {
             path: disk.path().display().to_string(),
             virtual_size: disk.size(),
@@ -363,7 +363,7 @@ fn info_text(disk: &dyn Disk, encryption: Option<&'static str>, json: bool) -> R
         }
         return Ok(summary(&info.path, info.virtual_size, info.actual_size));
     };
-    let i = img.info()?;
+    let i = details?;
     if json {
         return Ok(json_text(&InfoJson {
             format,
@@ -493,7 +493,7 @@ fn check(c: CheckArgs) -> Result<i32> {
         }
         Ok(Some(Format::Encrypted)) => {
             let disk = open_for_reading(&a)?;
-            if disk.as_asif().is_none() {
+            if disk.check_report().is_none() {
                 return formats::check_unlocked(&a.file, &*disk, a.json());
             }
             return check_asif(&a, disk);
@@ -521,22 +521,27 @@ fn check(c: CheckArgs) -> Result<i32> {
 }
 
 fn check_asif(a: &ImageArgs, disk: Box<dyn Disk>) -> Result<i32> {
-    let img = checkable(&a.file, &*disk)?;
-    let r = img.check()?;
+    checkable(&a.file, &*disk)?;
+    let r = disk
+        .check_report()
+        .ok_or_else(|| not_checked(&a.file, disk.format()))??;
     if a.json() {
         let mut v = serde_json::to_value(&r).expect("serialising plain data");
         v["exit_code"] = r.exit_code().into();
         print_json(&v);
         return Ok(r.exit_code());
     }
-    print_check(img, &r);
+    print_check(&*disk, &r);
     Ok(r.exit_code())
 }
 
-/// `check` knows the structures of ASIF images only.
-fn checkable<'a>(file: &std::path::Path, disk: &'a dyn Disk) -> Result<&'a Image> {
-    disk.as_asif()
-        .ok_or_else(|| not_checked(file, disk.format()))
+/// `check` knows the structures of ASIF images only (those that answer
+/// [`Disk::check_report`]).
+fn checkable(file: &std::path::Path, disk: &dyn Disk) -> Result<()> {
+    match disk.format() {
+        Format::Asif => Ok(()),
+        f => Err(not_checked(file, f)),
+    }
 }
 
 fn not_checked(file: &std::path::Path, format: Format) -> Error {
@@ -547,7 +552,7 @@ fn not_checked(file: &std::path::Path, format: Format) -> Error {
     ))
 }
 
-fn print_check(img: &Image, r: &crate::asif::engine::CheckReport) {
+fn print_check(img: &dyn Disk, r: &crate::asif::engine::CheckReport) {
     for c in &r.corruptions {
         println!("ERROR {c}");
     }
@@ -557,8 +562,11 @@ fn print_check(img: &Image, r: &crate::asif::engine::CheckReport) {
     for w in &r.warnings {
         println!("Warning: {w}");
     }
-    let cs = img.geometry().chunk_size;
     if r.leaked_chunks > 0 {
+        let cs = match img.details() {
+            Some(Ok(i)) => i.chunk_size,
+            _ => 0,
+        };
         println!(
             "{} leaked chunks ({}): unreferenced but holding space; `asiffs check -r leaks` or `asiffs compact` reclaims them",
             r.leaked_chunks,

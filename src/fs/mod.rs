@@ -12,8 +12,8 @@
 //! - `volume`: every request's logic as plain calls answering an errno,
 //!   tested in-process without a mount;
 //! - `ops`: the fuser `Filesystem`, which decodes, calls the volume and
-//!   replies, on fuser's threads, the `pool`, or (ASIF with io_uring)
-//!   from the ring's thread.
+//!   replies, on fuser's threads, the `pool`, or (images on plain files,
+//!   with io_uring) from the ring's thread.
 //!
 //! This file parses the mount options and runs the session. Per-image
 //! counters are the JSON value of the xattr `user.asiffs.stats`; the root
@@ -450,12 +450,12 @@ fn serve(
     };
     let ring = match args.aio {
         Aio::Threads => None,
-        Aio::Uring => match crate::asif::engine::aio::Ring::new() {
+        Aio::Uring => match crate::host::uring::Ring::new() {
             Ok(r) => Some(Arc::new(r)),
             Err(e) => {
                 warn!(
                     "{}: container I/O falls back to blocking calls on {} threads",
-                    crate::asif::engine::aio::unavailable_reason(&e),
+                    crate::host::uring::unavailable_reason(&e),
                     args.threads
                 );
                 None

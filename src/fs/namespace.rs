@@ -34,8 +34,6 @@ pub(crate) struct Node {
     /// Shown name and container path; both change on rename.
     loc: Mutex<(OsString, PathBuf)>,
     pub disk: Arc<dyn Disk>,
-    /// The same disk when it is ASIF, for the asynchronous data path.
-    pub asif: Option<Arc<Image>>,
     /// Identity of the container when it was opened, to notice replacement.
     dev_ino: (u64, u64),
     /// Open file handles.
@@ -193,10 +191,7 @@ fn shown_names(names: &[OsString]) -> HashMap<OsString, OsString> {
 }
 
 /// Opens a container as whatever format it holds.
-/// An open disk, and the same disk as ASIF when it is one.
-type Opened = (Arc<dyn Disk>, Option<Arc<Image>>);
-
-fn open_disk(path: &Path, opts: &OpenOptions) -> Result<Opened, Error> {
+fn open_disk(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Disk>, Error> {
     // Unrecognised content is opened as the format its extension names, so
     // the skip reason says what is wrong rather than only "not a disk
     // image" (the probe itself explains a `.dmg` that is neither UDIF nor
@@ -206,23 +201,14 @@ fn open_disk(path: &Path, opts: &OpenOptions) -> Result<Opened, Error> {
         Some("sparsebundle") => Some(Format::Udsb),
         _ => None,
     };
-    match crate::registry::probe(path)?.or_else(by_ext) {
-        Some(Format::Asif) => {
-            let image = Arc::new(Image::open(path, opts)?);
-            Ok((image.clone(), Some(image)))
-        }
-        format => Ok((Arc::from(crate::registry::open(path, format, opts)?), None)),
-    }
+    let format = crate::registry::probe(path)?.or_else(by_ext);
+    Ok(Arc::from(crate::registry::open(path, format, opts)?))
 }
 
 /// Logs why an image is served read-only in a writable mount (a large
 /// image's scan, still running, logs it itself when it finishes).
 fn note_refusal(path: &Path, disk: &dyn Disk) {
-    let why = match disk.as_asif() {
-        Some(image) => image.refusal_now(),
-        None => disk.write_refusal(),
-    };
-    if let Some(why) = why {
+    if let Some(why) = disk.refusal_now() {
         warn!("{}: serving read-only: {why}", path.display());
     }
 }
@@ -291,7 +277,7 @@ impl Namespace {
         let Source::File { path, root_is_file } = &self.source else {
             return Ok(());
         };
-        let (disk, asif) = open_disk(path, &self.open_options())?;
+        let disk = open_disk(path, &self.open_options())?;
         note_refusal(path, &*disk);
         let md = std::fs::metadata(path).map_err(|e| Error::io(path.display().to_string(), e))?;
         let stem = path.file_stem().unwrap_or(OsStr::new("image"));
@@ -305,7 +291,7 @@ impl Namespace {
             ino,
             with_ext(stem, SHOWN_EXT),
             path.clone(),
-            (disk, asif),
+            disk,
             &md,
         ));
         Ok(())
@@ -469,7 +455,7 @@ impl Namespace {
         }
         match open_disk(path, &self.open_options()) {
             Ok(image) => {
-                note_refusal(path, &*image.0);
+                note_refusal(path, &*image);
                 let mut inner = self.inner.write();
                 inner.failed.remove(path);
                 let ino = inner.alloc_ino();
@@ -556,13 +542,7 @@ impl Namespace {
             })?;
         let md = std::fs::metadata(&path).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         info!("created {}", path.display());
-        let node = Node::new(
-            0,
-            name.to_os_string(),
-            path,
-            (image.clone(), Some(image)),
-            &md,
-        );
+        let node = Node::new(0, name.to_os_string(), path, image, &md);
         let mut inner = self.inner.write();
         let ino = inner.alloc_ino();
         let node = Arc::new(Node { ino, ..node });
@@ -655,14 +635,13 @@ impl Node {
         ino: u64,
         name: OsString,
         path: PathBuf,
-        (disk, asif): Opened,
+        disk: Arc<dyn Disk>,
         md: &std::fs::Metadata,
     ) -> Node {
         Node {
             ino,
             loc: Mutex::new((name, path)),
             disk,
-            asif,
             dev_ino: (md.dev(), md.ino()),
             open: AtomicU32::new(0),
             detached: AtomicBool::new(false),

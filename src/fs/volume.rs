@@ -27,8 +27,8 @@ use tracing::{debug, warn};
 
 use super::namespace::{flush_logged, Namespace, Node, Source, ROOT_INO};
 use super::DirectIo;
-use crate::asif::engine::aio::Ring;
 use crate::disk::Disk;
+use crate::host::uring::Ring;
 
 pub(crate) const XATTR_STATS: &str = "user.asiffs.stats";
 pub(crate) const XATTR_PID: &str = "user.asiffs.pid";
@@ -109,7 +109,7 @@ pub(crate) struct StatFs {
 
 pub(crate) struct Volume {
     pub ns: Arc<Namespace>,
-    /// io_uring for ASIF container I/O; `None`: blocking calls.
+    /// io_uring for container I/O, every format; `None`: blocking calls.
     ring: Option<Arc<Ring>>,
     direct_io: DirectIo,
     /// Directory listings taken at opendir, served by readdir.
@@ -450,9 +450,11 @@ impl Volume {
     }
 
     /// Whether I/O on `node` goes through the ring ([`Volume::read_async`],
-    /// [`Volume::write_async`]): ASIF images, when io_uring is up.
+    /// [`Volume::write_async`]): every image whose store the ring can
+    /// reach ([`Disk::may_translate`]), when io_uring is up. The rest
+    /// (encrypted, compressed, bundles) stay on the serving pool.
     pub fn is_async(&self, node: &Node) -> bool {
-        self.ring.is_some() && node.asif.is_some()
+        self.ring.is_some() && node.disk.may_translate()
     }
 
     /// Reads up to `size` bytes at `offset` (short at the end of the disk,
@@ -497,11 +499,11 @@ impl Volume {
         if len == 0 {
             return done(Ok(&[]));
         }
-        let (Some(ring), Some(image)) = (&self.ring, &node.asif) else {
+        let Some(ring) = &self.ring else {
             return done(Err(libc::EIO));
         };
-        image.read_async(
-            ring,
+        ring.read(
+            node.disk.clone(),
             offset,
             len,
             Box::new(move |r| match r {
@@ -539,12 +541,12 @@ impl Volume {
         if let Err(e) = prepare_write(node, offset, data.len()) {
             return done(Err(e));
         }
-        let (Some(ring), Some(image)) = (&self.ring, &node.asif) else {
+        let Some(ring) = &self.ring else {
             return done(Err(libc::EIO));
         };
         let len = data.len();
-        image.write_async(
-            ring,
+        ring.write(
+            node.disk.clone(),
             data,
             offset,
             Box::new(move |r| match r {

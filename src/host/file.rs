@@ -50,7 +50,7 @@ pub trait Storage: Send + Sync {
     fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset)
     }
-    /// Descriptors for asynchronous guest-data I/O (`engine::aio`): the
+    /// Descriptors for asynchronous guest-data I/O (`host::uring`): the
     /// buffered one and, when the page cache is bypassed, the `O_DIRECT`
     /// one. `None`: this store is used only through its methods.
     fn async_fds(&self) -> Option<AsyncFds> {

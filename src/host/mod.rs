@@ -6,3 +6,4 @@
 
 pub mod crypt;
 pub mod file;
+pub mod uring;

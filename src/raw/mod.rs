@@ -24,7 +24,7 @@ use parking_lot::RwLock;
 
 use crate::asif::engine::{Extent, OpenOptions};
 use crate::atomic_file::{check_replaceable, temp_path, write_new, Place, NEW_TAG};
-use crate::disk::{Disk, Format};
+use crate::disk::{Disk, Format, HostPiece, Translation};
 use crate::error::{Error, Result};
 use crate::host::file::{open_container, Storage};
 use crate::stats::IoCounters;
@@ -42,8 +42,9 @@ pub struct RawDisk {
     path: PathBuf,
     storage: Arc<dyn Storage>,
     format: Format,
-    /// Taken shared by every request, exclusive by a resize.
-    size: RwLock<u64>,
+    /// Taken shared by every request (held by a translated one until its
+    /// I/O completes), exclusive by a resize.
+    size: Arc<RwLock<u64>>,
     writable: bool,
     dirty: AtomicBool,
     counters: IoCounters,
@@ -83,7 +84,7 @@ impl RawDisk {
             path: path.to_path_buf(),
             storage,
             format,
-            size: RwLock::new(size),
+            size: Arc::new(RwLock::new(size)),
             writable,
             dirty: AtomicBool::new(false),
             counters: IoCounters::default(),
@@ -175,6 +176,39 @@ impl Disk for RawDisk {
         self.dirty.store(true, Ordering::Release);
         self.counters.write(buf.len() as u64);
         Ok(())
+    }
+
+    /// One piece, at the same offset in the file, held against a resize.
+    fn translate(&self, offset: u64, len: u64, write: bool) -> Result<Option<Translation>> {
+        let Some(fds) = self.storage.async_fds() else {
+            return Ok(None);
+        };
+        if write && !self.writable {
+            return Ok(None);
+        }
+        let size = self.size.read_arc();
+        Self::in_range(*size, offset, len)?;
+        let pieces = match len {
+            0 => Vec::new(),
+            _ => vec![HostPiece::on(fds, 0, offset, len as usize)],
+        };
+        Ok(Some(Translation {
+            pieces,
+            hold: Box::new(size),
+        }))
+    }
+    fn may_translate(&self) -> bool {
+        self.storage.async_fds().is_some()
+    }
+    fn io_done(&self, write: bool, len: u64, ok: bool) {
+        if write {
+            self.dirty.store(true, Ordering::Release);
+        }
+        match (ok, write) {
+            (true, true) => self.counters.write(len),
+            (true, false) => self.counters.read(len),
+            _ => {}
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -58,7 +58,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
 use crate::asif::engine::{lock_file, Extent, OpenOptions};
-use crate::disk::{Disk, Format};
+use crate::disk::{Disk, Format, HostPiece, Translation};
 use crate::error::{Error, Result};
 use crate::host::file::{FileStorage, Storage};
 use crate::stats::{Counter, IoCounters, IoStats};
@@ -938,6 +938,57 @@ impl Disk for Udif {
         self.dirty.store(true, Ordering::Release);
         self.counters.io.write(buf.len() as u64);
         Ok(())
+    }
+    /// Raw runs map to the data fork; a read leaves zero and free runs
+    /// and gaps to the zeroed buffer; a write there (it needs new space)
+    /// or anything compressed is not translated. The hold is the layout
+    /// the pieces come from: like the synchronous path, a translated
+    /// request takes no lock against a table change (those only add
+    /// space, or punch what a shrink cut off the disk).
+    fn translate(&self, offset: u64, len: u64, write: bool) -> Result<Option<Translation>> {
+        let Some(fds) = self.storage.async_fds() else {
+            return Ok(None);
+        };
+        if write {
+            if !matches!(self.mode, Mode::Writable) {
+                return Ok(None);
+            }
+            self.begin_change()?;
+        }
+        let l = self.layout();
+        Self::in_disk(&l, offset, len)?;
+        let mut pieces = Vec::new();
+        for p in Self::pieces(&l, offset, len) {
+            let kind = p.run.map(|i| l.map.runs[i].kind);
+            match (p.run, kind) {
+                (Some(i), Some(RunKind::Raw)) => pieces.push(HostPiece::on(
+                    fds,
+                    (p.at - offset) as usize,
+                    Self::host(&l, i, p.within),
+                    p.len as usize,
+                )),
+                (_, Some(k)) if k.is_compressed() => return Ok(None),
+                _ if write => return Ok(None),
+                _ => {}
+            }
+        }
+        Ok(Some(Translation {
+            pieces,
+            hold: Box::new(l),
+        }))
+    }
+    fn may_translate(&self) -> bool {
+        self.storage.async_fds().is_some() && self.layout().map.has_compressed().is_none()
+    }
+    fn io_done(&self, write: bool, len: u64, ok: bool) {
+        if write {
+            self.dirty.store(true, Ordering::Release);
+        }
+        match (ok, write) {
+            (true, true) => self.counters.io.write(len),
+            (true, false) => self.counters.io.read(len),
+            _ => {}
+        }
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size();

@@ -44,7 +44,7 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use serde::Serialize;
 
 use crate::asif::engine::{lock_file, Extent, OpenOptions};
-use crate::disk::{Disk, Format};
+use crate::disk::{Disk, Format, HostPiece, Translation};
 use crate::error::{Error, Result};
 use crate::host::file::{open_container, FileStorage, Storage};
 use crate::stats::{Counter, IoCounters, IoStats};
@@ -81,8 +81,9 @@ pub struct SparseImage {
     /// The header's fields as on disk (its slots live in `layout`).
     header: Mutex<Header>,
     size: AtomicU64,
-    /// Shared by I/O, exclusive for compact and resize.
-    exclusive: RwLock<()>,
+    /// Shared by I/O (held by a translated request until its host I/O
+    /// completes), exclusive for compact and resize.
+    exclusive: Arc<RwLock<()>>,
     layout: RwLock<Layout>,
     /// Held while a new band or node is taken; holds the end of the area
     /// past the last band known to read as zeros durably (see
@@ -160,7 +161,7 @@ impl SparseImage {
             header: Mutex::new(header),
             storage,
             writable: opts.writable,
-            exclusive: RwLock::new(()),
+            exclusive: Arc::new(RwLock::new(())),
             layout: RwLock::new(survey.layout),
             alloc: Mutex::new(0),
             flush_lock: Mutex::new(()),
@@ -429,6 +430,33 @@ impl SparseImage {
         }
         self.counters.io.read(buf.len() as u64);
         Ok(())
+    }
+
+    /// Where `offset..offset+len` lies in the file: a piece per band
+    /// that has a slot. A read leaves bands without one to the zeroed
+    /// buffer; a write touching one is not translated (it takes a slot).
+    fn translate(&self, offset: u64, len: u64, write: bool) -> Result<Option<Translation>> {
+        let Some(fds) = self.storage.async_fds() else {
+            return Ok(None);
+        };
+        if write && !self.writable {
+            return Ok(None);
+        }
+        let shared = self.exclusive.read_arc();
+        self.check_range(offset, len)?;
+        let mut out = Vec::new();
+        for p in pieces(offset, len, self.band_size) {
+            let p = p?;
+            match self.lookup(p.band) {
+                Some(host) => out.push(HostPiece::on(fds, p.at, host + p.within, p.len as usize)),
+                None if write => return Ok(None),
+                None => {}
+            }
+        }
+        Ok(Some(Translation {
+            pieces: out,
+            hold: Box::new(shared),
+        }))
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -776,6 +804,22 @@ impl Disk for SparseImage {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         SparseImage::write_at(self, buf, offset)
+    }
+    fn translate(&self, offset: u64, len: u64, write: bool) -> Result<Option<Translation>> {
+        SparseImage::translate(self, offset, len, write)
+    }
+    fn may_translate(&self) -> bool {
+        self.storage.async_fds().is_some()
+    }
+    fn io_done(&self, write: bool, len: u64, ok: bool) {
+        if write {
+            self.dirty.store(true, Ordering::Release);
+        }
+        match (ok, write) {
+            (true, true) => self.counters.io.write(len),
+            (true, false) => self.counters.io.read(len),
+            _ => {}
+        }
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         SparseImage::discard(self, offset, len)

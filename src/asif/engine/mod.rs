@@ -27,7 +27,6 @@
 //!
 //! See `docs/design.md` for the reasoning and the crash-replay tests.
 
-pub mod aio;
 mod alloc;
 mod cache;
 mod compact;
@@ -39,6 +38,7 @@ mod open_scan;
 mod repair;
 mod scan;
 mod sync;
+mod translate;
 pub mod types;
 mod usage;
 

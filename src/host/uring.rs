@@ -1,20 +1,21 @@
-//! Asynchronous guest-data I/O through io_uring.
+//! Asynchronous guest-data I/O through io_uring, for every format.
 //!
-//! The mount translates a request on the thread that received it, hands
-//! the container reads and writes to a [`Ring`] and goes back for the next
-//! request; the ring's reaper thread finishes it. The host then sees as
-//! many requests in flight as the kernel sends, not one per serving thread.
+//! The mount asks the disk where a request lies in its host files
+//! ([`Disk::translate`]) on the thread that received it, hands those host
+//! reads and writes to a [`Ring`] and goes back for the next request; the
+//! ring's reaper thread finishes it. The host then sees as many requests
+//! in flight as the kernel sends, not one per serving thread.
 //!
 //! Invariants:
-//! - an operation holds the image shared (`exclusive`) and inside the I/O
-//!   gate from translation until its last host I/O completes, as the
-//!   synchronous path does: compact and resize wait for it, and no chunk it
-//!   touches is handed out again under it;
+//! - a request keeps the translation's `hold` from translation until its
+//!   last host I/O completes, so whatever the format locks against (a
+//!   resize, compaction, ASIF's chunk reuse) waits for it, as it waits for
+//!   the synchronous path;
 //! - a buffer given to the kernel belongs to its [`Op`], which stays alive
 //!   (in the ring's table of pieces) until every piece has been reaped;
-//! - only requests whose chunks are all fully mapped take this path; the
-//!   rest (allocation, partially valid chunks, stores without descriptors)
-//!   run synchronously on the calling thread, as before.
+//! - what the disk does not translate (allocation, compressed or
+//!   encrypted data, partially valid chunks) runs synchronously on the
+//!   calling thread, through `read_at`/`write_at`.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -22,15 +23,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, types, IoUring};
-use parking_lot::lock_api::ArcRwLockReadGuard;
-use parking_lot::{Mutex, RawRwLock};
+use parking_lot::Mutex;
 use slab::Slab;
 
-use super::alloc::OwnedGateGuard;
-use super::Image;
-use crate::asif::format::ChunkState;
-use crate::error::Result;
-use crate::host::file::{aligned, AlignedBuf, AsyncFds, DIRECT_ALIGN};
+use crate::disk::{Disk, HostPiece, Translation};
+use crate::error::{Error, Result};
+use crate::host::file::{AlignedBuf, DIRECT_ALIGN};
 
 /// Called once with the bytes read.
 pub type ReadDone = Box<dyn FnOnce(Result<ReadBuf>) + Send>;
@@ -39,7 +37,7 @@ pub type WriteDone = Box<dyn FnOnce(Result<()>) + Send>;
 /// See [`Ring::set_before_submit`].
 pub type Hook = Arc<dyn Fn() + Send + Sync>;
 
-/// Bytes read by [`Image::read_async`].
+/// Bytes read by [`Ring::read`].
 pub struct ReadBuf {
     /// `None` only once dropped.
     buf: Option<AlignedBuf>,
@@ -160,17 +158,11 @@ enum Done {
     Write(WriteDone),
 }
 
-/// The image held shared and the I/O gate entered, for one request.
-/// Only dropping it matters.
-struct Held {
-    _shared: ArcRwLockReadGuard<RawRwLock, ()>,
-    _gate: OwnedGateGuard,
-}
-
-/// One request: its buffer, the guards it holds and how to finish it.
+/// One request: its buffer, what it holds and how to finish it.
 struct Op {
-    image: Arc<Image>,
-    _held: Held,
+    disk: Arc<dyn Disk>,
+    /// Dropped after the reply (see [`Translation::hold`]).
+    _hold: Mutex<Box<dyn Send>>,
     /// Start of `buf`'s bytes; the heap block does not move while `buf`
     /// lives, and `buf` is taken out only once no piece is in flight.
     base: usize,
@@ -372,18 +364,19 @@ impl Op {
         let Some(done) = self.done.lock().take() else {
             return;
         };
-        let image = &self.image;
+        self.disk
+            .io_done(self.write, self.len as u64, error.is_none());
+        let io_err = |what: &str, e: io::Error| {
+            Error::io(format!("{}: {what}", self.disk.path().display()), e)
+        };
         match done {
             Done::Read(f) => match (error, buf) {
-                (None, Some(buf)) => {
-                    image.counters.io.read(self.len as u64);
-                    f(Ok(ReadBuf {
-                        buf: Some(buf),
-                        pool: Some(self.pool.clone()),
-                    }))
-                }
-                (e, _) => f(Err(image.io_err(
-                    "reading a data chunk",
+                (None, Some(buf)) => f(Ok(ReadBuf {
+                    buf: Some(buf),
+                    pool: Some(self.pool.clone()),
+                })),
+                (e, _) => f(Err(io_err(
+                    "reading",
                     e.unwrap_or_else(|| io::Error::other("buffer lost")),
                 ))),
             },
@@ -392,207 +385,121 @@ impl Op {
                     self.pool.give(buf);
                 }
                 match error {
-                    None => {
-                        image.counters.io.write(self.len as u64);
-                        f(Ok(()))
-                    }
-                    Some(e) => f(Err(image.io_err("writing a data chunk", e))),
+                    None => f(Ok(())),
+                    Some(e) => f(Err(io_err("writing", e))),
                 }
             }
         }
     }
 }
 
-/// A request's pieces in the container: (offset in the request, host
-/// offset, length).
-type Segments = Vec<(usize, u64, usize)>;
-
-impl Image {
-    /// Where each fully mapped piece of `offset..offset+len` lies in the
-    /// container; `None` when some piece needs the synchronous path (not
-    /// mapped, or partially valid). Unmapped pieces of a read are left to
-    /// the zeroed buffer when `zeros_ok`.
-    fn segments(&self, offset: u64, len: u64, zeros_ok: bool) -> Result<Option<Segments>> {
-        let cs = self.geo.chunk_size;
-        let mut segs = Vec::new();
-        for p in self.pieces(offset, len) {
-            let state = match self.group(&p.loc, false)? {
-                None => None,
-                Some(g) => match g.state(p.loc.index as usize) {
-                    None => return Err(self.corrupt_entry(&p.loc)),
-                    Some(s) => Some(s),
-                },
-            };
-            match state {
-                Some(ChunkState::Full(n)) => segs.push((p.at, n * cs + p.loc.within, p.len)),
-                None | Some(ChunkState::Unwritten | ChunkState::Unmapped) if zeros_ok => {}
-                _ => return Ok(None),
-            }
-        }
-        Ok(Some(segs))
-    }
-
-    /// Which descriptor serves these segments: the `O_DIRECT` one when the
-    /// page cache is bypassed and every piece is aligned.
-    fn data_fd(&self, fds: AsyncFds, segs: &Segments) -> i32 {
-        match fds.direct {
-            Some(d)
-                if self.direct_data
-                    && segs
-                        .iter()
-                        .all(|&(at, host, len)| aligned(host, len) && aligned(at as u64, len)) =>
-            {
-                d
-            }
-            _ => fds.buffered,
-        }
-    }
-
-    fn start(
-        self: &Arc<Self>,
-        ring: &Ring,
-        held: Held,
-        mut buf: AlignedBuf,
-        segs: Segments,
-        fd: i32,
-        done: Done,
-    ) {
+impl Ring {
+    fn start(&self, disk: Arc<dyn Disk>, t: Translation, mut buf: AlignedBuf, done: Done) {
         let write = matches!(done, Done::Write(_));
-        let hook = ring.shared.before_submit.lock().clone();
+        let hook = self.shared.before_submit.lock().clone();
         if let Some(hook) = hook {
             hook();
         }
         let base = buf.as_mut().as_mut_ptr() as usize;
         let op = Arc::new(Op {
-            image: self.clone(),
-            _held: held,
+            disk,
+            _hold: Mutex::new(t.hold),
             base,
             len: buf.as_slice().len(),
             buf: Mutex::new(Some(buf)),
             // One extra count, dropped below, so that a fast completion
             // cannot finish the op before every piece is submitted.
-            remaining: AtomicUsize::new(segs.len() + 1),
+            remaining: AtomicUsize::new(t.pieces.len() + 1),
             error: Mutex::new(None),
             done: Mutex::new(Some(done)),
             write,
-            pool: ring.shared.buffers.clone(),
+            pool: self.shared.buffers.clone(),
         });
-        for (at, host, len) in segs {
-            ring.shared.submit(
+        for p in t.pieces {
+            self.shared.submit(
                 Piece {
                     op: op.clone(),
-                    fd,
-                    host,
-                    at,
-                    len,
+                    fd: p.fd,
+                    host: p.host,
+                    at: p.at,
+                    len: p.len,
                 },
                 write,
             );
         }
-        ring.shared.piece_done(op);
+        self.shared.piece_done(op);
     }
 
-    /// Reads `len` bytes at `offset` and calls `done` with them, from the
-    /// ring's thread when the container is read asynchronously, else
-    /// before returning.
-    pub fn read_async(self: &Arc<Self>, ring: &Ring, offset: u64, len: usize, done: ReadDone) {
+    /// A translation the ring can carry out on a buffer of `len` bytes.
+    fn usable(&self, t: &Translation, len: usize) -> bool {
+        let mut end = 0;
+        t.pieces.iter().all(|p| {
+            let ok = p.at >= end && p.len > 0 && p.at + p.len <= len;
+            end = p.at + p.len;
+            ok
+        })
+    }
+
+    /// Reads `len` bytes at `offset` of `disk` and calls `done` with them,
+    /// from the ring's thread when the disk translates the request, else
+    /// before returning (through `read_at`).
+    pub fn read(&self, disk: Arc<dyn Disk>, offset: u64, len: usize, done: ReadDone) {
         let sync = |done: ReadDone| {
-            let mut buf = ring.shared.buffers.take(len);
-            let r = self.read_at(buf.as_mut(), offset);
+            let mut buf = self.shared.buffers.take(len);
+            let r = disk.read_at(buf.as_mut(), offset);
             let buf = ReadBuf {
                 buf: Some(buf),
-                pool: Some(ring.shared.buffers.clone()),
+                pool: Some(self.shared.buffers.clone()),
             };
             done(r.map(|()| buf))
         };
-        let Some(fds) = self.storage.async_fds() else {
-            return sync(done);
-        };
-        if ring.shared.stopping.load(Ordering::Relaxed) {
+        if self.shared.stopping.load(Ordering::Relaxed) {
             return sync(done);
         }
-        if let Err(e) = self.check_range(offset, len as u64) {
-            return done(Err(e));
-        }
-        let shared = self.exclusive.read_arc();
-        let gate = self.gate.enter_owned();
-        let segs = match self.segments(offset, len as u64, true) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                drop((shared, gate));
-                return sync(done);
-            }
+        // A translation not taken is dropped (with its hold) before the
+        // synchronous path runs: that path takes the same locks.
+        let t = match disk.translate(offset, len as u64, false) {
+            Ok(t) => t.filter(|t| self.usable(t, len)),
             Err(e) => return done(Err(e)),
         };
-        let fd = self.data_fd(fds, &segs);
-        let mut buf = ring.shared.buffers.take(len);
-        zero_gaps(buf.as_mut(), &segs);
-        self.start(
-            ring,
-            Held {
-                _shared: shared,
-                _gate: gate,
-            },
-            buf,
-            segs,
-            fd,
-            Done::Read(done),
-        );
+        let Some(t) = t else {
+            return sync(done);
+        };
+        let mut buf = self.shared.buffers.take(len);
+        zero_gaps(buf.as_mut(), &t.pieces);
+        self.start(disk, t, buf, Done::Read(done));
     }
 
-    /// Writes `data` at `offset` and calls `done`, from the ring's thread
-    /// when every chunk it touches is already mapped, else before
-    /// returning (the synchronous path allocates).
-    pub fn write_async(self: &Arc<Self>, ring: &Ring, data: &[u8], offset: u64, done: WriteDone) {
-        let sync = |done: WriteDone| done(self.write_at(data, offset));
-        let Some(fds) = self.storage.async_fds() else {
-            return sync(done);
-        };
-        if !self.writable || ring.shared.stopping.load(Ordering::Relaxed) {
-            return sync(done);
+    /// Writes `data` at `offset` of `disk` and calls `done`, from the
+    /// ring's thread when the disk translates the request, else before
+    /// returning (through `write_at`, which may allocate).
+    pub fn write(&self, disk: Arc<dyn Disk>, data: &[u8], offset: u64, done: WriteDone) {
+        if self.shared.stopping.load(Ordering::Relaxed) {
+            return done(disk.write_at(data, offset));
         }
-        let shared = self.exclusive.read_arc();
-        if let Err(e) = self
-            .open_scan
-            .wait(&self.alloc)
-            .and_then(|()| self.check_range(offset, data.len() as u64))
-        {
-            return done(Err(e));
-        }
-        let gate = self.gate.enter_owned();
-        let segs = match self.segments(offset, data.len() as u64, false) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                drop((shared, gate));
-                return sync(done);
-            }
+        let t = match disk.translate(offset, data.len() as u64, true) {
+            // Every byte of a write must land somewhere.
+            Ok(t) => t.filter(|t| {
+                self.usable(t, data.len())
+                    && t.pieces.iter().map(|p| p.len).sum::<usize>() == data.len()
+            }),
             Err(e) => return done(Err(e)),
         };
-        // Before the reply: a flush that follows it must sync this data.
-        self.note_data_change();
-        let fd = self.data_fd(fds, &segs);
-        let mut buf = ring.shared.buffers.take(data.len());
+        let Some(t) = t else {
+            return done(disk.write_at(data, offset));
+        };
+        let mut buf = self.shared.buffers.take(data.len());
         buf.as_mut().copy_from_slice(data);
-        self.start(
-            ring,
-            Held {
-                _shared: shared,
-                _gate: gate,
-            },
-            buf,
-            segs,
-            fd,
-            Done::Write(done),
-        );
+        self.start(disk, t, buf, Done::Write(done));
     }
 }
 
-/// Zeroes what no segment will fill (holes), in a reused buffer.
-fn zero_gaps(buf: &mut [u8], segs: &Segments) {
+/// Zeroes what no piece will fill (holes), in a reused buffer.
+fn zero_gaps(buf: &mut [u8], pieces: &[HostPiece]) {
     let mut at = 0;
-    for &(start, _, len) in segs {
-        buf[at..start].fill(0);
-        at = start + len;
+    for p in pieces {
+        buf[at..p.at].fill(0);
+        at = p.at + p.len;
     }
     buf[at..].fill(0);
 }
