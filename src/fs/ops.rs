@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -44,15 +44,15 @@ struct Passthrough {
     wanted: bool,
     /// The kernel took the capability at init, and no open has failed.
     on: AtomicBool,
-    /// The backing registration of each open passthrough handle, by the
-    /// key in its file handle; dropped (unregistered) at release.
-    backing: Mutex<HashMap<u64, BackingId>>,
-    next: AtomicU64,
+    /// The backing registration of each inode with passthrough handles
+    /// open, and how many: the kernel refuses a second, different backing
+    /// file for an inode (EBUSY), so every open of it shares one. Dropped
+    /// (unregistered) when its last handle is released.
+    backing: Mutex<HashMap<u64, (BackingId, u64)>>,
 }
 
-/// Bits of a file handle above this carry the passthrough key; the low
-/// bit is the volume's write flag.
-const KEY_SHIFT: u32 = 1;
+/// Marks a passthrough handle; the low bit is the volume's write flag.
+const FH_PASSTHROUGH: u64 = 2;
 
 fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
@@ -319,16 +319,24 @@ impl Filesystem for AsifFs {
         let Some(file) = file else {
             return reply.opened(FileHandle(o.fh), fopen_flags(o));
         };
-        match reply.open_backing(&*file) {
-            Ok(id) => {
-                let key = self.passthrough.next.fetch_add(1, Ordering::Relaxed) + 1;
-                let fh = o.fh | (key << KEY_SHIFT);
-                // Registered before the reply, so a release cannot miss it.
-                let mut backing = self.passthrough.backing.lock();
-                let id = backing.entry(key).or_insert(id);
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+        // Held across the reply, so a release cannot drop the registration
+        // this open is being answered with.
+        let mut backing = self.passthrough.backing.lock();
+        let registered = match backing.remove(&ino.0) {
+            Some((id, n)) => Ok((id, n)),
+            None => reply.open_backing(&*file).map(|id| (id, 0)),
+        };
+        match registered {
+            Ok((id, n)) => {
+                let (id, _) = backing.entry(ino.0).or_insert((id, n + 1));
+                reply.opened_passthrough(
+                    FileHandle(o.fh | FH_PASSTHROUGH),
+                    FopenFlags::empty(),
+                    id,
+                );
             }
             Err(e) => {
+                drop(backing);
                 // One refusal (no CAP_SYS_ADMIN, a stacked file system)
                 // turns it off for the mount: mixing modes on an inode fails.
                 if self.passthrough.on.swap(false, Ordering::Relaxed) {
@@ -418,9 +426,14 @@ impl Filesystem for AsifFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let key = fh.0 >> KEY_SHIFT;
-        if key != 0 {
-            self.passthrough.backing.lock().remove(&key);
+        if fh.0 & FH_PASSTHROUGH != 0 {
+            let mut backing = self.passthrough.backing.lock();
+            if let Some((_, n)) = backing.get_mut(&ino.0) {
+                *n -= 1;
+                if *n == 0 {
+                    backing.remove(&ino.0);
+                }
+            }
         }
         self.vol.release(ino.0);
         reply.ok();
