@@ -187,7 +187,7 @@ impl Disk for RawDisk {
             return Ok(None);
         }
         let size = self.size.read_arc();
-        Self::in_range(*size, offset, len)?;
+        Self::in_range(self.current(*size)?, offset, len)?;
         let pieces = match len {
             0 => Vec::new(),
             _ => vec![HostPiece::on(fds, 0, offset, len as usize)],
