@@ -50,9 +50,9 @@ use std::sync::Arc;
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::store::BandFile;
 use crate::error::Error;
 use crate::host::crypt::Unlocked;
+use crate::host::dir::BandFile;
 
 /// Stripes of block locks and of band locks.
 const STRIPES: usize = 64;

@@ -21,11 +21,10 @@
 //! bundle that opens, with every band inside the size it names; a crash
 //! between the two renames leaves the copy stale, and the next writable
 //! open restores it from `Info.plist`. `tests/udsb.rs` replays every crash
-//! point of a workload through a recording [`store::BundleDir`].
+//! point of a workload through a recording [`BundleDir`](crate::host::dir::BundleDir).
 
 pub mod crypt;
 pub mod info;
-pub mod store;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -43,10 +42,10 @@ use rustix::io::Errno;
 use crate::asif::engine::{lock_file, Extent, LockMode, OpenOptions};
 use crate::disk::{Disk, Format};
 use crate::error::{Error, Result};
+use crate::host::dir::{BandFile, BundleDir, HostDir};
 use crate::stats::{Counter, IoCounters};
 pub use info::{band_name, parse_band_name, Info, InfoError, DEFAULT_BAND_SIZE};
 use info::{MAX_INFO_LEN, SECTOR};
-use store::{BandFile, BundleDir, HostDir};
 
 use self::crypt::BandCrypt;
 use crate::host::crypt::header_v2::HeaderV2;

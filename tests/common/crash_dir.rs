@@ -12,7 +12,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use asiffs::udsb::store::{BandFile, BandStat, BundleDir};
+use asiffs::host::dir::{BandFile, BandStat, BundleDir};
 use asiffs::udsb::TEMP_SUFFIX;
 use parking_lot::Mutex;
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
 
-use super::TEMP_SUFFIX;
+use crate::udsb::TEMP_SUFFIX;
 
 /// One band file.
 #[allow(clippy::len_without_is_empty)] // a length, not a collection
@@ -93,7 +93,7 @@ impl HostDir {
     pub fn new(root: File) -> HostDir {
         let bands = rustix::fs::openat(
             &root,
-            super::BANDS,
+            crate::udsb::BANDS,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
