@@ -14,7 +14,10 @@ use std::sync::Arc;
 use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
 
-use crate::udsb::TEMP_SUFFIX;
+/// The subdirectory holding a bundle's band files.
+pub const BANDS: &str = "bands";
+/// Ends the name of a root file being replaced; only a crash leaves one.
+pub const TEMP_SUFFIX: &str = ".asiffs-tmp";
 
 /// One band file.
 #[allow(clippy::len_without_is_empty)] // a length, not a collection
@@ -93,7 +96,7 @@ impl HostDir {
     pub fn new(root: File) -> HostDir {
         let bands = rustix::fs::openat(
             &root,
-            crate::udsb::BANDS,
+            BANDS,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )

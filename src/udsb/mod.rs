@@ -54,9 +54,7 @@ use crate::host::crypt::Unlocked;
 pub const INFO: &str = "Info.plist";
 pub const BACKUP: &str = "Info.bckup";
 pub const TOKEN: &str = "token";
-pub const BANDS: &str = "bands";
-/// Ends the name of a plist being replaced; only a crash leaves one.
-pub const TEMP_SUFFIX: &str = ".asiffs-tmp";
+pub use crate::host::dir::{BANDS, TEMP_SUFFIX};
 /// What an encrypted bundle's `token` starts with.
 const ENCRYPTED_MAGIC: &[u8] = b"encrcdsa";
 /// Band files kept open for reuse.
