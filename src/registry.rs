@@ -192,6 +192,25 @@ fn open_encrypted(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Disk>> {
     Ok(disk)
 }
 
+/// What kind of file `md` describes, in the words skip reasons use.
+pub fn file_kind(md: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "a regular file"
+    }
+}
+
 /// The one-line refusal of a file no format claims.
 pub fn unknown(path: &Path) -> Error {
     Error::Invalid(format!(

@@ -146,21 +146,7 @@ fn is_container(ext: &str, md: &std::fs::Metadata) -> bool {
 
 /// Why an entry named as a container is not one.
 fn wrong_kind(ext: &str, md: &std::fs::Metadata) -> String {
-    use std::os::unix::fs::FileTypeExt;
-    let t = md.file_type();
-    let is = if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_dir() {
-        "a directory"
-    } else {
-        "a regular file"
-    };
+    let is = crate::registry::file_kind(md);
     let want = if ext == "sparsebundle" {
         "a directory"
     } else {

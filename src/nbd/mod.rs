@@ -145,18 +145,8 @@ fn has_image_name(path: &Path) -> bool {
 
 /// What `path` is when it is neither a regular file nor a directory.
 fn special_kind(path: &Path) -> Option<&'static str> {
-    let t = std::fs::metadata(path).ok()?.file_type();
-    Some(if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else {
-        return None;
-    })
+    let md = std::fs::metadata(path).ok()?;
+    (!md.is_file() && !md.is_dir()).then(|| registry::file_kind(&md))
 }
 
 /// Export names for the images of `source`: the file name without its
