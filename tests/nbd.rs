@@ -1245,3 +1245,310 @@ fn a_fifo_named_as_an_image_is_skipped_with_a_reason() {
         "{log}"
     );
 }
+
+/// One whole reply, simple or structured: every chunk up to the final one,
+/// all of the same handle (a reply is never interleaved with another).
+struct Whole {
+    handle: u64,
+    error: u32,
+    /// Read data as (offset, bytes); holes come as zeros.
+    data: Vec<(u64, Vec<u8>)>,
+    /// A block status chunk's payload.
+    status: Vec<u8>,
+}
+
+fn whole_reply(c: &mut Plain) -> Whole {
+    let magic = c.read_n(4);
+    if magic == SIMPLE_REPLY_MAGIC.to_be_bytes() {
+        let r = c.read_n(12);
+        return Whole {
+            handle: u64::from_be_bytes(r[4..12].try_into().unwrap()),
+            error: u32::from_be_bytes(r[0..4].try_into().unwrap()),
+            data: Vec::new(),
+            status: Vec::new(),
+        };
+    }
+    let mut w: Option<Whole> = None;
+    let mut magic = magic;
+    loop {
+        assert_eq!(magic, STRUCTURED_REPLY_MAGIC.to_be_bytes(), "chunk magic");
+        let h = c.read_n(16);
+        let flags = u16::from_be_bytes([h[0], h[1]]);
+        let kind = u16::from_be_bytes([h[2], h[3]]);
+        let handle = u64::from_be_bytes(h[4..12].try_into().unwrap());
+        let p = c.read_n(u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize);
+        let w = w.get_or_insert(Whole {
+            handle,
+            error: 0,
+            data: Vec::new(),
+            status: Vec::new(),
+        });
+        assert_eq!(w.handle, handle, "chunks of two replies interleaved");
+        let at = || u64::from_be_bytes(p[0..8].try_into().unwrap());
+        match kind {
+            REPLY_TYPE_OFFSET_DATA => w.data.push((at(), p[8..].to_vec())),
+            REPLY_TYPE_OFFSET_HOLE => {
+                let n = u32::from_be_bytes(p[8..12].try_into().unwrap());
+                w.data.push((at(), vec![0; n as usize]));
+            }
+            REPLY_TYPE_ERROR => w.error = u32::from_be_bytes(p[0..4].try_into().unwrap()),
+            REPLY_TYPE_BLOCK_STATUS => w.status = p,
+            REPLY_TYPE_NONE => {}
+            k => panic!("unexpected chunk type {k:#x}"),
+        }
+        if flags & REPLY_FLAG_DONE != 0 {
+            break;
+        }
+        magic = c.read_n(4);
+    }
+    w.unwrap()
+}
+
+/// Read data of a reply joined into the range it covers, from `offset`.
+fn joined(w: &Whole, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0xeeu8; len];
+    for (at, d) in &w.data {
+        let rel = (at - offset) as usize;
+        out[rel..rel + d.len()].copy_from_slice(d);
+    }
+    out
+}
+
+/// Sends `frame` from another thread in slices of odd sizes, one `write`
+/// each, so that headers and payloads straddle what the server receives.
+fn send_sliced(c: &Plain, frame: Vec<u8>) -> std::thread::JoinHandle<()> {
+    let mut s = c.s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let sizes = [1usize, 3, 27, 29, 5, 61, 113, 4093, 2, 997, 28 * 3 + 1];
+        let mut at = 0;
+        for n in sizes.iter().cycle() {
+            if at == frame.len() {
+                break;
+            }
+            let end = (at + n).min(frame.len());
+            s.write_all(&frame[at..end]).unwrap();
+            at = end;
+        }
+    })
+}
+
+/// What the pipelined frame asks, and the answer each handle must get.
+enum Want {
+    Ok,
+    Error(u32),
+    Data(u64, Vec<u8>),
+    Status(Vec<u8>),
+}
+
+/// 200 mixed requests sent at once in odd slices (writes with payloads,
+/// reads with and without DF, trims, flushes, block status, and requests
+/// that fail): every handle is answered exactly once, each reply whole,
+/// with the exact data or error. Then the written and trimmed ranges read
+/// back exactly, and a flush puts the completed writes in the file.
+#[test]
+fn two_hundred_pipelined_requests_in_odd_slices() {
+    let size = 64 * MIB;
+    let f = start_sized(Config::default(), size);
+    let k8 = 8 * 1024;
+    for h in 0..200u64 {
+        f.disk_a
+            .write_at(&pattern(1000 + h, 8192), 4 * MIB + h * k8)
+            .unwrap();
+    }
+    for m in 0..20u64 {
+        f.disk_a
+            .write_at(&vec![0xcc; MIB as usize], 40 * MIB + m * MIB)
+            .unwrap();
+    }
+    let mut c = session_a(&f);
+    let mut frame = Vec::new();
+    let mut want = Vec::new();
+    let push = |frame: &mut Vec<u8>, flags, command, h, offset, len| {
+        let r = Request {
+            flags,
+            command,
+            handle: h,
+            offset,
+            len,
+        };
+        frame.extend_from_slice(&r.encode());
+    };
+    for h in 0..200u64 {
+        let w = match h % 10 {
+            0 | 5 => {
+                let len = 4096 + (h % 3) as u32 * 1000;
+                push(&mut frame, 0, CMD_WRITE, h, MIB + h * k8, len);
+                frame.extend_from_slice(&pattern(h, len as usize));
+                Want::Ok
+            }
+            1 | 6 => {
+                let len = 4096 + (h % 4) as usize * 777;
+                let flags = if h % 20 == 1 { CMD_FLAG_DF } else { 0 };
+                push(&mut frame, flags, CMD_READ, h, 4 * MIB + h * k8, len as u32);
+                Want::Data(4 * MIB + h * k8, pattern(1000 + h, 8192)[..len].to_vec())
+            }
+            2 => {
+                push(
+                    &mut frame,
+                    0,
+                    CMD_TRIM,
+                    h,
+                    40 * MIB + h / 10 * MIB,
+                    MIB as u32,
+                );
+                Want::Ok
+            }
+            7 => {
+                push(&mut frame, 0, CMD_TRIM, h, 12 * MIB + h * k8, 4096);
+                Want::Ok
+            }
+            3 | 8 => {
+                push(&mut frame, 0, CMD_FLUSH, h, 0, 0);
+                Want::Ok
+            }
+            9 => {
+                push(&mut frame, 0, CMD_READ, h, 14 * MIB + h * k8, 512);
+                Want::Data(14 * MIB + h * k8, vec![0; 512])
+            }
+            _ => match h / 10 % 4 {
+                0 => {
+                    push(&mut frame, 0, CMD_READ, h, size - 512, 1024);
+                    Want::Error(EINVAL)
+                }
+                1 => {
+                    push(&mut frame, 0, CMD_WRITE, h, size - 50, 100);
+                    frame.extend_from_slice(&pattern(h, 100));
+                    Want::Error(ENOSPC)
+                }
+                2 => {
+                    push(&mut frame, 0, 42, h, 0, 0);
+                    Want::Error(EINVAL)
+                }
+                _ => {
+                    push(&mut frame, 0, CMD_BLOCK_STATUS, h, 62 * MIB, 65536);
+                    let desc = [65536u32.to_be_bytes(), HOLE.to_be_bytes()].concat();
+                    Want::Status([&1u32.to_be_bytes()[..], &desc].concat())
+                }
+            },
+        };
+        want.push(w);
+    }
+    let sender = send_sliced(&c, frame);
+    let mut seen = [false; 200];
+    for _ in 0..200 {
+        let r = whole_reply(&mut c);
+        let h = r.handle;
+        assert!(
+            h < 200 && !seen[h as usize],
+            "handle {h} unknown or repeated"
+        );
+        seen[h as usize] = true;
+        match &want[h as usize] {
+            Want::Ok => assert_eq!((r.error, r.data.len()), (0, 0), "handle {h}"),
+            Want::Error(e) => assert_eq!(r.error, *e, "handle {h}"),
+            Want::Data(at, d) => {
+                assert_eq!(r.error, 0, "handle {h}");
+                assert!(joined(&r, *at, d.len()) == *d, "handle {h}: data");
+            }
+            Want::Status(s) => assert_eq!((r.error, &r.status), (0, s), "handle {h}"),
+        }
+    }
+    sender.join().unwrap();
+
+    // Every write was answered, so a flush now covers them all: another
+    // reader of the file sees them.
+    c.request(0, CMD_FLUSH, 500, 0, 0);
+    assert_eq!(c.simple(500), 0);
+    let other = other_reader(&f);
+    for h in (0..200u64).filter(|h| h % 5 == 0) {
+        let len = 4096 + (h % 3) as usize * 1000;
+        let mut buf = vec![0u8; len];
+        other.read_at(&mut buf, MIB + h * k8).unwrap();
+        assert!(buf == pattern(h, len), "write {h} in the file");
+    }
+    drop(other);
+
+    // Read back, pipelined too: the writes' bytes and the trimmed MiBs as
+    // zeros.
+    let mut frame = Vec::new();
+    for h in 0..200u64 {
+        let (at, len) = match h % 10 {
+            0 | 5 => (MIB + h * k8, 4096 + (h % 3) as u32 * 1000),
+            2 => (40 * MIB + h / 10 * MIB, 65536),
+            _ => continue,
+        };
+        frame.extend_from_slice(
+            &Request {
+                flags: 0,
+                command: CMD_READ,
+                handle: 1000 + h,
+                offset: at,
+                len,
+            }
+            .encode(),
+        );
+    }
+    let sender = send_sliced(&c, frame);
+    let mut seen = Vec::new();
+    for _ in 0..60 {
+        let r = whole_reply(&mut c);
+        let h = r.handle - 1000;
+        assert!(
+            h < 200 && !seen.contains(&h),
+            "handle {} repeated",
+            r.handle
+        );
+        seen.push(h);
+        assert_eq!(r.error, 0, "read back {h}");
+        if h % 10 == 2 {
+            let d = joined(&r, 40 * MIB + h / 10 * MIB, 65536);
+            assert!(d.iter().all(|&b| b == 0), "trim {h} reads zeros");
+        } else {
+            let len = 4096 + (h % 3) as usize * 1000;
+            assert!(
+                joined(&r, MIB + h * k8, len) == pattern(h, len),
+                "write {h}"
+            );
+        }
+    }
+    sender.join().unwrap();
+    c.request(0, CMD_DISC, 501, 0, 0);
+    c.expect_closed();
+}
+
+/// Requests whose every byte comes in a `write` of its own still parse:
+/// a write with its payload, a read of it, a flush.
+#[test]
+fn a_request_sent_byte_by_byte_still_parses() {
+    let f = start(Config::default());
+    let mut c = session_a(&f);
+    let data = pattern(3, 700);
+    let write = Request {
+        flags: 0,
+        command: CMD_WRITE,
+        handle: 1,
+        offset: 2 * MIB + 5,
+        len: 700,
+    };
+    for b in write.encode().iter().chain(&data) {
+        c.send(&[*b]);
+    }
+    assert_eq!(c.simple(1), 0);
+    let read = Request {
+        flags: 0,
+        command: CMD_READ,
+        handle: 2,
+        offset: 2 * MIB + 5,
+        len: 700,
+    };
+    for b in read.encode() {
+        c.send(&[b]);
+    }
+    let r = whole_reply(&mut c);
+    assert_eq!((r.handle, r.error), (2, 0));
+    assert_eq!(joined(&r, 2 * MIB + 5, 700), data);
+    for b in request_bytes(CMD_FLUSH, 3, 0, 0) {
+        c.send(&[b]);
+    }
+    assert_eq!(c.simple(3), 0);
+}
