@@ -94,18 +94,16 @@ pub fn open_container(
         )));
     }
     crate::asif::engine::lock_file(&file, opts.lock, path)?;
-    let direct = || {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(opts.writable)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-    };
     Ok(match opts.cache {
-        crate::CacheMode::None => match direct() {
+        crate::CacheMode::None => match FileStorage::open_direct(path, opts.writable) {
             Ok(direct) => FileStorage::with_direct(file, direct),
-            Err(_) => FileStorage::new(file),
+            Err(e) => {
+                tracing::warn!(
+                    "{}: no O_DIRECT here ({e}); guest data goes through the host page cache",
+                    path.display()
+                );
+                FileStorage::new(file)
+            }
         },
         crate::CacheMode::Writeback => FileStorage::new(file),
     })
@@ -131,13 +129,13 @@ impl FileStorage {
         }
     }
 
-    /// Opens `path` for `O_DIRECT` reads and writes (fails where the host
-    /// filesystem does not support it).
-    pub fn open_direct(path: &std::path::Path) -> io::Result<File> {
+    /// Opens `path` for `O_DIRECT` reads (and writes, if `writable`);
+    /// fails where the host filesystem does not support it.
+    pub fn open_direct(path: &std::path::Path, writable: bool) -> io::Result<File> {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(writable)
             .custom_flags(libc::O_DIRECT)
             .open(path)
     }

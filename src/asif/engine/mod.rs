@@ -58,7 +58,7 @@ use crate::asif::format::{
     BitmapEntry, ChunkEntry, Directory, Geometry, Header, Metadata, HEADER_SIZE,
 };
 use crate::error::{Error, Result};
-use crate::host::file::{FileStorage, Storage};
+use crate::host::file::Storage;
 use crate::stats::{Counter, IoCounters, IoStats};
 use alloc::{Allocator, IoGate};
 use cache::GroupCache;
@@ -223,35 +223,7 @@ impl Image {
     /// Tables are read on demand, so opening costs the same at any size.
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(opts.writable)
-            .open(path)
-            .map_err(|e| Error::io(path.display().to_string(), e))?;
-        if !file
-            .metadata()
-            .map_err(|e| Error::io(path.display().to_string(), e))?
-            .is_file()
-        {
-            return Err(Error::Invalid(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
-        }
-        lock_file(&file, opts.lock, path)?;
-        let storage = match opts.cache {
-            CacheMode::Writeback => FileStorage::new(file),
-            CacheMode::None => match FileStorage::open_direct(path) {
-                Ok(direct) => FileStorage::with_direct(file, direct),
-                Err(e) => {
-                    tracing::warn!(
-                        "{}: no O_DIRECT here ({e}); guest data goes through the host page cache",
-                        path.display()
-                    );
-                    FileStorage::new(file)
-                }
-            },
-        };
+        let storage = crate::host::file::open_container(path, opts)?;
         let direct = storage.is_direct();
         let mut img = Self::from_storage(path, Arc::new(storage), opts)?;
         img.direct_data = direct;
