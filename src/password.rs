@@ -103,25 +103,18 @@ impl PasswordArgs {
 
     /// The password for the image at `path`: the one given, else, when the
     /// image is encrypted and standard input is a terminal, one typed at a
-    /// prompt; `None` for a plain image.
+    /// prompt. `None` otherwise: opening an encrypted image without one
+    /// then says what it needs.
     pub fn for_image(&self, path: &Path) -> Result<Option<Password>> {
         if let Some(p) = self.given()? {
             return Ok(Some(p));
         }
-        if !crate::registry::is_encrypted(path)? {
+        if !std::io::stdin().is_terminal() || !crate::registry::is_encrypted(path)? {
             return Ok(None);
-        }
-        if !std::io::stdin().is_terminal() {
-            return Err(Error::Invalid(format!(
-                "{}: encrypted disk image: needs its password (--password-file FILE or --stdinpass)",
-                path.display()
-            )));
         }
         prompt(&format!("Password for {}: ", path.display())).map(Some)
     }
-}
 
-impl PasswordArgs {
     /// The password of a new image: the one given, else typed twice at a
     /// terminal prompt.
     pub fn for_new_image(&self, path: &Path) -> Result<Password> {
