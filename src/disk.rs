@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::asif::engine::{CheckReport, Extent, Image, ImageInfo, Stats};
 use crate::error::{Error, Result};
-use crate::host::file::{aligned, AsyncFds};
+use crate::host::file::{aligned, AsyncFds, Storage};
 
 /// Where a request lies in the host files, for the ring (`host::uring`)
 /// to read or write without the format's code on the way.
@@ -58,6 +58,43 @@ impl HostPiece {
         };
         HostPiece { at, fd, host, len }
     }
+}
+
+/// Appends the data and holes of `len` disk bytes from `at`, stored from
+/// `host` on in `storage`, as the host file's own holes say (a format
+/// whose bytes lie in the file as they are: raw disks, UDIF raw runs).
+pub fn host_extents(
+    storage: &dyn Storage,
+    at: u64,
+    len: u64,
+    host: u64,
+    out: &mut Vec<Extent>,
+) -> std::io::Result<()> {
+    let end = host + len;
+    let mut pos = host;
+    while pos < end {
+        let d = storage.next_data(pos)?.map_or(end, |d| d.clamp(pos, end));
+        if d > pos {
+            out.push(Extent {
+                start: at + (pos - host),
+                length: d - pos,
+                data: false,
+                offset: None,
+            });
+        }
+        if d == end {
+            break;
+        }
+        let h = storage.next_hole(d)?.clamp(d + 1, end);
+        out.push(Extent {
+            start: at + (d - host),
+            length: h - d,
+            data: true,
+            offset: Some(d),
+        });
+        pos = h;
+    }
+    Ok(())
 }
 
 /// The container formats asiffs knows.

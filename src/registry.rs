@@ -124,7 +124,7 @@ pub fn is_encrypted(path: &Path) -> Result<bool> {
             }
             Err(_) => 0,
         };
-        return Ok(n == 8 && &head == b"encrcdsa");
+        return Ok(n == 8 && &head == crate::host::crypt::header_v2::MAGIC);
     }
     Ok(encryption(path)?.is_some())
 }

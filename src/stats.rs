@@ -49,6 +49,15 @@ impl IoCounters {
         self.bytes_discarded.bump(bytes);
     }
 
+    /// Counts a read or write the ring carried out, if it succeeded.
+    pub(crate) fn done(&self, write: bool, len: u64, ok: bool) {
+        match (ok, write) {
+            (true, true) => self.write(len),
+            (true, false) => self.read(len),
+            _ => {}
+        }
+    }
+
     pub(crate) fn flush(&self) {
         self.flushes.bump(1);
     }

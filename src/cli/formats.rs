@@ -103,12 +103,7 @@ pub fn create_encrypted(
     use crate::host::crypt::create_file;
     match format {
         CreateFormat::Udrw => {
-            if size == 0 || size % crate::raw::SECTOR != 0 || size > crate::raw::MAX_SIZE {
-                return Err(Error::Invalid(format!(
-                    "size {size} is not a positive number of whole 512-byte sectors up to {}",
-                    crate::raw::MAX_SIZE
-                )));
-            }
+            crate::raw::check_new_size(size)?;
             create_file(path, force, password.bytes(), enc, size, |_| Ok(()))
         }
         CreateFormat::Udsp => {

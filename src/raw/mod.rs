@@ -204,11 +204,7 @@ impl Disk for RawDisk {
         if write {
             self.dirty.store(true, Ordering::Release);
         }
-        match (ok, write) {
-            (true, true) => self.counters.write(len),
-            (true, false) => self.counters.read(len),
-            _ => {}
-        }
+        self.counters.done(write, len, ok);
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -298,37 +294,9 @@ impl Disk for RawDisk {
     }
 
     fn extents(&self) -> Result<Vec<Extent>> {
-        let size = self.size();
         let mut out = Vec::new();
-        let mut at = 0;
-        while at < size {
-            let data = self
-                .storage
-                .next_data(at)
-                .map_err(|e| self.io("seeking data", e))?
-                .map_or(size, |p| p.min(size));
-            if data > at {
-                Extent::push_merged(&mut out, zeros(at, data));
-            }
-            if data >= size {
-                break;
-            }
-            let hole = self
-                .storage
-                .next_hole(data)
-                .map_err(|e| self.io("seeking a hole", e))?
-                .clamp(data + 1, size);
-            Extent::push_merged(
-                &mut out,
-                Extent {
-                    start: data,
-                    length: hole - data,
-                    data: true,
-                    offset: Some(data),
-                },
-            );
-            at = hole;
-        }
+        crate::disk::host_extents(&*self.storage, 0, self.size(), 0, &mut out)
+            .map_err(|e| self.io("looking for data", e))?;
         Ok(out)
     }
 
@@ -351,19 +319,9 @@ impl Disk for RawDisk {
     }
 }
 
-fn zeros(start: u64, end: u64) -> Extent {
-    Extent {
-        start,
-        length: end - start,
-        data: false,
-        offset: None,
-    }
-}
-
-/// Creates an empty raw disk of `size` bytes at `path` as hdiutil does
-/// now: a sparse file, no trailer. `force` replaces an existing regular
-/// file that no one holds open.
-pub fn create(path: &Path, size: u64, force: bool) -> Result<()> {
+/// Refuses a size a new raw disk cannot have: not whole sectors, or past
+/// [`MAX_SIZE`].
+pub fn check_new_size(size: u64) -> Result<()> {
     if size == 0 || size % SECTOR != 0 {
         return Err(Error::Invalid(format!(
             "size {size} is not a positive number of whole {SECTOR}-byte sectors"
@@ -374,6 +332,14 @@ pub fn create(path: &Path, size: u64, force: bool) -> Result<()> {
             "size {size} is larger than the {MAX_SIZE} bytes a raw disk may have"
         )));
     }
+    Ok(())
+}
+
+/// Creates an empty raw disk of `size` bytes at `path` as hdiutil does
+/// now: a sparse file, no trailer. `force` replaces an existing regular
+/// file that no one holds open.
+pub fn create(path: &Path, size: u64, force: bool) -> Result<()> {
+    check_new_size(size)?;
     check_replaceable(path, force)?;
     let _ = std::fs::remove_file(temp_path(path, NEW_TAG));
     let place = if force { Place::Rename } else { Place::Link };

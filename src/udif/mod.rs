@@ -60,6 +60,7 @@ use serde::Serialize;
 use crate::asif::engine::{lock_file, Extent, OpenOptions};
 use crate::disk::{Disk, Format, HostPiece, Translation};
 use crate::error::{Error, Result};
+use crate::host::crypt::{header_v2::MAGIC as ENCRYPTED_HEAD, trailer_v1::MAGIC as ENCRYPTED_TAIL};
 use crate::host::file::{FileStorage, Storage};
 use crate::stats::{Counter, IoCounters, IoStats};
 use blkx::{Mish, RunKind, RunMap, SECTOR};
@@ -81,9 +82,6 @@ pub const CACHE_BYTES: usize = 32 << 20;
 /// Why an image with a resource fork gets no new space: the data fork
 /// would grow over it.
 const RSRC_FORK: &str = "the image has a resource fork, which a larger data fork would cover";
-
-const ENCRYPTED_HEAD: &[u8; 8] = b"encrcdsa";
-const ENCRYPTED_TAIL: &[u8; 8] = b"cdsaencr";
 
 /// What the file says, decoded and checked.
 #[derive(Debug, Clone)]
@@ -808,37 +806,6 @@ impl Udif {
         Disk::flush(self)
     }
 
-    /// The data and holes of a raw piece (`at`, `len` on the disk, from
-    /// `host` in the file), from the host file's own holes: new space and
-    /// punched ranges are holes there.
-    fn raw_extents(&self, at: u64, len: u64, host: u64, out: &mut Vec<Extent>) -> Result<()> {
-        let io = |e| Error::io(self.ctx("looking for data"), e);
-        let end = host + len;
-        let mut pos = host;
-        while pos < end {
-            let d = self
-                .storage
-                .next_data(pos)
-                .map_err(io)?
-                .map_or(end, |d| d.clamp(pos, end));
-            if d > pos {
-                out.push(hole(at + (pos - host), d - pos));
-            }
-            if d == end {
-                break;
-            }
-            let h = self.storage.next_hole(d).map_err(io)?.clamp(d + 1, end);
-            out.push(Extent {
-                start: at + (d - host),
-                length: h - d,
-                data: true,
-                offset: Some(d),
-            });
-            pos = h;
-        }
-        Ok(())
-    }
-
     /// Runs and gaps from `offset` on, as extents (raw runs split where
     /// the host file has holes).
     fn walk(&self, offset: u64, mut f: impl FnMut(Extent) -> bool) -> Result<()> {
@@ -852,7 +819,15 @@ impl Udif {
             piece.clear();
             match p.run.map(|i| (i, l.map.runs[i].kind)) {
                 Some((i, RunKind::Raw)) => {
-                    self.raw_extents(p.at, p.len, Self::host(&l, i, p.within), &mut piece)?
+                    // New space and punched ranges are holes in the file.
+                    crate::disk::host_extents(
+                        &*self.storage,
+                        p.at,
+                        p.len,
+                        Self::host(&l, i, p.within),
+                        &mut piece,
+                    )
+                    .map_err(|e| Error::io(self.ctx("looking for data"), e))?
                 }
                 Some((_, k)) if k.is_compressed() => piece.push(Extent {
                     start: p.at,
@@ -984,11 +959,7 @@ impl Disk for Udif {
         if write {
             self.dirty.store(true, Ordering::Release);
         }
-        match (ok, write) {
-            (true, true) => self.counters.io.write(len),
-            (true, false) => self.counters.io.read(len),
-            _ => {}
-        }
+        self.counters.io.done(write, len, ok);
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size();

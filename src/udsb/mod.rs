@@ -48,15 +48,14 @@ pub use info::{band_name, parse_band_name, Info, InfoError, DEFAULT_BAND_SIZE};
 use info::{MAX_INFO_LEN, SECTOR};
 
 use self::crypt::BandCrypt;
-use crate::host::crypt::header_v2::HeaderV2;
+// What an encrypted bundle's `token` starts with.
+use crate::host::crypt::header_v2::{HeaderV2, MAGIC as ENCRYPTED_MAGIC};
 use crate::host::crypt::Unlocked;
 
 pub const INFO: &str = "Info.plist";
 pub const BACKUP: &str = "Info.bckup";
 pub const TOKEN: &str = "token";
 pub use crate::host::dir::{BANDS, TEMP_SUFFIX};
-/// What an encrypted bundle's `token` starts with.
-const ENCRYPTED_MAGIC: &[u8] = b"encrcdsa";
 /// Band files kept open for reuse.
 const OPEN_BANDS: usize = 64;
 /// Written band files that may wait for a flush before a writer syncs them

@@ -815,11 +815,7 @@ impl Disk for SparseImage {
         if write {
             self.dirty.store(true, Ordering::Release);
         }
-        match (ok, write) {
-            (true, true) => self.counters.io.write(len),
-            (true, false) => self.counters.io.read(len),
-            _ => {}
-        }
+        self.counters.io.done(write, len, ok);
     }
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         SparseImage::discard(self, offset, len)

@@ -100,12 +100,6 @@ impl Image {
             // Before the reply: a flush that follows it must sync this data.
             self.note_data_change();
         }
-        if ok {
-            if write {
-                self.counters.io.write(len);
-            } else {
-                self.counters.io.read(len);
-            }
-        }
+        self.counters.io.done(write, len, ok);
     }
 }
