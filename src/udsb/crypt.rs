@@ -48,13 +48,13 @@
 use std::io;
 use std::sync::Arc;
 
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::RwLock;
 
 use crate::error::Error;
-use crate::host::crypt::Unlocked;
+use crate::host::crypt::{BlockLocks, Unlocked};
 use crate::host::dir::BandFile;
 
-/// Stripes of block locks and of band locks.
+/// Stripes of band locks.
 const STRIPES: usize = 64;
 /// Bytes encrypted or decrypted per pass (whole blocks, at least one).
 const CHUNK: u64 = 1 << 20;
@@ -66,7 +66,7 @@ pub struct BandCrypt {
     keys: Unlocked,
     bs: u64,
     blocks_per_band: u64,
-    blocks: Box<[RwLock<()>]>,
+    blocks: BlockLocks,
     bands: Box<[RwLock<()>]>,
 }
 
@@ -81,13 +81,12 @@ impl BandCrypt {
     pub fn new(keys: Unlocked, band_size: u64) -> BandCrypt {
         let bs = keys.block_size() as u64;
         debug_assert_eq!(band_size % bs, 0);
-        let locks = || (0..STRIPES).map(|_| RwLock::new(())).collect();
         BandCrypt {
             keys,
             bs,
             blocks_per_band: band_size / bs,
-            blocks: locks(),
-            bands: locks(),
+            blocks: BlockLocks::new(),
+            bands: (0..STRIPES).map(|_| RwLock::new(())).collect(),
         }
     }
 
@@ -103,30 +102,6 @@ impl BandCrypt {
             band: n,
             crypt: self.clone(),
         })
-    }
-
-    fn stripes(&self, b0: u64, b1: u64) -> Vec<usize> {
-        if b1 - b0 >= STRIPES as u64 {
-            return (0..STRIPES).collect();
-        }
-        let mut v: Vec<usize> = (b0..b1).map(|b| (b % STRIPES as u64) as usize).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
-    }
-
-    fn read_blocks(&self, b0: u64, b1: u64) -> Vec<RwLockReadGuard<'_, ()>> {
-        self.stripes(b0, b1)
-            .into_iter()
-            .map(|i| self.blocks[i].read())
-            .collect()
-    }
-
-    fn write_blocks(&self, b0: u64, b1: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
-        self.stripes(b0, b1)
-            .into_iter()
-            .map(|i| self.blocks[i].write())
-            .collect()
     }
 
     fn band_lock(&self, n: u64) -> &RwLock<()> {
@@ -188,7 +163,7 @@ impl EncBand {
         let end = offset + data.len() as u64;
         let (b0, b1) = (offset / bs, end.div_ceil(bs));
         let mut buf = vec![0u8; ((b1 - b0) * bs) as usize];
-        let _g = self.crypt.write_blocks(self.first + b0, self.first + b1);
+        let _g = self.crypt.blocks.write(self.first + b0, self.first + b1);
         let head = (offset - b0 * bs) as usize;
         if head != 0 {
             self.load(b0, &mut buf[..bs as usize])?;
@@ -243,7 +218,7 @@ impl EncBand {
         if len % bs != 0 && keep <= file {
             let b = len / bs;
             let mut buf = vec![0u8; bs as usize];
-            let _g = self.crypt.write_blocks(self.first + b, self.first + b + 1);
+            let _g = self.crypt.blocks.write(self.first + b, self.first + b + 1);
             self.load(b, &mut buf)?;
             buf[(len % bs) as usize..].fill(0);
             self.store(b, &mut buf)?;
@@ -277,7 +252,7 @@ impl BandFile for EncBand {
             let (b0, b1) = (at / bs, stop.div_ceil(bs));
             tmp.resize(((b1 - b0) * bs) as usize, 0);
             let whole = {
-                let _g = self.crypt.read_blocks(self.first + b0, self.first + b1);
+                let _g = self.crypt.blocks.read(self.first + b0, self.first + b1);
                 self.load(b0, &mut tmp)?
             };
             let from = (at - b0 * bs) as usize;

@@ -96,10 +96,12 @@
 pub mod cipher;
 pub mod header_v2;
 pub mod keys;
+mod locks;
 mod storage;
 pub mod trailer_v1;
 
 pub use cipher::Unlocked;
+pub(crate) use locks::BlockLocks;
 pub use storage::CryptStorage;
 
 use crate::error::{Error, Result};

@@ -24,15 +24,13 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::Mutex;
 
 use super::header_v2::{HeaderV2, DATA_SIZE_AT};
-use super::{detect, keys, trailer_v1, Scheme, Unlocked, HEADER_READ_MAX};
+use super::{detect, keys, trailer_v1, BlockLocks, Scheme, Unlocked, HEADER_READ_MAX};
 use crate::error::{Error, Result};
 use crate::host::file::Storage;
 
-/// Stripes of block locks: block `n` takes stripe `n % STRIPES`.
-const STRIPES: usize = 64;
 /// Bytes encrypted or decrypted per pass (whole blocks, at least one).
 const CHUNK: u64 = 1 << 20;
 
@@ -50,7 +48,7 @@ pub struct CryptStorage {
     /// The header's data-size field as last written; held while the size
     /// changes, which serializes growth and shrinking.
     header_size: Mutex<u64>,
-    stripes: Box<[RwLock<()>]>,
+    blocks: BlockLocks,
 }
 
 impl std::fmt::Debug for CryptStorage {
@@ -170,7 +168,7 @@ impl CryptStorage {
             data_offset,
             size: AtomicU64::new(size),
             header_size: Mutex::new(size),
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            blocks: BlockLocks::new(),
         }
     }
 
@@ -188,31 +186,6 @@ impl CryptStorage {
             Scheme::HeaderV2 => Ok(()),
             Scheme::TrailerV1 => Err(io::Error::other(READ_ONLY_V1)),
         }
-    }
-
-    /// Stripe indices of blocks `b0..b1`, ascending (the lock order).
-    fn stripe_set(&self, b0: u64, b1: u64) -> Vec<usize> {
-        if b1 - b0 >= STRIPES as u64 {
-            return (0..STRIPES).collect();
-        }
-        let mut v: Vec<usize> = (b0..b1).map(|b| (b % STRIPES as u64) as usize).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
-    }
-
-    fn lock_read(&self, b0: u64, b1: u64) -> Vec<RwLockReadGuard<'_, ()>> {
-        self.stripe_set(b0, b1)
-            .into_iter()
-            .map(|i| self.stripes[i].read())
-            .collect()
-    }
-
-    fn lock_write(&self, b0: u64, b1: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
-        self.stripe_set(b0, b1)
-            .into_iter()
-            .map(|i| self.stripes[i].write())
-            .collect()
     }
 
     fn block_at(&self, block: u64) -> io::Result<u64> {
@@ -243,7 +216,7 @@ impl CryptStorage {
         let end = offset + data.len() as u64;
         let (b0, b1) = (offset / bs, end.div_ceil(bs));
         let mut buf = vec![0u8; ((b1 - b0) * bs) as usize];
-        let _g = self.lock_write(b0, b1);
+        let _g = self.blocks.write(b0, b1);
         let head = (offset - b0 * bs) as usize;
         if head != 0 && b0 < fresh {
             self.load(b0, &mut buf[..bs as usize])?;
@@ -281,7 +254,7 @@ impl CryptStorage {
             let b = old / bs;
             let keep = (old % bs) as usize;
             let mut buf = vec![0u8; bs as usize];
-            let _g = self.lock_write(b, b + 1);
+            let _g = self.blocks.write(b, b + 1);
             self.load(b, &mut buf)?;
             buf[keep..].fill(0);
             self.store(b, &mut buf)?;
@@ -289,7 +262,7 @@ impl CryptStorage {
         let first = old.div_ceil(bs);
         let last = new.div_ceil(bs).min(zero_until.max(first));
         if last > first {
-            let _g = self.lock_write(first, last);
+            let _g = self.blocks.write(first, last);
             write_zero_blocks(
                 &*self.inner,
                 &self.keys,
@@ -357,7 +330,7 @@ impl Storage for CryptStorage {
             let (b0, b1) = (at / bs, stop.div_ceil(bs));
             tmp.resize(((b1 - b0) * bs) as usize, 0);
             {
-                let _g = self.lock_read(b0, b1);
+                let _g = self.blocks.read(b0, b1);
                 self.load(b0, &mut tmp)?;
             }
             let from = (at - b0 * bs) as usize;
