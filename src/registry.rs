@@ -129,6 +129,19 @@ pub fn is_encrypted(path: &Path) -> Result<bool> {
     Ok(encryption(path)?.is_some())
 }
 
+/// Why a disk opened for writing from `path` takes no changes because of
+/// its encryption (version-1 images are read-only), beside the format's
+/// own [`Disk::write_refusal`]: for the one line a transport logs or a
+/// command prints.
+pub fn encryption_refusal(path: &Path, disk: &dyn Disk) -> Option<String> {
+    match encryption(path) {
+        Ok(Some(Scheme::TrailerV1)) if !disk.is_writable() => {
+            Some("version-1 encrypted images (cdsaencr trailer) are read-only".into())
+        }
+        _ => None,
+    }
+}
+
 /// What `info` says of an encrypted file without unlocking it.
 pub fn describe_encryption(scheme: Scheme) -> &'static str {
     match scheme {
@@ -152,8 +165,8 @@ fn open_encrypted(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Disk>> {
         )));
     };
     let plain = CryptStorage::unlock(file, password.bytes()).map_err(|e| in_file(path, e))?;
-    let read_only = opts.writable && plain.scheme() == Scheme::TrailerV1;
-    let writable = opts.writable && !read_only;
+    // Version 1 keeps its trailer at the end: growing would move it.
+    let writable = opts.writable && plain.scheme() != Scheme::TrailerV1;
     let len = plain
         .len()
         .map_err(|e| Error::io(path.display().to_string(), e))?;
@@ -183,12 +196,6 @@ fn open_encrypted(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Disk>> {
             writable,
         )?),
     };
-    if read_only {
-        tracing::warn!(
-            "{}: serving read-only: version-1 encrypted images (cdsaencr trailer) are read-only",
-            path.display()
-        );
-    }
     Ok(disk)
 }
 

@@ -733,3 +733,71 @@ fn every_crash_point_of_an_encrypted_udif_opens_and_keeps_flushed_writes() {
         |_, _| {},
     );
 }
+
+#[test]
+fn resize_and_check_reach_the_format_inside_the_encryption() {
+    let t = tempfile::tempdir().unwrap();
+    let pwf = t.path().join("pw");
+    fs::write(&pwf, "vilefault\n").unwrap();
+    // A version-2 UDRW grows and shrinks through its password.
+    let p = copy(t.path(), "testimage.AES-128.64k.header_v2.dmg");
+    let r = run(["resize", "--password-file", s(&pwf), s(&p), "128K"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let d = registry::open(&p, None, &with_password(VILEFAULT, false)).unwrap();
+    assert_eq!(d.size(), 128 << 10);
+    let disk = read_all(&*d);
+    drop(d);
+    assert_eq!(
+        sha256(&disk[..65_536]),
+        "6fd3ed173450459fb2e838a846e9bee88c9b9e9c6a97fe554aa0a65a54ce7f12"
+    );
+    assert!(
+        disk[65_536..].iter().all(|&b| b == 0),
+        "the grown part reads zeros"
+    );
+    // Version 1 is read-only: refused in one line, the file untouched.
+    let v1 = copy(t.path(), "testimage.AES-256.64k.header_v1.dmg");
+    let before = fs::read(&v1).unwrap();
+    let r = run(["resize", "--password-file", s(&pwf), s(&v1), "128K"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(
+        r.stderr,
+        format!(
+            "asiffs: {}: cannot resize: version-1 encrypted images (cdsaencr trailer) are read-only\n",
+            v1.display()
+        )
+    );
+    assert_eq!(fs::read(&v1).unwrap(), before);
+    // check of an ASIF image inside encryption is ASIF's full check.
+    let plain = t.path().join("plain.asif");
+    let opts = asiffs::CreateOptions {
+        size: 16 << 20,
+        force: false,
+        chunk_size: 1 << 20,
+        block_size: 512,
+    };
+    asiffs::Image::create(&plain, &opts)
+        .unwrap()
+        .close()
+        .unwrap();
+    let bytes = fs::read(&plain).unwrap();
+    let e = t.path().join("e.asif");
+    crypt::create_file(
+        &e,
+        false,
+        VILEFAULT,
+        crypt::Encryption::Aes128,
+        bytes.len() as u64,
+        |s| {
+            s.write_at(&bytes, 0)
+                .map_err(|e| Error::io("writing the ASIF image", e))
+        },
+    )
+    .unwrap();
+    let r = run(["check", "--password-file", s(&pwf), s(&e)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("No errors were found on the image."),
+        "{r:?}"
+    );
+}

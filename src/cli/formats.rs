@@ -262,7 +262,8 @@ pub fn resize_other(
         )));
     }
     let disk = crate::registry::open(path, Some(format), opts)?;
-    if let Some(why) = disk.write_refusal() {
+    let why = disk.write_refusal();
+    if let Some(why) = why.or_else(|| crate::registry::encryption_refusal(path, &*disk)) {
         return Err(Error::Invalid(format!(
             "{}: cannot resize: {why}",
             path.display()

@@ -194,7 +194,8 @@ fn open_disk(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Disk>, Error> {
 /// Logs why an image is served read-only in a writable mount (a large
 /// image's scan, still running, logs it itself when it finishes).
 fn note_refusal(path: &Path, disk: &dyn Disk) {
-    if let Some(why) = disk.refusal_now() {
+    let why = disk.refusal_now();
+    if let Some(why) = why.or_else(|| crate::registry::encryption_refusal(path, disk)) {
         warn!("{}: serving read-only: {why}", path.display());
     }
 }

@@ -247,7 +247,8 @@ fn open_exports(
                 let disk: Arc<dyn Disk> = Arc::from(d);
                 let ro = read_only || !disk.is_writable();
                 if !read_only {
-                    if let Some(why) = disk.write_refusal() {
+                    let why = disk.write_refusal();
+                    if let Some(why) = why.or_else(|| registry::encryption_refusal(path, &*disk)) {
                         warn!("{}: served read-only: {why}", path.display());
                     }
                 }
