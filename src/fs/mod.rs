@@ -20,6 +20,7 @@
 //! carries `user.asiffs.pid`; `asiffs umount` and `asiffs stats` read them
 //! (`cli::mount_clients`).
 
+mod kernel;
 mod namespace;
 mod ops;
 mod pool;
@@ -63,6 +64,17 @@ pub enum Aio {
     Threads,
 }
 
+/// Whether FUSE requests travel over io_uring (`-o uring=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UringMode {
+    /// When the kernel offers it and asiffs can mount itself (root).
+    Auto,
+    /// Always; the mount fails with the reason when it cannot.
+    On,
+    /// Never: `/dev/fuse` through fuser.
+    Off,
+}
+
 /// When the kernel page cache is bypassed (`FOPEN_DIRECT_IO`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirectIo {
@@ -87,11 +99,14 @@ pub struct MountArgs {
     /// Mount options, comma separated (ro, allow_other, allow_root,
     /// default_permissions, auto_unmount, nodev, nosuid, noexec, noatime,
     /// fsname=, subtype=, direct_io, cache=none|writeback,
-    /// passthrough=on|off, password-file=PATH; others go to the kernel as
-    /// they are). cache=none (the default) reads and writes guest data with
+    /// passthrough=on|off, uring=auto|on|off, password-file=PATH; others
+    /// go to the kernel as they are). cache=none (the default) reads and writes guest data with
     /// O_DIRECT on the container, as QEMU's cache.direct=on;
     /// cache=writeback goes through the host page cache. passthrough=on
     /// (the default) hands a raw disk's reads and writes to the kernel.
+    /// uring=auto (the default) carries FUSE requests over io_uring when
+    /// the kernel offers it (root, /sys/module/fuse/parameters/
+    /// enable_uring = 1); on fails when it cannot; off never does.
     /// password-file= unlocks the encrypted images.
     #[arg(short = 'o', value_name = "OPTS", value_delimiter = ',', action = clap::ArgAction::Append)]
     pub options: Vec<String>,
@@ -140,6 +155,8 @@ struct Opts {
     password_file: Option<PathBuf>,
     /// `passthrough=on|off`: raw disks' I/O handed to the kernel.
     passthrough: bool,
+    /// `uring=auto|on|off`.
+    uring: UringMode,
 }
 
 fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
@@ -153,6 +170,7 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
         cache: crate::CacheMode::None,
         password_file: None,
         passthrough: true,
+        uring: UringMode::Auto,
     };
     let mut fsname = false;
     let mut subtype = false;
@@ -221,6 +239,19 @@ fn parse_options(list: &[String], source: &Path) -> Result<Opts> {
             x if x.starts_with("passthrough=") => {
                 return Err(Error::Invalid(format!(
                     "bad mount option {x:?}: passthrough= takes on or off"
+                )));
+            }
+            "uring=auto" | "uring=on" | "uring=off" => {
+                o.uring = match &opt[6..] {
+                    "on" => UringMode::On,
+                    "off" => UringMode::Off,
+                    _ => UringMode::Auto,
+                };
+                continue;
+            }
+            x if x.starts_with("uring=") => {
+                return Err(Error::Invalid(format!(
+                    "bad mount option {x:?}: uring= takes auto, on or off"
                 )));
             }
             x if x.starts_with("password-file=") => {
@@ -333,6 +364,8 @@ pub fn cmd_mount(args: &MountArgs) -> Result<i32> {
     if args.threads == 0 {
         return Err(Error::Invalid("--threads must be at least 1".into()));
     }
+    // Said here, before the fork, so that the user sees why.
+    own_transport(opts.uring, &opts.mount)?;
 
     if args.foreground {
         return serve(args, opts, source_kind, password, &mountpoint, None);
@@ -442,15 +475,17 @@ fn serve(
         set
     };
 
-    let pool = match args.dispatch {
-        Dispatch::Pool => Some(Arc::new(
+    let own = own_transport(opts.uring, &opts.mount)?;
+    let pool = match (own, args.dispatch) {
+        (true, _) | (false, Dispatch::Pool) => Some(Arc::new(
             Pool::new(args.threads).map_err(|e| io_err("threads", e))?,
         )),
-        Dispatch::Fuser => None,
+        (false, Dispatch::Fuser) => None,
     };
-    let ring = match args.aio {
-        Aio::Threads => None,
-        Aio::Uring => match crate::host::uring::Ring::new() {
+    let ring = match (own, args.aio) {
+        // The ring transport does its container I/O on its own rings.
+        (true, _) | (false, Aio::Threads) => None,
+        (false, Aio::Uring) => match crate::host::uring::Ring::new() {
             Ok(r) => Some(Arc::new(r)),
             Err(e) => {
                 warn!(
@@ -462,28 +497,44 @@ fn serve(
             }
         },
     };
-    let aio = if ring.is_some() {
+    let aio = if ring.is_some() || own {
         "io_uring"
     } else {
         "blocking"
     };
     let vol = Arc::new(Volume::new(ns.clone(), ring, direct_io, root_md));
-    let fs = AsifFs::new(vol, pool.clone(), opts.passthrough);
-    let mut config = Config::default();
-    config.mount_options = opts.mount.clone();
-    config.acl = opts.acl;
-    config.n_threads = Some(match args.dispatch {
-        Dispatch::Fuser => args.threads,
-        Dispatch::Pool => 1,
-    });
-    config.clone_fd = true;
-    let session = Session::new(fs, mountpoint, &config)
+    let mounted = if own {
+        let m = kernel::mount(
+            mountpoint,
+            &opts.mount,
+            opts.acl != SessionACL::Owner,
+            ns.root_is_file(),
+        )
         .map_err(|e| io_err(format!("mounting on {}", mountpoint.display()), e))?;
+        Mounted::Own(m)
+    } else {
+        let fs = AsifFs::new(vol.clone(), pool.clone(), opts.passthrough);
+        let mut config = Config::default();
+        config.mount_options = opts.mount.clone();
+        config.acl = opts.acl;
+        config.n_threads = Some(match args.dispatch {
+            Dispatch::Fuser => args.threads,
+            Dispatch::Pool => 1,
+        });
+        config.clone_fd = true;
+        let session = Session::new(fs, mountpoint, &config)
+            .map_err(|e| io_err(format!("mounting on {}", mountpoint.display()), e))?;
+        Mounted::Fuser(session)
+    };
     info!(
-        "mounted {} images on {} ({:?}, {} threads, {aio} I/O, direct_io {:?}{})",
+        "mounted {} images on {} ({}, {} threads, {aio} I/O, direct_io {:?}{})",
         ns.listing().len(),
         mountpoint.display(),
-        args.dispatch,
+        if own {
+            "own transport".to_string()
+        } else {
+            format!("{:?}", args.dispatch)
+        },
         args.threads,
         direct_io,
         if opts.readonly { ", read-only" } else { "" }
@@ -508,12 +559,38 @@ fn serve(
         })
         .map_err(|e| io_err("signal thread", e))?;
 
-    if let Some(wr) = ready {
-        detach_stdio(args.log.as_deref());
-        let _ = std::fs::File::from(wr).write_all(b"OK\n");
-    }
-
-    let r = session.run();
+    let log = args.log.clone();
+    let tell_ready = move || {
+        if let Some(wr) = ready {
+            detach_stdio(log.as_deref());
+            let _ = std::fs::File::from(wr).write_all(b"OK\n");
+        }
+    };
+    let r = match mounted {
+        Mounted::Fuser(session) => {
+            tell_ready();
+            session.run()
+        }
+        Mounted::Own(m) => {
+            let plan = kernel::Plan {
+                ring: opts.uring != UringMode::Off,
+                require_ring: opts.uring == UringMode::On,
+                passthrough: opts.passthrough,
+                access: match opts.acl {
+                    SessionACL::Owner => kernel::Access::Owner,
+                    SessionACL::RootAndOwner => kernel::Access::RootAndOwner,
+                    SessionACL::All => kernel::Access::All,
+                },
+            };
+            let pool = pool.clone().expect("the own transport has a pool");
+            let r = kernel::serve(m, vol.clone(), pool, plan, |_| tell_ready());
+            if r.is_err() {
+                // Nothing serves the mount any more: take it away.
+                let _ = unmount(mountpoint, true);
+            }
+            r.map(|_| ())
+        }
+    };
     if let Some(p) = &pool {
         p.shutdown();
     }
@@ -534,6 +611,31 @@ fn serve(
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// The two transports: fuser's over `/dev/fuse`, or asiffs' own (which
+/// speaks FUSE over io_uring).
+enum Mounted {
+    Fuser(Session<AsifFs>),
+    Own(kernel::Mounted),
+}
+
+/// Whether the mount uses asiffs' own transport (FUSE over io_uring):
+/// `uring=on` insists (an error names why it cannot), `auto` takes it
+/// when it can and logs why not.
+fn own_transport(mode: UringMode, options: &[MountOption]) -> Result<bool> {
+    let why_not = kernel::unusable(options).or_else(|| kernel::uring_available().err());
+    match (mode, why_not) {
+        (UringMode::Off, _) => Ok(false),
+        (_, None) => Ok(true),
+        (UringMode::On, Some(why)) => Err(Error::Invalid(format!(
+            "-o uring=on: FUSE over io_uring unavailable: {why}"
+        ))),
+        (UringMode::Auto, Some(why)) => {
+            info!("FUSE over io_uring not used: {why}");
+            Ok(false)
+        }
+    }
 }
 
 /// The kernel caps FUSE readahead at its 128 KiB default whatever INIT asks;

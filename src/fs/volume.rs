@@ -117,6 +117,8 @@ pub(crate) struct Volume {
     next_dir: AtomicU64,
     /// Attributes of the root directory (SOURCE's own stat).
     root_md: std::fs::Metadata,
+    /// How requests reach the volume: `classic` (`/dev/fuse`) or `uring`.
+    transport: Mutex<&'static str>,
 }
 
 thread_local! {
@@ -251,7 +253,13 @@ impl Volume {
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
             root_md,
+            transport: Mutex::new("classic"),
         }
+    }
+
+    /// Says how requests arrive (for `stats`).
+    pub fn set_transport(&self, t: &'static str) {
+        *self.transport.lock() = t;
     }
 
     /// Whether the root is the directory of images (not the image itself).
@@ -516,6 +524,48 @@ impl Volume {
         );
     }
 
+    /// Where a read of `size` at `offset` lies in the host files, for a
+    /// transport that does the host I/O itself: the bytes inside the disk
+    /// and their translation, or `None` for the slow path ([`Volume::read`]).
+    pub fn translate_read(
+        &self,
+        node: &Node,
+        offset: u64,
+        size: u32,
+    ) -> Result<Option<(usize, crate::disk::Translation)>, Errno> {
+        let len = read_len(node, offset, size);
+        if len == 0 {
+            return Ok(None);
+        }
+        match node.disk.translate(offset, len as u64, false) {
+            Ok(t) => Ok(t
+                .filter(|t| crate::host::uring::usable(t, len))
+                .map(|t| (len, t))),
+            Err(e) => {
+                debug!("read {offset}+{len}: {e}");
+                Err(e.errno())
+            }
+        }
+    }
+
+    /// As [`Volume::translate_read`] for a write of `len` bytes, after the
+    /// checks and growth a write makes; `None`: [`Volume::write`].
+    pub fn translate_write(
+        &self,
+        node: &Node,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<crate::disk::Translation>, Errno> {
+        prepare_write(node, offset, len)?;
+        match node.disk.translate(offset, len as u64, true) {
+            Ok(t) => Ok(t.filter(|t| crate::host::uring::covers(t, len))),
+            Err(e) => {
+                warn!("write {offset}+{len}: {e}");
+                Err(e.errno())
+            }
+        }
+    }
+
     /// Writes `data` at `offset`, growing the disk where the format can;
     /// answers the bytes written.
     pub fn write(&self, node: &Node, offset: u64, data: &[u8]) -> Result<u32, Errno> {
@@ -743,12 +793,14 @@ impl Volume {
     fn stats(&self, node: &Node) -> serde_json::Value {
         let mut v = node.disk.stats();
         v["format"] = node.disk.format().name().into();
-        let io = if self.is_async(node) {
+        let transport = *self.transport.lock();
+        let io = if self.is_async(node) || (transport == "uring" && node.disk.may_translate()) {
             "io_uring"
         } else {
             "blocking"
         };
         v["io"] = io.into();
+        v["transport"] = transport.into();
         v
     }
 

@@ -430,16 +430,6 @@ impl Ring {
         self.shared.piece_done(op);
     }
 
-    /// A translation the ring can carry out on a buffer of `len` bytes.
-    fn usable(&self, t: &Translation, len: usize) -> bool {
-        let mut end = 0;
-        t.pieces.iter().all(|p| {
-            let ok = p.at >= end && p.len > 0 && p.at + p.len <= len;
-            end = p.at + p.len;
-            ok
-        })
-    }
-
     /// Reads `len` bytes at `offset` of `disk` and calls `done` with them,
     /// from the ring's thread when the disk translates the request, else
     /// before returning (through `read_at`).
@@ -459,7 +449,7 @@ impl Ring {
         // A translation not taken is dropped (with its hold) before the
         // synchronous path runs: that path takes the same locks.
         let t = match disk.translate(offset, len as u64, false) {
-            Ok(t) => t.filter(|t| self.usable(t, len)),
+            Ok(t) => t.filter(|t| usable(t, len)),
             Err(e) => return done(Err(e)),
         };
         let Some(t) = t else {
@@ -479,10 +469,7 @@ impl Ring {
         }
         let t = match disk.translate(offset, data.len() as u64, true) {
             // Every byte of a write must land somewhere.
-            Ok(t) => t.filter(|t| {
-                self.usable(t, data.len())
-                    && t.pieces.iter().map(|p| p.len).sum::<usize>() == data.len()
-            }),
+            Ok(t) => t.filter(|t| covers(t, data.len())),
             Err(e) => return done(Err(e)),
         };
         let Some(t) = t else {
@@ -494,8 +481,25 @@ impl Ring {
     }
 }
 
+/// Whether a translation can be carried out on a buffer of `len` bytes:
+/// pieces in order, not overlapping, inside it; for a write
+/// (`covering`), every byte lands somewhere.
+pub fn usable(t: &Translation, len: usize) -> bool {
+    let mut end = 0;
+    t.pieces.iter().all(|p| {
+        let ok = p.at >= end && p.len > 0 && p.at + p.len <= len;
+        end = p.at + p.len;
+        ok
+    })
+}
+
+/// Whether every byte of a `len`-byte write lands in some piece.
+pub fn covers(t: &Translation, len: usize) -> bool {
+    usable(t, len) && t.pieces.iter().map(|p| p.len).sum::<usize>() == len
+}
+
 /// Zeroes what no piece will fill (holes), in a reused buffer.
-fn zero_gaps(buf: &mut [u8], pieces: &[HostPiece]) {
+pub fn zero_gaps(buf: &mut [u8], pieces: &[HostPiece]) {
     let mut at = 0;
     for p in pieces {
         buf[at..p.at].fill(0);
