@@ -110,8 +110,17 @@ unit-test: build
 interop-test: deps
 	$(VPY) -m unittest -v tests/interop/test_oracle.py
 
-integration: deps build
+integration: deps build uring-on
 	integration/run-all.sh
+
+# FUSE over io_uring is off in the kernel until asked (root only); the
+# mount then uses it by default (-o uring=auto). Without root or a kernel
+# that has it, the mount says why and serves /dev/fuse.
+URING_KNOB := /sys/module/fuse/parameters/enable_uring
+.PHONY: uring-on
+uring-on:
+	@if [ -w $(URING_KNOB) ]; then echo 1 > $(URING_KNOB) && echo "uring: FUSE over io_uring enabled"; \
+	else echo "uring: $(URING_KNOB) not writable; mounts use /dev/fuse"; fi
 
 # Fuzzing with cargo-fuzz (libFuzzer, debug assertions and overflow
 # checks). No sanitizer unless asked (FUZZ_SANITIZER=address): the code
@@ -181,7 +190,7 @@ model-check:
 # Order matters: integration runs last so its "N passed, N failed" line closes the output.
 test: deps fmt-check clippy unit-test model-check interop-test fuzz-test integration
 
-bench: deps build
+bench: deps build uring-on
 	bench/run.sh
 
 demo: deps build

@@ -55,12 +55,45 @@ echo "integration: ASIFFS=$ASIFFS"
 echo "integration: VECTORS=$VECTORS"
 echo "integration: PYTHON=$PYTHON"
 echo "integration: ${#scripts[@]} scripts, timeout ${TIMEOUT}s each, logs in $LOGDIR"
+echo "integration: FUSE over io_uring: $(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null || echo absent)"
+
+# Every mount script runs twice: as users get it (-o uring=auto: FUSE over
+# io_uring when the kernel offers it) and on the fuser transport
+# (uring=off), through a wrapper that adds the option to `asiffs mount`.
+REAL_ASIFFS="$ASIFFS"
+runs=()
+for s in "${scripts[@]}"; do
+    runs+=("$s:")
+    case "$(basename "$s")" in
+        # mount(8) runs the installed helper, not $ASIFFS.
+        mount_fstab.sh) ;;
+        mount_*) runs+=("$s:off") ;;
+    esac
+done
+WRAPDIR="$ASIFFS_TEST_ROOT/uring-off"
+mkdir -p "$WRAPDIR"
+cat >"$WRAPDIR/asiffs" <<WRAP
+#!/usr/bin/env bash
+if [[ "\${1:-}" == mount ]]; then
+    shift
+    exec "$REAL_ASIFFS" mount -o uring=off "\$@"
+fi
+exec "$REAL_ASIFFS" "\$@"
+WRAP
+chmod +x "$WRAPDIR/asiffs"
 
 passed=0
 failed=0
 failed_names=()
-for s in "${scripts[@]}"; do
+for run in "${runs[@]}"; do
+    s="${run%%:*}"
+    mode="${run#*:}"
     name="$(basename "$s" .sh)"
+    export ASIFFS="$REAL_ASIFFS"
+    if [[ -n "$mode" ]]; then
+        ASIFFS="$WRAPDIR/asiffs"
+        name="$name[uring=$mode]"
+    fi
     logf="$LOGDIR/$name.log"
     start=$SECONDS
     rc=0

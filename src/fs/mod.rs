@@ -497,7 +497,7 @@ fn serve(
             }
         },
     };
-    let aio = if ring.is_some() || own {
+    let aio = if ring.is_some() || (own && args.aio == Aio::Uring) {
         "io_uring"
     } else {
         "blocking"
@@ -581,6 +581,7 @@ fn serve(
                     SessionACL::RootAndOwner => kernel::Access::RootAndOwner,
                     SessionACL::All => kernel::Access::All,
                 },
+                ring_io: args.aio == Aio::Uring,
             };
             let pool = pool.clone().expect("the own transport has a pool");
             let r = kernel::serve(m, vol.clone(), pool, plan, |_| tell_ready());

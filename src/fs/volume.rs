@@ -117,8 +117,9 @@ pub(crate) struct Volume {
     next_dir: AtomicU64,
     /// Attributes of the root directory (SOURCE's own stat).
     root_md: std::fs::Metadata,
-    /// How requests reach the volume: `classic` (`/dev/fuse`) or `uring`.
-    transport: Mutex<&'static str>,
+    /// How requests reach the volume: `classic` (`/dev/fuse`) or `uring`,
+    /// and whether that transport does the container I/O on its rings.
+    transport: Mutex<(&'static str, bool)>,
 }
 
 thread_local! {
@@ -253,13 +254,14 @@ impl Volume {
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
             root_md,
-            transport: Mutex::new("classic"),
+            transport: Mutex::new(("classic", false)),
         }
     }
 
-    /// Says how requests arrive (for `stats`).
-    pub fn set_transport(&self, t: &'static str) {
-        *self.transport.lock() = t;
+    /// Says how requests arrive, and whether their container I/O goes on
+    /// the transport's rings (for `stats`).
+    pub fn set_transport(&self, t: &'static str, ring_io: bool) {
+        *self.transport.lock() = (t, ring_io);
     }
 
     /// Whether the root is the directory of images (not the image itself).
@@ -793,8 +795,8 @@ impl Volume {
     fn stats(&self, node: &Node) -> serde_json::Value {
         let mut v = node.disk.stats();
         v["format"] = node.disk.format().name().into();
-        let transport = *self.transport.lock();
-        let io = if self.is_async(node) || (transport == "uring" && node.disk.may_translate()) {
+        let (transport, ring_io) = *self.transport.lock();
+        let io = if self.is_async(node) || (ring_io && node.disk.may_translate()) {
             "io_uring"
         } else {
             "blocking"

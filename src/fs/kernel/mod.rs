@@ -81,6 +81,9 @@ pub(super) struct Plan {
     pub require_ring: bool,
     pub passthrough: bool,
     pub access: Access,
+    /// Container I/O of translatable requests on the queues' rings
+    /// (`--aio uring`); else everything runs on the pool.
+    pub ring_io: bool,
 }
 
 fn read_dev(dev: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -204,7 +207,7 @@ pub(super) fn serve(
     let mut queues = Vec::new();
     let mut transport = "classic";
     if flags & init::OVER_IO_URING != 0 {
-        match start_queues(&dev, &sess, &pool, &stop) {
+        match start_queues(&dev, &sess, &pool, &stop, plan.ring_io) {
             Ok(q) => {
                 queues = q;
                 transport = "uring";
@@ -224,7 +227,7 @@ pub(super) fn serve(
             "the kernel did not offer FUSE over io_uring at INIT",
         ));
     }
-    vol.set_transport(transport);
+    vol.set_transport(transport, transport == "uring" && plan.ring_io);
     info!(
         "transport: {}",
         if transport == "uring" {
@@ -247,6 +250,7 @@ fn start_queues(
     sess: &Arc<Session>,
     pool: &Arc<Pool>,
     stop: &Arc<AtomicBool>,
+    ring_io: bool,
 ) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
     let n = ring::possible_cpus();
     let (tx, rx) = crossbeam_channel::bounded::<io::Result<()>>(n);
@@ -263,7 +267,7 @@ fn start_queues(
             .name(format!("asiffs-q{qid}"))
             .spawn(move || {
                 ring::pin(qid);
-                let q = ring::Queue::new(qid as u16, dev.as_raw_fd(), sess, pool)
+                let q = ring::Queue::new(qid as u16, dev.as_raw_fd(), sess, pool, ring_io)
                     .and_then(|mut q| q.register().map(|()| q));
                 match q {
                     Ok(q) => {

@@ -142,6 +142,8 @@ pub struct Queue {
     wake_buf: Box<u64>,
     sess: Arc<Session>,
     pool: Arc<Pool>,
+    /// Whether translated reads and writes run on this ring.
+    ring_io: bool,
     /// Entries the kernel holds or this thread works on; the queue ends
     /// when none is left.
     live: usize,
@@ -191,7 +193,13 @@ fn uring_cmd(
 }
 
 impl Queue {
-    pub fn new(qid: u16, dev: RawFd, sess: Arc<Session>, pool: Arc<Pool>) -> io::Result<Queue> {
+    pub fn new(
+        qid: u16,
+        dev: RawFd,
+        sess: Arc<Session>,
+        pool: Arc<Pool>,
+        ring_io: bool,
+    ) -> io::Result<Queue> {
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_cqsize((DEPTH * 8) as u32)
             .build((DEPTH * 4) as u32)?;
@@ -236,6 +244,7 @@ impl Queue {
             wake_buf: Box::new(0),
             sess,
             pool,
+            ring_io,
             live: 0,
             region,
         })
@@ -414,7 +423,7 @@ impl Queue {
             (h, f.u64(abi::URING_COMMIT_ID), arg, arg_len, tail_len)
         };
         self.ents[i].unique = unique;
-        if matches!(h.opcode, op::READ | op::WRITE) {
+        if self.ring_io && matches!(h.opcode, op::READ | op::WRITE) {
             let a = Fields(&arg);
             if let Some(started) = self.fast(i, &h, a.u64(8), a.u32(16) as usize) {
                 if let Err(e) = started {
