@@ -449,3 +449,256 @@ pub fn dispatch(s: &Session, h: &InHeader, arg: &[u8], tail: &[u8], out: &mut Ve
         _ => Outcome::Error(libc::ENOSYS),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Requests as the kernel encodes them, answered by a real volume over
+    //! a SOURCE directory: the exact bytes a transport would send back.
+    use super::*;
+    use crate::fs::namespace::{Namespace, Source, ROOT_INO};
+    use crate::fs::DirectIo;
+    use crate::{CacheMode, CreateOptions, Image};
+
+    const SIZE: u64 = 8 << 20;
+
+    fn session(dir: &std::path::Path, access: Access) -> Session {
+        let opts = CreateOptions {
+            size: SIZE,
+            ..CreateOptions::default()
+        };
+        Image::create(dir.join("a.asif"), &opts).unwrap();
+        let ns = Namespace::new(
+            Source::Dir(dir.to_path_buf()),
+            true,
+            1,
+            CacheMode::Writeback,
+        );
+        ns.rescan();
+        let md = std::fs::metadata(dir).unwrap();
+        let vol = Arc::new(Volume::new(Arc::new(ns), None, DirectIo::Auto, md));
+        let null = std::fs::File::open("/dev/null").unwrap();
+        Session::new(vol, Arc::new(OwnedFd::from(null)), access)
+    }
+
+    fn header(opcode: u32, nodeid: u64, uid: u32) -> InHeader {
+        InHeader {
+            len: 0,
+            opcode,
+            unique: 7,
+            nodeid,
+            uid,
+            gid: 0,
+            pid: 1,
+        }
+    }
+
+    fn call(s: &Session, opcode: u32, nodeid: u64, arg: &[u8], tail: &[u8]) -> (Outcome, Vec<u8>) {
+        let mut out = Vec::new();
+        let o = dispatch(s, &header(opcode, nodeid, 0), arg, tail, &mut out);
+        (o, out)
+    }
+
+    /// fuse_read_in / fuse_write_in: fh, offset, size, then zeros.
+    fn rw_in(offset: u64, size: u32) -> Vec<u8> {
+        let mut v = Vec::new();
+        abi::put64(&mut v, 0);
+        abi::put64(&mut v, offset);
+        abi::put32(&mut v, size);
+        v.resize(40, 0);
+        v
+    }
+
+    fn lookup_ino(s: &Session) -> u64 {
+        let (o, out) = call(s, op::LOOKUP, ROOT_INO, &[], b"a.img\0");
+        assert_eq!(o, Outcome::Reply);
+        assert_eq!(out.len(), 128);
+        Fields(&out).u64(0)
+    }
+
+    #[test]
+    fn lookup_and_getattr_answer_the_kernels_structures() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = session(dir.path(), Access::Owner);
+        let ino = lookup_ino(&s);
+        let (o, out) = call(&s, op::LOOKUP, ROOT_INO, &[], b"a.img\0");
+        assert_eq!(o, Outcome::Reply);
+        let f = Fields(&out);
+        // entry_valid 0 s, attr_valid 1 s, then the attributes.
+        assert_eq!((f.u64(16), f.u64(24)), (0, 1));
+        assert_eq!(f.u64(40), ino);
+        assert_eq!(f.u64(48), SIZE);
+        assert_eq!(f.u32(40 + 60) & libc::S_IFMT, libc::S_IFREG);
+        let mut arg = vec![0u8; 16];
+        arg[0] = 0;
+        let (o, out) = call(&s, op::GETATTR, ino, &arg, &[]);
+        assert_eq!(o, Outcome::Reply);
+        assert_eq!(out.len(), 104);
+        assert_eq!(Fields(&out).u64(16 + 8), SIZE);
+        assert_eq!(
+            call(&s, op::LOOKUP, ROOT_INO, &[], b"nope.img\0").0,
+            Outcome::Error(libc::ENOENT)
+        );
+        assert_eq!(
+            call(&s, op::LOOKUP, ROOT_INO, &[], b"no-nul").0,
+            Outcome::Error(libc::EINVAL)
+        );
+        let (o, out) = call(&s, op::GETATTR, ROOT_INO, &arg, &[]);
+        assert_eq!(o, Outcome::Reply);
+        assert_eq!(Fields(&out).u32(16 + 60) & libc::S_IFMT, libc::S_IFDIR);
+    }
+
+    #[test]
+    fn written_bytes_read_back_and_short_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = session(dir.path(), Access::Owner);
+        let ino = lookup_ino(&s);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let (o, out) = call(
+            &s,
+            op::WRITE,
+            ino,
+            &rw_in(4096 * 3 + 5, data.len() as u32),
+            &data,
+        );
+        assert_eq!(o, Outcome::Reply);
+        assert_eq!(out, [16, 39, 0, 0, 0, 0, 0, 0]);
+        let (o, out) = call(&s, op::READ, ino, &rw_in(4096 * 3 + 5, 10_000), &[]);
+        assert_eq!(o, Outcome::Reply);
+        assert_eq!(out, data);
+        let (_, out) = call(&s, op::READ, ino, &rw_in(SIZE - 100, 4096), &[]);
+        assert_eq!(out.len(), 100);
+        let (o, out) = call(&s, op::READ, ino, &rw_in(SIZE, 4096), &[]);
+        assert_eq!((o, out.len()), (Outcome::Reply, 0));
+        // A write whose data is shorter than it says is refused.
+        assert_eq!(
+            call(&s, op::WRITE, ino, &rw_in(0, 100), &[1; 50]).0,
+            Outcome::Error(libc::EINVAL)
+        );
+        // A truncated argument is refused, not read as zeros.
+        assert_eq!(
+            call(&s, op::READ, ino, &rw_in(0, 10)[..20], &[]).0,
+            Outcome::Error(libc::EINVAL)
+        );
+    }
+
+    #[test]
+    fn setattr_lseek_and_fallocate_reach_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = session(dir.path(), Access::Owner);
+        let ino = lookup_ino(&s);
+        let mut set = vec![0u8; 88];
+        set[0..4].copy_from_slice(&fattr::SIZE.to_le_bytes());
+        set[16..24].copy_from_slice(&(SIZE * 2).to_le_bytes());
+        let (o, out) = call(&s, op::SETATTR, ino, &set, &[]);
+        assert_eq!(o, Outcome::Reply);
+        assert_eq!(Fields(&out).u64(16 + 8), SIZE * 2);
+        call(&s, op::WRITE, ino, &rw_in(1 << 20, 4096), &[9; 4096]);
+        let mut seek = vec![0u8; 24];
+        seek[16..20].copy_from_slice(&(libc::SEEK_DATA as u32).to_le_bytes());
+        let (o, out) = call(&s, op::LSEEK, ino, &seek, &[]);
+        assert_eq!(o, Outcome::Reply);
+        assert_eq!(Fields(&out).u64(0), 1 << 20);
+        let mut fa = vec![0u8; 32];
+        fa[8..16].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        fa[16..24].copy_from_slice(&4096u64.to_le_bytes());
+        let mode = (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32;
+        fa[24..28].copy_from_slice(&mode.to_le_bytes());
+        assert_eq!(call(&s, op::FALLOCATE, ino, &fa, &[]).0, Outcome::Reply);
+        let (_, out) = call(&s, op::READ, ino, &rw_in(1 << 20, 4096), &[]);
+        assert_eq!(out, vec![0; 4096]);
+        // Never ENOSYS for these: the kernel would stop asking.
+        fa[24..28].copy_from_slice(&0x40u32.to_le_bytes());
+        assert_eq!(
+            call(&s, op::FALLOCATE, ino, &fa, &[]).0,
+            Outcome::Error(libc::EOPNOTSUPP)
+        );
+    }
+
+    #[test]
+    fn readdir_resumes_at_its_cookie_and_stops_at_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = session(dir.path(), Access::Owner);
+        let (o, out) = call(&s, op::OPENDIR, ROOT_INO, &[0; 8], &[]);
+        assert_eq!(o, Outcome::Reply);
+        let fh = Fields(&out).u64(0);
+        let mut rd = rw_in(0, 4096);
+        rd[0..8].copy_from_slice(&fh.to_le_bytes());
+        let (_, out) = call(&s, op::READDIR, ROOT_INO, &rd, &[]);
+        let names: Vec<&[u8]> = {
+            let mut v = Vec::new();
+            let mut at = 0;
+            while at < out.len() {
+                let f = Fields(&out[at..]);
+                let n = f.u32(16) as usize;
+                v.push(&out[at + 24..at + 24 + n]);
+                at += (24 + n).next_multiple_of(8);
+            }
+            v
+        };
+        assert_eq!(names, [&b"."[..], b"..", b"a.img"]);
+        rd[8..16].copy_from_slice(&2u64.to_le_bytes());
+        let (_, out) = call(&s, op::READDIR, ROOT_INO, &rd, &[]);
+        assert_eq!(&out[24..29], b"a.img");
+        rd[16..20].copy_from_slice(&20u32.to_le_bytes());
+        rd[8..16].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(
+            call(&s, op::READDIR, ROOT_INO, &rd, &[]),
+            (Outcome::Reply, vec![])
+        );
+    }
+
+    #[test]
+    fn xattr_size_probe_then_value_and_erange() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = session(dir.path(), Access::Owner);
+        let ino = lookup_ino(&s);
+        let (o, out) = call(&s, op::GETXATTR, ino, &[0; 8], b"user.asiffs.stats\0");
+        assert_eq!(o, Outcome::Reply);
+        let size = Fields(&out).u32(0);
+        assert!(size > 10);
+        let (_, value) = call(
+            &s,
+            op::GETXATTR,
+            ino,
+            &size.to_le_bytes().repeat(2),
+            b"user.asiffs.stats\0",
+        );
+        let v: serde_json::Value = serde_json::from_slice(&value).unwrap();
+        assert_eq!(v["format"], "asif");
+        assert_eq!(v["transport"], "classic");
+        assert_eq!(
+            call(
+                &s,
+                op::GETXATTR,
+                ino,
+                &[1, 0, 0, 0, 0, 0, 0, 0],
+                b"user.asiffs.stats\0"
+            )
+            .0,
+            Outcome::Error(libc::ERANGE)
+        );
+        assert_eq!(
+            call(&s, op::GETXATTR, ino, &[0; 8], b"user.other\0").0,
+            Outcome::Error(libc::ENODATA)
+        );
+    }
+
+    #[test]
+    fn forget_and_interrupt_get_no_reply_and_allow_root_keeps_others_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = session(dir.path(), Access::RootAndOwner);
+        for opcode in [op::FORGET, op::BATCH_FORGET, op::INTERRUPT] {
+            assert_eq!(call(&s, opcode, ROOT_INO, &[0; 8], &[]).0, Outcome::None);
+        }
+        let mut out = Vec::new();
+        let stranger = header(op::GETATTR, ROOT_INO, 4321);
+        assert_eq!(
+            dispatch(&s, &stranger, &[0; 16], &[], &mut out),
+            Outcome::Error(libc::EACCES)
+        );
+        assert_eq!(
+            call(&s, 9999, ROOT_INO, &[], &[]).0,
+            Outcome::Error(libc::ENOSYS)
+        );
+    }
+}
