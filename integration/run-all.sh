@@ -65,8 +65,9 @@ runs=()
 for s in "${scripts[@]}"; do
     runs+=("$s:")
     case "$(basename "$s")" in
-        # mount(8) runs the installed helper, not $ASIFFS.
-        mount_fstab.sh) ;;
+        # mount(8) runs the installed helper, not $ASIFFS; mount_uring
+        # chooses its transports itself.
+        mount_fstab.sh | mount_uring.sh) ;;
         mount_*) runs+=("$s:off") ;;
     esac
 done

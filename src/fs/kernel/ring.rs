@@ -200,8 +200,13 @@ impl Queue {
         pool: Arc<Pool>,
         ring_io: bool,
     ) -> io::Result<Queue> {
+        // Built on the queue's own thread, the only one that submits:
+        // the kernel then runs completions' task work only when this
+        // thread asks for completions, not by interrupting it.
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .setup_cqsize((DEPTH * 8) as u32)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
             .build((DEPTH * 4) as u32)?;
         let region = Region::new(DEPTH * (abi::URING_HEADERS.next_multiple_of(4096) + PAYLOAD))?;
         let ents = (0..DEPTH)
