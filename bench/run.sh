@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# asiffs benchmark harness: native file vs asiffs FUSE mount (ASIF, and a raw
+# asiffs benchmark harness: native file vs asiffs FUSE mount (ASIF over FUSE
+# over io_uring, the same on the classic /dev/fuse transport, and a raw
 # UDRW .dmg served through FUSE passthrough) vs `asiffs serve`
 # (NBD over a unix socket, fio's nbd engine) vs qemu-storage-daemon (qcow2 FUSE
 # export), cold (host cache dropped) and warm, plus daemon CPU per
@@ -33,13 +34,16 @@ BIGCHUNKS=${BENCH_BIG_CHUNKS:-$d_bigchunks}  # 1 MiB chunks touched in it
 CONV=${BENCH_CONVERT_SIZE:-$d_conv}          # convert input size (~50% data)
 OPEN_RUNS=${BENCH_OPEN_RUNS:-$d_open_runs}
 MOUNT_RUNS=${BENCH_MOUNT_RUNS:-$d_mount_runs}
-TARGETS=${BENCH_TARGETS:-native asiffs udrw nbd qsd}
+TARGETS=${BENCH_TARGETS:-native asiffs classic udrw nbd qsd}
 MODES=${BENCH_MODES:-cold warm}
 COLD_JOBS=${BENCH_COLD_JOBS:-seqwrite seqread randwrite randread qd1read bufwrite bufread mixed}
 WARM_JOBS=${BENCH_WARM_JOBS:-seqwrite seqread randwrite randread qd1read}
 DISCARD=${BENCH_DISCARD:-1}
 ASIFFS_CACHE_OPT=${BENCH_ASIFFS_CACHE_OPT:-auto}  # auto: use -o cache= if `mount --help` has it
 NBD_CACHE_OPT=${BENCH_NBD_CACHE_OPT:-auto}        # auto: use --cache if `serve --help` has it
+URING_OPT=${BENCH_ASIFFS_URING_OPT:-auto}         # auto: use -o uring= if `mount --help` has it
+ASIFFS_URING=${BENCH_ASIFFS_URING:-on}            # -o uring= of target asiffs (classic: always off)
+URING_KNOB=/sys/module/fuse/parameters/enable_uring
 EXTRAS=${BENCH_EXTRAS:-mount open convert}
 MIN_FREE_GB=${BENCH_MIN_FREE_GB:-10}
 ASIFFS_MOUNT_OPTS=${BENCH_ASIFFS_MOUNT_OPTS:-}
@@ -211,6 +215,7 @@ asiffs_create() {
 # or the variable named by PIDVAR (the udrw mount is live beside the asiffs one,
 # so each keeps its own pid).
 ASIFFS_PID=
+CLASSIC_PID=
 UDRW_PID=
 asiffs_mount() {
     local dir=$1 mnt=$2 expect=${3:-} extra=${4:-} pidvar=${5:-ASIFFS_PID}
@@ -329,9 +334,11 @@ T_ASIFFS=$WORK/asiffs
 T_QSD=$WORK/qsd
 T_NBD=$WORK/nbd
 T_UDRW=$WORK/udrw
+T_CLASSIC=$WORK/classic
 TFILE[native]=$T_NATIVE/bench.raw;        TCONT[native]=$T_NATIVE/bench.raw
 TFILE[asiffs]=$T_ASIFFS/mnt/bench.img;    TCONT[asiffs]=$T_ASIFFS/images/bench.asif
 TFILE[udrw]=$T_UDRW/mnt/bench.img;        TCONT[udrw]=$T_UDRW/images/bench.dmg
+TFILE[classic]=$T_CLASSIC/mnt/bench.img;  TCONT[classic]=$T_CLASSIC/images/bench.asif
 TFILE[qsd]=$T_QSD/export;                 TCONT[qsd]=$T_QSD/bench.qcow2
 TFILE[nbd]="nbd+unix:///bench?socket=$T_NBD/nbd.sock"; TCONT[nbd]=$T_NBD/images/bench.asif
 
@@ -344,6 +351,11 @@ create_target() {
         mkdir -p "$T_ASIFFS/images" "$T_ASIFFS/mnt"
         rm -f "$T_ASIFFS"/images/*
         asiffs_create "${TCONT[asiffs]}" "$SIZE" || { warn "asiffs create failed"; return 1; } ;;
+    classic)
+        # the asiffs target's image, served on fuser's /dev/fuse loop instead of the ring
+        mkdir -p "$T_CLASSIC/images" "$T_CLASSIC/mnt"
+        rm -f "$T_CLASSIC"/images/*
+        asiffs_create "${TCONT[classic]}" "$SIZE" || { warn "asiffs create (classic) failed"; return 1; } ;;
     udrw)
         # a .dmg without trailer: the disk byte for byte, which asiffs hands to FUSE passthrough
         mkdir -p "$T_UDRW/images" "$T_UDRW/mnt"
@@ -398,6 +410,45 @@ nbd_usable() {
     has_subcmd serve || { warn "target nbd skipped: asiffs has no 'serve'"; return 1; }
     fio --enghelp 2>&1 | grep -qw nbd || { warn "target nbd skipped: fio has no nbd engine"; return 1; }
 }
+# FUSE transport: target asiffs asks for the ring explicitly (-o uring=on, so a
+# mount that cannot have it fails instead of quietly serving /dev/fuse),
+# target classic for /dev/fuse (-o uring=off); udrw and the extras take the
+# default (auto).  `asiffs stats` says which one each mount used.
+ASIFFS_HAS_URING=0
+detect_asiffs_uring() {
+    case $URING_OPT in
+    yes) ASIFFS_HAS_URING=1 ;;
+    no)  ASIFFS_HAS_URING=0 ;;
+    *)   [[ $ASIFFS_OK == 1 ]] && "$ASIFFS" mount --help 2>&1 | grep -q 'uring=' && ASIFFS_HAS_URING=1 ;;
+    esac
+    return 0
+}
+uring_args() { # target -> mount arguments
+    [[ $ASIFFS_HAS_URING == 1 ]] || return 0
+    case $1 in
+    asiffs)  echo "-o uring=$ASIFFS_URING" ;;
+    classic) echo "-o uring=off" ;;
+    esac
+}
+uring_label() { # target -> the transport asked for
+    if [[ $ASIFFS_HAS_URING != 1 ]]; then echo "default (mount has no -o uring=)"; return 0; fi
+    case $1 in
+    asiffs)  echo "uring=$ASIFFS_URING" ;;
+    classic) echo "uring=off" ;;
+    *)       echo "uring=auto" ;;
+    esac
+}
+# the ring needs root and the kernel's switch: say so before the run, not after it
+uring_precheck() {
+    [[ $ASIFFS_HAS_URING == 1 && $ASIFFS_URING == on && " $TARGETS " == *" asiffs "* ]] || return 0
+    local why=
+    if [[ $EUID != 0 ]]; then why="FUSE over io_uring needs root"
+    elif [[ ! -e $URING_KNOB ]]; then why="this kernel has no $URING_KNOB (no FUSE over io_uring)"
+    elif [[ $(cat "$URING_KNOB") != Y ]]; then why="$URING_KNOB is $(cat "$URING_KNOB"): echo 1 > $URING_KNOB (make uring-on)"
+    fi
+    [[ -z $why ]] || die "target asiffs mounts with -o uring=on, but $why; or set BENCH_ASIFFS_URING=auto (then the report says which transport it got)"
+}
+
 asiffs_cache_args() { # mode -> mount arguments
     [[ $ASIFFS_HAS_CACHE == 1 ]] || return 0
     if [[ $1 == cold ]]; then echo "-o cache=none"; else echo "-o cache=writeback"; fi
@@ -414,7 +465,8 @@ qsd_direct() { if [[ $1 == cold ]]; then echo on; else echo off; fi; }
 serve_target() { # target mode
     case $1 in
     native) ;;
-    asiffs) asiffs_mount "$T_ASIFFS/images" "$T_ASIFFS/mnt" bench.img "$(asiffs_cache_args "$2")" ;;
+    asiffs) asiffs_mount "$T_ASIFFS/images" "$T_ASIFFS/mnt" bench.img "$(asiffs_cache_args "$2") $(uring_args asiffs)" ;;
+    classic) asiffs_mount "$T_CLASSIC/images" "$T_CLASSIC/mnt" bench.img "$(asiffs_cache_args "$2") $(uring_args classic)" CLASSIC_PID ;;
     udrw)   asiffs_mount "$T_UDRW/images" "$T_UDRW/mnt" bench.img "$(asiffs_cache_args "$2")" UDRW_PID ;;
     qsd)    qsd_start "${TCONT[qsd]}" "${TFILE[qsd]}" "$(qsd_direct "$2")" ;;
     nbd)    nbd_start "$T_NBD/images" "$T_NBD/nbd.sock" "$(nbd_cache_args "$2")" ;;
@@ -424,13 +476,14 @@ unserve_target() {
     case $1 in
     native) ;;
     asiffs) asiffs_unmount "$T_ASIFFS/mnt" ;;
+    classic) asiffs_unmount "$T_CLASSIC/mnt" CLASSIC_PID ;;
     udrw)   asiffs_unmount "$T_UDRW/mnt" UDRW_PID ;;
     qsd)    qsd_stop "${TFILE[qsd]}" ;;
     nbd)    nbd_stop ;;
     esac
 }
 remove_target() { [[ $1 != native ]] || rm -f "${TFILE[native]}"; }
-daemon_pid() { case $1 in asiffs) echo "$ASIFFS_PID" ;; udrw) echo "$UDRW_PID" ;; qsd) echo "$QSD_PID" ;; nbd) echo "$NBD_PID" ;; esac; }
+daemon_pid() { case $1 in asiffs) echo "$ASIFFS_PID" ;; classic) echo "$CLASSIC_PID" ;; udrw) echo "$UDRW_PID" ;; qsd) echo "$QSD_PID" ;; nbd) echo "$NBD_PID" ;; esac; }
 # cpu_ticks PID: utime + stime of all its threads, in clock ticks (null if none)
 cpu_ticks() {
     local st f
@@ -569,12 +622,13 @@ udrw_stats() {
         record kind='"udrw_stats"' rep="$1" mode="\"$2\"" at="\"$3\"" passthrough=null reads=null
         return 0
     fi
-    read -r pt reads < <(python3 -c 'import json,sys
+    local tr=null
+    read -r pt reads tr < <(python3 -c 'import json,sys
 d = json.load(open(sys.argv[1]))
-print(*(json.dumps(d.get(k)) for k in ("passthrough", "reads")))' "$out" 2>>"$LOGS/asiffs-stats.log") || true
-    log "  udrw after $3 ($2): passthrough=$pt reads=$reads"
+print(*(json.dumps(d.get(k)) for k in ("passthrough", "reads", "transport")))' "$out" 2>>"$LOGS/asiffs-stats.log") || true
+    log "  udrw after $3 ($2): passthrough=$pt reads=$reads transport=$tr"
     record kind='"udrw_stats"' rep="$1" mode="\"$2\"" at="\"$3\"" passthrough="${pt:-null}" \
-        reads="${reads:-null}" file="$(jstr "$out")"
+        reads="${reads:-null}" transport="${tr:-null}" file="$(jstr "$out")"
 }
 
 rss_of() { local v; v=$(awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status" 2>/dev/null); echo "${v:-null}"; }
@@ -588,7 +642,11 @@ run_main() {
     local -a targets=() order live up
     local t rep job i n mode last jobs pid filled
     for t in $TARGETS; do
-        if [[ ($t == asiffs || $t == udrw) && $ASIFFS_OK != 1 ]]; then continue; fi
+        if [[ ($t == asiffs || $t == classic || $t == udrw) && $ASIFFS_OK != 1 ]]; then continue; fi
+        if [[ $t == classic && $ASIFFS_HAS_URING != 1 ]]; then
+            warn "target classic skipped: asiffs mount has no -o uring= (it would be target asiffs again)"
+            continue
+        fi
         if [[ $t == nbd ]] && ! nbd_usable; then continue; fi
         targets+=("$t")
     done
@@ -606,7 +664,11 @@ run_main() {
         for mode in $RUN_MODES; do
             up=()
             for t in "${live[@]}"; do
-                if serve_target "$t" "$mode"; then up+=("$t"); else warn "target $t unavailable in rep $rep ($mode)"; fi
+                if serve_target "$t" "$mode"; then up+=("$t")
+                elif [[ $t == asiffs && $ASIFFS_HAS_URING == 1 && $ASIFFS_URING == on ]]; then
+                    # the ring is the point of this target: no silent n/a columns
+                    die "asiffs mount with -o uring=on failed in rep $rep ($mode): $(tail -3 "$LOGS/asiffs-mount.log" | tr '\n' ' ')"
+                else warn "target $t unavailable in rep $rep ($mode)"; fi
             done
             live=("${up[@]}")
             if [[ $filled == 0 ]]; then
@@ -628,11 +690,16 @@ run_main() {
             for t in "${live[@]}"; do
                 pid=$(daemon_pid "$t")
                 if [[ $t == asiffs && -n $pid ]]; then
-                    # the report checks the cache mode asiffs says it used against the label
+                    # the report checks the cache mode and the transport asiffs says it used against the labels
                     timeout 10 "$ASIFFS" stats --pretty "$T_ASIFFS/mnt" > "$RAW/rep$rep/asiffs-stats.$mode.json" 2>/dev/null &&
-                        record kind='"asiffs_stats"' rep="$rep" mode="\"$mode\"" file="$(jstr "$RAW/rep$rep/asiffs-stats.$mode.json")"
+                        record kind='"asiffs_stats"' target='"asiffs"' rep="$rep" mode="\"$mode\"" file="$(jstr "$RAW/rep$rep/asiffs-stats.$mode.json")"
                     record kind='"rss"' rep="$rep" mode="\"$mode\"" pid="$pid" \
                         vmhwm_kib="$(rss_of "$pid" VmHWM)" vmrss_kib="$(rss_of "$pid" VmRSS)"
+                fi
+                if [[ $t == classic && -n $pid ]]; then
+                    timeout 10 "$ASIFFS" stats --pretty "$T_CLASSIC/mnt" > "$RAW/rep$rep/classic-stats.$mode.json" 2>/dev/null &&
+                        record kind='"asiffs_stats"' target='"classic"' rep="$rep" mode="\"$mode\"" file="$(jstr "$RAW/rep$rep/classic-stats.$mode.json")"
+                    record kind='"rss_classic"' rep="$rep" mode="\"$mode\"" pid="$pid" vmhwm_kib="$(rss_of "$pid" VmHWM)"
                 fi
                 if [[ $t == udrw && -n $pid ]]; then
                     # after the reads of the mode: still 0 if the kernel served them all
@@ -795,6 +862,8 @@ main() {
     build_asiffs
     detect_asiffs_cache
     detect_nbd_cache
+    detect_asiffs_uring
+    uring_precheck
     : > "$MEAS"
     # the cold mode needs drop_caches; without it it is skipped, and said so
     local note= m
@@ -817,9 +886,14 @@ main() {
         runs="$RUNS" runtime="$RUNTIME" ramp="$RAMP" region="\"$REGION\"" many="$MANY" big="\"$BIG\"" \
         bigchunks="$BIGCHUNKS" convert_size="\"$CONV\"" targets="$(jstr "$TARGETS")" \
         asiffs_ok="$ASIFFS_OK" asiffs_bin="$(jstr "$ASIFFS_SRC")" asiffs_mount_opts="$(jstr "$ASIFFS_MOUNT_OPTS")" \
+        asiffs_bin_mtime="$(jstr "$(date -u -r "$ASIFFS_SRC" +%FT%TZ 2>/dev/null || echo unknown)")" \
+        asiffs_bin_sha256="$(jstr "$(sha256sum "$ASIFFS" 2>/dev/null | cut -c1-16 || echo unknown)")" \
         modes="$(jstr "$RUN_MODES")" modes_note="$(jstr "$note")" cold_jobs="$(jstr "$COLD_JOBS")" warm_jobs="$(jstr "$WARM_JOBS")" \
         asiffs_cache_cold="$(jstr "$(asiffs_cache_label cold)")" asiffs_cache_warm="$(jstr "$(asiffs_cache_label warm)")" \
         nbd_cache_cold="$(jstr "$(nbd_cache_label cold)")" nbd_cache_warm="$(jstr "$(nbd_cache_label warm)")" \
+        asiffs_uring="$(jstr "$(uring_label asiffs)")" classic_uring="$(jstr "$(uring_label classic)")" \
+        udrw_uring="$(jstr "$(uring_label udrw)")" \
+        uring_knob="$(jstr "$(cat "$URING_KNOB" 2>/dev/null || echo absent)")" \
         qsd_cache_direct_cold='"on"' qsd_cache_direct_warm='"off"' native_direct_cold=1 native_direct_warm=0 \
         mem_total_kib="$(awk '$1 == "MemTotal:" {print $2}' /proc/meminfo)" clk_tck="$CLK_TCK" \
         asiffs_rev="$(jstr "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo -dirty)")" \
@@ -830,7 +904,7 @@ main() {
     log "work dir $WORK ($avail_gb GB free), results $RESULTS, raw $RAW"
     (( avail_gb > MIN_FREE_GB + $(wc -w <<<"$TARGETS") * $(to_bytes "$SIZE") / 1000000000 )) || die "not enough free space in $WORK"
 
-    log "config: size=$SIZE runs=$RUNS runtime=${RUNTIME}s ramp=${RAMP}s targets='$TARGETS' modes='$RUN_MODES' asiffs_ok=$ASIFFS_OK asiffs cold cache: $(asiffs_cache_label cold)"
+    log "config: size=$SIZE runs=$RUNS runtime=${RUNTIME}s ramp=${RAMP}s targets='$TARGETS' modes='$RUN_MODES' asiffs_ok=$ASIFFS_OK asiffs cold cache: $(asiffs_cache_label cold); asiffs $(uring_label asiffs), classic $(uring_label classic), $URING_KNOB=$(cat "$URING_KNOB" 2>/dev/null || echo absent)"
     t_start=$(date +%s)
     run_main
     for x in $EXTRAS; do

@@ -19,16 +19,29 @@ mount)
     if [[ ${1:-} == --help ]]; then
         # FAKE_ASIFFS_CACHE=1 plays a binary that has the container cache option
         [[ ${FAKE_ASIFFS_CACHE:-0} == 1 ]] && echo "  -o cache=none|writeback  container cache mode"
+        # FAKE_ASIFFS_URING=1 plays a binary that has the FUSE transport option
+        [[ ${FAKE_ASIFFS_URING:-0} == 1 ]] && echo "  -o uring=auto|on|off  FUSE transport"
         exit 0
     fi
+    uring=auto
     while [[ ${1:-} == -* ]]; do
         case $1 in
         -f) shift ;;
-        -o) echo "fake asiffs mount: -o $2" >&2; shift 2 ;;
+        -o) echo "fake asiffs mount: -o $2" >&2
+            [[ $2 == *uring=* ]] && uring=${2##*uring=} && uring=${uring%%,*}
+            shift 2 ;;
         *) shift 2 ;;   # --threads N and the like
         esac
     done
     dir=$1 mnt=$2
+    # the transport it would have had, for `stats` (a file in the image directory, seen through the mount)
+    if [[ ${FAKE_ASIFFS_URING:-0} == 1 ]]; then
+        tr=classic
+        [[ $uring == on || ($uring == auto && $(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null) == Y) ]] && tr=uring
+        echo "$tr" > "$dir/.fake-transport"
+    else
+        rm -f "$dir/.fake-transport"
+    fi
     mount --bind "$dir" "$mnt"
     trap 'exit 0' TERM
     while mountpoint -q "$mnt"; do sleep 0.05; done ;;
@@ -56,7 +69,10 @@ umount)
 stats)
     # a bind mount has no counters: report none rather than pretend passthrough
     [[ ${1:-} == --help ]] && exit 0
-    echo '{}' ;;
+    [[ ${1:-} == --pretty ]] && shift
+    tr=$(cat "$1/.fake-transport" 2>/dev/null) || { echo '{}'; exit 0; }
+    if [[ -n ${2:-} ]]; then echo "{\"transport\": \"$tr\"}"
+    else echo "{\"bench.img\": {\"transport\": \"$tr\"}}"; fi ;;
 info)
     [[ ${1:-} == --help ]] && exit 0
     stat "$1" >/dev/null ;;
