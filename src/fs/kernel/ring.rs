@@ -391,7 +391,10 @@ impl Queue {
                 while let Ok(d) = self.done_rx.try_recv() {
                     self.commit_outcome(d.ent, d.unique, d.outcome, &d.out);
                 }
-                self.arm_wake();
+                // Cancelled: the ring is being torn down.
+                if res != -libc::ECANCELED {
+                    self.arm_wake();
+                }
             }
         }
     }
