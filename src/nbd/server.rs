@@ -858,25 +858,37 @@ const QUEUED: usize = 32;
 /// over it waits until the others are answered (one alone always runs).
 const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
 
-/// Bytes of [`BUDGET`] in use.
+/// Bytes of [`BUDGET`] in use, and whether the reader waits for some.
 struct Budget {
-    used: std::sync::Mutex<u64>,
+    used: std::sync::Mutex<(u64, bool)>,
     freed: std::sync::Condvar,
 }
 
 impl Budget {
+    fn new() -> Self {
+        Budget {
+            used: std::sync::Mutex::new((0, false)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
     fn take(&self, n: u64) {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        while *used > 0 && *used + n > BUDGET {
+        while used.0 > 0 && used.0 + n > BUDGET {
+            used.1 = true;
             used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
         }
-        *used += n;
+        used.1 = false;
+        used.0 += n;
     }
 
     fn give(&self, n: u64) {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        *used -= n;
-        self.freed.notify_all();
+        used.0 -= n;
+        // A wake is a syscall; only the reader ever waits.
+        if used.1 {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -1024,10 +1036,7 @@ const MAX_IOV: usize = 256;
 /// socket, which ends the reading too.
 fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
     let mut reader = io::BufReader::with_capacity(RECV_BUF, Timed::new(sock.try_clone()?));
-    let budget = Budget {
-        used: std::sync::Mutex::new(0),
-        freed: std::sync::Condvar::new(),
-    };
+    let budget = Budget::new();
     let outbox = Outbox::new(sock.try_clone()?, &budget);
     let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUED);
     std::thread::scope(|scope| {
