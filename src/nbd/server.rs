@@ -1015,7 +1015,8 @@ impl Deadline for Conn {
 /// Bytes one plain connection receives at once: a `recv` brings every
 /// request header (and the start of any write payload) already sent, and
 /// they are parsed from here before the socket is asked again. Payload
-/// bytes found here are copied into pieces that took their room first.
+/// bytes found here are copied into pieces that took their room first; the
+/// buffer itself is a fixed cost per connection, outside that bound.
 const RECV_BUF: usize = 64 * 1024;
 /// Replies queued for sending at most; a worker with another waits for the
 /// sender to take them (a client that sends and never reads cannot make the
