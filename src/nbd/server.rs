@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use tracing::{debug, info, warn};
 
+use super::jobs::Jobs;
 use super::proto::*;
 use super::room::{Room, PIECE};
 use crate::disk::Disk;
@@ -1039,10 +1040,10 @@ fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
     let mut reader = io::BufReader::with_capacity(RECV_BUF, Timed::new(sock.try_clone()?));
     let budget = Budget::new();
     let outbox = Outbox::new(sock.try_clone()?, &budget);
-    let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUED);
+    let jobs = Jobs::<Job>::new(QUEUED);
     std::thread::scope(|scope| {
         for _ in 0..WORKERS {
-            let rx = rx.clone();
+            let worker = jobs.join();
             let (outbox, budget) = (&outbox, &budget);
             let spawned = std::thread::Builder::new()
                 .name("asiffs-nbd-io".into())
@@ -1050,7 +1051,7 @@ fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
                     let mut out = Vec::new();
                     // Once the socket broke, the queue is still drained (without
                     // disk calls) so the reader never waits on the budget forever.
-                    for job in rx {
+                    for job in worker {
                         let Job { req, payload, cost } = job;
                         if outbox.is_broken() {
                             drop(payload);
@@ -1071,7 +1072,7 @@ fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
                 break;
             }
         }
-        drop(rx);
+        let pusher = jobs.pusher();
         let mut out = Vec::new();
         let r = loop {
             let job = match next_request(
@@ -1084,11 +1085,11 @@ fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
-            if tx.send(job).is_err() {
+            if pusher.push(job).is_err() {
                 break Ok(());
             }
         };
-        drop(tx);
+        drop(pusher);
         r
     })?;
     match outbox.into_broken() {
