@@ -234,6 +234,11 @@ impl Write for Timed {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.sock.write(buf)
     }
+    /// rustls hands over every TLS record it has queued (a reply over
+    /// 16 KiB is several) at once: one `writev` instead of one write each.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.sock.write_vectored(bufs)
+    }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
