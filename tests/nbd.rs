@@ -796,6 +796,12 @@ fn tls_is_required_then_served() {
     assert_eq!(t.write(1, 0, &[0x77; 4096], CMD_FLAG_FUA), 0);
     let (data, _) = t.read(2, 0, 4096);
     assert_eq!(data, vec![0x77; 4096]);
+    // Replies of many TLS records, which the server hands to the socket
+    // several records per writev.
+    let big = pattern(3, 3 * MIB as usize + 123);
+    assert_eq!(t.write(3, MIB, &big, 0), 0);
+    let (data, _) = t.read(4, MIB, big.len() as u32);
+    assert!(data == big, "a multi-record read came back wrong");
 }
 
 /// Each request's bytes, distinct per handle.

@@ -10,6 +10,7 @@
 //! [`Disk`] serves all its clients. An image that fails to open is skipped
 //! with a logged reason; the others are served.
 
+pub mod jobs;
 pub mod proto;
 pub mod room;
 pub mod server;

@@ -25,6 +25,8 @@ struct State {
     /// Payloads still being read: id -> (bytes held, bytes still to come).
     reading: BTreeMap<u64, (u64, u64)>,
     next_id: u64,
+    /// Grants waiting for room (a wake is a syscall, so none without one).
+    waiting: usize,
 }
 
 /// Room for payload bytes, shared by every connection of a server.
@@ -44,6 +46,7 @@ impl Room {
                 used: 0,
                 reading: BTreeMap::new(),
                 next_id: 0,
+                waiting: 0,
             }),
             freed: Condvar::new(),
         }
@@ -123,7 +126,9 @@ impl Grant<'_> {
         let mut waited = false;
         while !self.room.safe(&s, self.id, n) {
             waited = true;
+            s.waiting += 1;
             s = self.room.freed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.waiting -= 1;
         }
         s.used += n;
         let e = s.reading.get_mut(&self.id).expect("a grant is registered");
@@ -139,8 +144,11 @@ impl Drop for Grant<'_> {
         let mut s = self.room.lock();
         s.used -= self.held;
         s.reading.remove(&self.id);
+        let wake = s.waiting > 0;
         drop(s);
-        self.room.freed.notify_all();
+        if wake {
+            self.room.freed.notify_all();
+        }
     }
 }
 

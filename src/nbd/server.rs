@@ -6,7 +6,8 @@
 //!   which is what `NBD_FLAG_CAN_MULTI_CONN` promises;
 //! - a plain session answers up to `WORKERS` requests at once, each reply
 //!   whole and contiguous, in completion order (TLS sessions: one at a
-//!   time); a request's reply is sent only after the disk call returned
+//!   time); replies that complete together share one `writev`, but none
+//!   waits for another to complete; a request's reply is sent only after the disk call returned
 //!   (and, with FUA, after the flush), so an acknowledged flush survives
 //!   the client vanishing; a flush covers every write completed before it;
 //! - on `NBD_CMD_DISC` every request already read is answered before close;
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use tracing::{debug, info, warn};
 
+use super::jobs::Jobs;
 use super::proto::*;
 use super::room::{Room, PIECE};
 use crate::disk::Disk;
@@ -171,6 +173,13 @@ impl Write for Sock {
             Sock::Unix(s) => s.write(buf),
         }
     }
+    /// One `writev` for several replies.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write_vectored(bufs),
+            Sock::Unix(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -182,6 +191,9 @@ impl Write for Sock {
 struct Timed {
     sock: Sock,
     deadline: Option<Instant>,
+    /// The socket has a read timeout set (one syscall saved per payload
+    /// read from the buffer alone).
+    armed: bool,
 }
 
 impl Timed {
@@ -189,14 +201,16 @@ impl Timed {
         Timed {
             sock,
             deadline: None,
+            armed: false,
         }
     }
 
     /// Sets or clears the deadline; clearing leaves reads without a timeout.
     fn set_deadline(&mut self, d: Option<Instant>) -> io::Result<()> {
         self.deadline = d;
-        if d.is_none() {
+        if d.is_none() && self.armed {
             self.sock.set_read_timeout(None)?;
+            self.armed = false;
         }
         Ok(())
     }
@@ -210,6 +224,7 @@ impl Read for Timed {
                 return Err(io::ErrorKind::TimedOut.into());
             }
             self.sock.set_read_timeout(Some(left))?;
+            self.armed = true;
         }
         self.sock.read(buf)
     }
@@ -218,6 +233,11 @@ impl Read for Timed {
 impl Write for Timed {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.sock.write(buf)
+    }
+    /// rustls hands over every TLS record it has queued (a reply over
+    /// 16 KiB is several) at once: one `writev` instead of one write each.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.sock.write_vectored(bufs)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -844,25 +864,37 @@ const QUEUED: usize = 32;
 /// over it waits until the others are answered (one alone always runs).
 const BUDGET: u64 = 2 * MAX_PAYLOAD as u64;
 
-/// Bytes of [`BUDGET`] in use.
+/// Bytes of [`BUDGET`] in use, and whether the reader waits for some.
 struct Budget {
-    used: std::sync::Mutex<u64>,
+    used: std::sync::Mutex<(u64, bool)>,
     freed: std::sync::Condvar,
 }
 
 impl Budget {
+    fn new() -> Self {
+        Budget {
+            used: std::sync::Mutex::new((0, false)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
     fn take(&self, n: u64) {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        while *used > 0 && *used + n > BUDGET {
+        while used.0 > 0 && used.0 + n > BUDGET {
+            used.1 = true;
             used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
         }
-        *used += n;
+        used.1 = false;
+        used.0 += n;
     }
 
     fn give(&self, n: u64) {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        *used -= n;
-        self.freed.notify_all();
+        used.0 -= n;
+        // A wake is a syscall; only the reader ever waits.
+        if used.1 {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -986,54 +1018,57 @@ impl Deadline for Conn {
     }
 }
 
-/// A plain connection: this thread reads requests and hands them to
-/// [`WORKERS`] threads, each of which does the disk call and writes its
-/// whole reply under one lock, so replies go out in completion order
-/// (NBD matches them by handle). On `NBD_CMD_DISC`, EOF or a read error the
-/// requests already read are still answered before the session ends; a
-/// failed reply write shuts the socket, which ends the reading too.
+/// Bytes one plain connection receives at once: a `recv` brings every
+/// request header (and the start of any write payload) already sent, and
+/// they are parsed from here before the socket is asked again. Payload
+/// bytes found here are copied into pieces that took their room first; the
+/// buffer itself is a fixed cost per connection, outside that bound.
+const RECV_BUF: usize = 64 * 1024;
+/// Replies queued for sending at most; a worker with another waits for the
+/// sender to take them (a client that sends and never reads cannot make the
+/// queue grow without bound).
+const MAX_QUEUED_REPLIES: usize = 1024;
+/// Reply buffers kept for reuse; a big read's buffer is never kept.
+const SPARE_REPLIES: usize = WORKERS;
+const SPARE_CAPACITY: usize = 256 * 1024;
+/// Buffers given to one `writev` (Linux takes up to 1024).
+const MAX_IOV: usize = 256;
+
+/// A plain connection: this thread reads requests (through a
+/// [`RECV_BUF`] buffer) and hands them to [`WORKERS`] threads, each of
+/// which does the disk call and queues its whole reply in the [`Outbox`],
+/// so replies go out in completion order (NBD matches them by handle). On
+/// `NBD_CMD_DISC`, EOF or a read error the requests already read are still
+/// answered before the session ends; a failed reply write shuts the
+/// socket, which ends the reading too.
 fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
-    let mut reader = Timed::new(sock.try_clone()?);
-    let writer = std::sync::Mutex::new(sock.try_clone()?);
-    let broken: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-    let budget = Budget {
-        used: std::sync::Mutex::new(0),
-        freed: std::sync::Condvar::new(),
-    };
-    let (tx, rx) = crossbeam_channel::bounded::<Job>(QUEUED);
+    let mut reader = io::BufReader::with_capacity(RECV_BUF, Timed::new(sock.try_clone()?));
+    let budget = Budget::new();
+    let outbox = Outbox::new(sock.try_clone()?, &budget);
+    let jobs = Jobs::<Job>::new(QUEUED);
     std::thread::scope(|scope| {
         for _ in 0..WORKERS {
-            let rx = rx.clone();
-            let (writer, broken, budget) = (&writer, &broken, &budget);
+            let worker = jobs.join();
+            let (outbox, budget) = (&outbox, &budget);
             let spawned = std::thread::Builder::new()
                 .name("asiffs-nbd-io".into())
                 .spawn_scoped(scope, move || {
                     let mut out = Vec::new();
                     // Once the socket broke, the queue is still drained (without
                     // disk calls) so the reader never waits on the budget forever.
-                    for job in rx {
-                        let dead = broken.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                    for job in worker {
                         let Job { req, payload, cost } = job;
-                        if !dead {
-                            out.clear();
-                            answer(ctx, &req, &payload.pieces, &mut out);
+                        if outbox.is_broken() {
+                            drop(payload);
+                            budget.give(cost);
+                            continue;
                         }
+                        out.clear();
+                        answer(ctx, &req, &payload.pieces, &mut out);
                         // Its room is needed by other clients more than by
                         // this reply.
                         drop(payload);
-                        if !dead {
-                            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Err(e) = w.write_all(&out) {
-                                w.shutdown();
-                                let mut b = broken.lock().unwrap_or_else(|p| p.into_inner());
-                                b.get_or_insert_with(|| e.to_string());
-                            }
-                        }
-                        // A big read's buffer is not kept past its reply.
-                        if out.capacity() > 256 * 1024 {
-                            out = Vec::new();
-                        }
-                        budget.give(cost);
+                        out = outbox.send(out, cost);
                     }
                 });
             if let Err(e) = spawned {
@@ -1042,11 +1077,11 @@ fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
                 break;
             }
         }
-        drop(rx);
+        let pusher = jobs.pusher();
         let mut out = Vec::new();
         let r = loop {
             let job = match next_request(
-                &mut WriteVia(&mut reader, &writer),
+                &mut WriteVia(&mut reader, &outbox),
                 ctx,
                 &mut out,
                 &mut |n| budget.take(n),
@@ -1055,47 +1090,196 @@ fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
-            if tx.send(job).is_err() {
+            if pusher.push(job).is_err() {
                 break Ok(());
             }
         };
-        drop(tx);
+        drop(pusher);
         r
     })?;
-    match broken.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    match outbox.into_broken() {
         Some(why) => Err(Stop(why)),
         None => Ok(()),
     }
 }
 
-/// Reads from the reader half, writes (rare: the oversize-write error)
-/// through the shared writer lock.
-struct WriteVia<'a>(&'a mut Timed, &'a std::sync::Mutex<Sock>);
+/// Replies waiting to go out.
+struct Queue {
+    /// Whole replies, each with the bytes of [`BUDGET`] it holds.
+    replies: Vec<(Vec<u8>, u64)>,
+    /// A thread is sending (and will send whatever is queued meanwhile).
+    sending: bool,
+    /// Why the socket broke, once it has.
+    broken: Option<String>,
+    /// Sent reply buffers, cleared, for reuse.
+    spare: Vec<Vec<u8>>,
+}
 
-impl Read for WriteVia<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+/// The reply side of a plain connection. A worker queues its reply; if no
+/// thread is sending, it becomes the sender and writes everything queued
+/// with one `writev`, again and again until the queue is empty. So replies
+/// that complete while a write is under way go out together with the next
+/// one, each whole, and none waits for more than the writes ahead of it.
+struct Outbox<'b> {
+    /// Written only by the sender; the lock is never contended.
+    sock: std::sync::Mutex<Sock>,
+    queue: std::sync::Mutex<Queue>,
+    /// The sender took a batch (room in the queue) or the socket broke.
+    taken: std::sync::Condvar,
+    budget: &'b Budget,
+}
+
+impl<'b> Outbox<'b> {
+    fn new(sock: Sock, budget: &'b Budget) -> Self {
+        Outbox {
+            sock: std::sync::Mutex::new(sock),
+            queue: std::sync::Mutex::new(Queue {
+                replies: Vec::new(),
+                sending: false,
+                broken: None,
+                spare: Vec::new(),
+            }),
+            taken: std::sync::Condvar::new(),
+            budget,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_broken(&self) -> bool {
+        self.lock().broken.is_some()
+    }
+
+    fn into_broken(self) -> Option<String> {
+        self.queue
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .broken
+    }
+
+    /// Queues one whole reply holding `cost` bytes of the budget (given
+    /// back once it is sent or dropped), and sends if nobody is; returns
+    /// an empty buffer for the next reply.
+    fn send(&self, reply: Vec<u8>, cost: u64) -> Vec<u8> {
+        let mut q = self.lock();
+        while q.broken.is_none() && q.replies.len() >= MAX_QUEUED_REPLIES {
+            q = self.taken.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        if q.broken.is_some() {
+            drop(q);
+            self.budget.give(cost);
+            return Vec::new();
+        }
+        q.replies.push((reply, cost));
+        if !q.sending {
+            q.sending = true;
+            q = self.send_all(q);
+        }
+        q.spare.pop().unwrap_or_default()
+    }
+
+    /// Sends batches until the queue is empty; called with `sending` set,
+    /// returns with it clear.
+    fn send_all<'q>(
+        &'q self,
+        mut q: std::sync::MutexGuard<'q, Queue>,
+    ) -> std::sync::MutexGuard<'q, Queue> {
+        let mut batch = Vec::new();
+        loop {
+            std::mem::swap(&mut batch, &mut q.replies);
+            if batch.is_empty() {
+                q.sending = false;
+                return q;
+            }
+            // Only a full queue has waiters (a wake is a syscall).
+            if batch.len() >= MAX_QUEUED_REPLIES {
+                self.taken.notify_all();
+            }
+            drop(q);
+            let r = {
+                let mut sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+                let r = write_all_vectored(&mut *sock, &batch);
+                if r.is_err() {
+                    sock.shutdown();
+                }
+                r
+            };
+            let cost: u64 = batch.iter().map(|r| r.1).sum();
+            self.budget.give(cost);
+            q = self.lock();
+            if let Err(e) = r {
+                q.broken.get_or_insert_with(|| e.to_string());
+                let dropped: u64 = q.replies.drain(..).map(|r| r.1).sum();
+                q.sending = false;
+                self.taken.notify_all();
+                drop(q);
+                self.budget.give(dropped);
+                return self.lock();
+            }
+            for (mut buf, _) in batch.drain(..) {
+                if q.spare.len() < SPARE_REPLIES && buf.capacity() <= SPARE_CAPACITY {
+                    buf.clear();
+                    q.spare.push(buf);
+                }
+            }
+        }
     }
 }
 
-impl Write for WriteVia<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.1.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+/// Writes every reply of `batch` in order, [`MAX_IOV`] buffers per
+/// `writev` at most, resuming after short writes.
+fn write_all_vectored(w: &mut impl Write, batch: &[(Vec<u8>, u64)]) -> io::Result<()> {
+    // The first reply not wholly sent, and how much of it was.
+    let (mut i, mut off) = (0, 0);
+    while i < batch.len() {
+        let first = io::IoSlice::new(&batch[i].0[off..]);
+        let rest = batch[i + 1..].iter().take(MAX_IOV - 1);
+        let slices: Vec<io::IoSlice> = std::iter::once(first)
+            .chain(rest.map(|r| io::IoSlice::new(&r.0)))
+            .collect();
+        let mut n = match w.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while i < batch.len() && n >= batch[i].0.len() - off {
+            n -= batch[i].0.len() - off;
+            (i, off) = (i + 1, 0);
+        }
+        off += n;
     }
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.1
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write_all(buf)
+    Ok(())
+}
+
+/// Reads from the buffered reader half; writes (rare: the oversize-write
+/// error) go through the outbox like any reply.
+struct WriteVia<'a, 'b>(&'a mut io::BufReader<Timed>, &'a Outbox<'b>);
+
+impl Read for WriteVia<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_exact(buf)
+    }
+}
+
+impl Write for WriteVia<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.1.send(buf.to_vec(), 0);
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }
 
-impl Deadline for WriteVia<'_> {
+impl Deadline for WriteVia<'_, '_> {
     fn set_deadline(&mut self, d: Option<Instant>) -> io::Result<()> {
-        self.0.set_deadline(d)
+        self.0.get_mut().set_deadline(d)
     }
 }
 
