@@ -10,10 +10,12 @@
 //!   no longer than the band size, all below the disk's end;
 //! - an absent band, and the part of one past its file's end, read as zeros;
 //! - every band file written since the last flush is in `dirty` (or being
-//!   synced early under `syncing`), and `dir_dirty` is set when `bands/`
-//!   gained or lost an entry since then;
+//!   synced early under `syncing`), a translated write's from its
+//!   `io_done` on (before it is answered), and `dir_dirty` is set when
+//!   `bands/` gained or lost an entry since then;
 //! - at most `OPEN_BANDS + DIRTY_LIMIT` band files are open, plus those
-//!   of translated requests in flight;
+//!   of translated requests in flight (whose files `io_done` may add to
+//!   `dirty` past its limit; translation stops once it is reached);
 //! - a band in `busy` (a translated request's host I/O is under way in its
 //!   file) is not removed until it leaves it.
 //!
