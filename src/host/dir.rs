@@ -8,11 +8,14 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use rustix::fs::{AtFlags, FallocateFlags, FileType, Mode, OFlags, SeekFrom};
 use rustix::io::Errno;
+
+use crate::host::file::AsyncFds;
 
 /// The subdirectory holding a bundle's band files.
 pub const BANDS: &str = "bands";
@@ -41,6 +44,14 @@ pub trait BandFile: Send + Sync {
     fn seek_data(&self, offset: u64) -> io::Result<Option<u64>>;
     /// `SEEK_HOLE`; `None` past the end.
     fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>>;
+    /// The descriptors the ring ([`crate::host::uring`]) may read and
+    /// write the file's bytes through, as they are (not for a file whose
+    /// bytes are transformed, such as an encrypted band). The descriptor
+    /// lives as long as this `BandFile`. `None`: used only through its
+    /// methods.
+    fn async_fds(&self) -> Option<AsyncFds> {
+        None
+    }
 }
 
 /// What `stat_band` tells of a name in `bands/`.
@@ -81,6 +92,12 @@ pub trait BundleDir: Send + Sync {
     fn sync_bands(&self) -> io::Result<()>;
     /// Host bytes of a band file (0 if absent).
     fn band_allocated(&self, name: &str) -> io::Result<u64>;
+    /// Whether the band files it opens may have
+    /// [`BandFile::async_fds`]: a bundle on a store without them never
+    /// translates.
+    fn band_fds(&self) -> bool {
+        false
+    }
 }
 
 /// A bundle on the host filesystem, reached only through descriptors of
@@ -236,6 +253,10 @@ impl BundleDir for HostDir {
     fn band_allocated(&self, name: &str) -> io::Result<u64> {
         allocated_at(self.bands()?, name)
     }
+
+    fn band_fds(&self) -> bool {
+        true
+    }
 }
 
 /// A band file on the host.
@@ -319,5 +340,13 @@ impl BandFile for HostBand {
 
     fn seek_hole(&self, offset: u64) -> io::Result<Option<u64>> {
         self.seek(SeekFrom::Hole(offset))
+    }
+
+    /// Band files are opened buffered: no `O_DIRECT` descriptor.
+    fn async_fds(&self) -> Option<AsyncFds> {
+        Some(AsyncFds {
+            buffered: self.0.as_raw_fd(),
+            direct: None,
+        })
     }
 }

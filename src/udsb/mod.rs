@@ -10,9 +10,25 @@
 //!   no longer than the band size, all below the disk's end;
 //! - an absent band, and the part of one past its file's end, read as zeros;
 //! - every band file written since the last flush is in `dirty` (or being
-//!   synced early under `syncing`), and `dir_dirty` is set when `bands/`
-//!   gained or lost an entry since then;
-//! - at most `OPEN_BANDS + DIRTY_LIMIT` band files are open.
+//!   synced early under `syncing`), a translated write's from its
+//!   `io_done` on (before it is answered), and `dir_dirty` is set when
+//!   `bands/` gained or lost an entry since then;
+//! - at most `OPEN_BANDS + DIRTY_LIMIT` band files are open, plus those
+//!   of translated requests in flight (whose files `io_done` may add to
+//!   `dirty` past its limit; translation stops once it is reached);
+//! - a band in `busy` (a translated request's host I/O is under way in its
+//!   file) is not removed until it leaves it.
+//!
+//! Translated requests (the ring, [`crate::host::uring`]) of an
+//! unencrypted bundle on the host go straight to the band files'
+//! descriptors: reads over bands that exist, writes inside a band file's
+//! current length. A write that would make or lengthen a band file, and
+//! anything on an encrypted bundle, takes the synchronous path. A
+//! translated request holds `exclusive` shared (a resize waits for it),
+//! keeps its band files open, and registers them in `busy` (a discard that
+//! removes one of them waits for it) until its host I/O has ended;
+//! [`Disk::io_done`] then puts the files written in `dirty` for the next
+//! flush.
 //!
 //! Crash ordering: a shrink removes (durably) the bands past the new end
 //! before the plist says the smaller size, and a grow cuts the last band
@@ -35,12 +51,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use lru::LruCache;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::lock_api::ArcRwLockReadGuard;
+use parking_lot::{Condvar, Mutex, RawRwLock, RwLock};
 use rustix::fs::{Mode, OFlags, RenameFlags, CWD};
 use rustix::io::Errno;
 
 use crate::asif::engine::{lock_file, Extent, LockMode, OpenOptions};
-use crate::disk::{Disk, Format};
+use crate::disk::{Disk, Format, HostPiece, Translation};
 use crate::error::{Error, Result};
 use crate::host::dir::{BandFile, BundleDir, HostDir};
 use crate::stats::{Counter, IoCounters};
@@ -69,9 +86,12 @@ pub struct SparseBundle {
     band_size: u64,
     size: AtomicU64,
     info: Mutex<Info>,
-    /// Taken shared by every request and alone by a resize.
-    exclusive: RwLock<()>,
-    bands: Mutex<Bands>,
+    /// Taken shared by every request (held by a translated one until its
+    /// host I/O ends) and alone by a resize.
+    exclusive: Arc<RwLock<()>>,
+    bands: Arc<Mutex<Bands>>,
+    /// Signalled when a band leaves `Bands::busy`.
+    idle: Arc<Condvar>,
     /// Held while files taken from `dirty` are synced, so that a flush
     /// cannot return while an early sync of a file it owes is under way.
     syncing: Mutex<()>,
@@ -93,6 +113,59 @@ struct Bands {
     /// again is another file); `true` when a sync must cover metadata too.
     dirty: HashMap<usize, (Band, bool)>,
     dir_dirty: bool,
+    /// Bands whose files translated requests are reading or writing.
+    busy: HashMap<u64, Busy>,
+    /// Bands a removal waits for: not translated again meanwhile, so that
+    /// the removal is not starved.
+    removing: BTreeSet<u64>,
+}
+
+/// A band's file while translated requests are under way in it.
+struct Busy {
+    file: Band,
+    /// Requests in flight in it, and how many of them write.
+    requests: usize,
+    writes: usize,
+}
+
+/// What a translated request holds until its host I/O ends: the bundle
+/// shared against a resize, and its bands in `Bands::busy` (which also
+/// keeps their files, hence their descriptors, open).
+struct Held {
+    bands: Arc<Mutex<Bands>>,
+    idle: Arc<Condvar>,
+    busy: Vec<u64>,
+    write: bool,
+    _shared: ArcRwLockReadGuard<RawRwLock, ()>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut st = self.bands.lock();
+        let mut freed = false;
+        for n in &self.busy {
+            let Some(b) = st.busy.get_mut(n) else {
+                continue;
+            };
+            b.requests -= 1;
+            if self.write {
+                b.writes -= 1;
+                // Normally `io_done` did already; not if the ring dropped
+                // the request without ending it, and the file may have
+                // changed anyway.
+                let f = b.file.clone();
+                st.dirty.entry(file_key(&f)).or_insert((f, false));
+            }
+            if st.busy[n].requests == 0 {
+                st.busy.remove(n);
+                freed = true;
+            }
+        }
+        drop(st);
+        if freed {
+            self.idle.notify_all();
+        }
+    }
 }
 
 /// The key of a band file in `Bands::dirty`.
@@ -201,13 +274,16 @@ impl SparseBundle {
             band_size: info.band_size,
             size: AtomicU64::new(info.size),
             info: Mutex::new(info),
-            exclusive: RwLock::new(()),
-            bands: Mutex::new(Bands {
+            exclusive: Arc::new(RwLock::new(())),
+            bands: Arc::new(Mutex::new(Bands {
                 present,
                 open: LruCache::new(NonZeroUsize::new(OPEN_BANDS).expect("nonzero")),
                 dirty: HashMap::new(),
                 dir_dirty: false,
-            }),
+                busy: HashMap::new(),
+                removing: BTreeSet::new(),
+            })),
+            idle: Arc::new(Condvar::new()),
             syncing: Mutex::new(()),
             dir,
             _token: token,
@@ -384,7 +460,11 @@ impl SparseBundle {
 
     /// Band `n`'s file, made if `create` and absent; `None` if absent.
     fn band(&self, n: u64, create: bool) -> Result<Option<Band>> {
-        let mut st = self.bands.lock();
+        self.band_in(&mut self.bands.lock(), n, create)
+    }
+
+    /// [`SparseBundle::band`] with the band state already locked.
+    fn band_in(&self, st: &mut Bands, n: u64, create: bool) -> Result<Option<Band>> {
         if let Some(f) = st.open.get(&n) {
             return Ok(Some(f.clone()));
         }
@@ -480,8 +560,18 @@ impl SparseBundle {
         Ok(())
     }
 
+    /// Removes band `n`'s file once no translated request is under way in
+    /// it: a discard returns only after the host I/O it raced has ended,
+    /// so none lands in the unlinked file after the discard returned.
     fn remove_band(&self, n: u64) -> Result<()> {
         let mut st = self.bands.lock();
+        if st.busy.contains_key(&n) {
+            st.removing.insert(n);
+            while st.busy.contains_key(&n) {
+                self.idle.wait(&mut st);
+            }
+            st.removing.remove(&n);
+        }
         if !st.present.contains(&n) {
             return Ok(());
         }
@@ -566,6 +656,80 @@ impl SparseBundle {
     fn next_present(&self, from: u64) -> Option<u64> {
         self.bands.lock().present.range(from..).next().copied()
     }
+
+    /// See [`Disk::translate`]: a piece per band whose file holds the
+    /// range. A read leaves missing bands, and what lies past a band
+    /// file's end, to the zeroed buffer; a write needs every band file to
+    /// exist and already reach the end of its part (the synchronous path
+    /// makes and lengthens files, and marks the directory dirty).
+    fn translate_bands(&self, offset: u64, len: u64, write: bool) -> Result<Option<Translation>> {
+        if self.crypt.is_some() || !self.dir.band_fds() || (write && !self.writable) {
+            return Ok(None);
+        }
+        let shared = self.exclusive.read_arc();
+        self.check_range(offset, len)?;
+        let mut pieces = Vec::new();
+        let mut files = Vec::new();
+        let mut at = 0;
+        // Under the band lock throughout: a removal either ran before (the
+        // band is missing here) or waits for the request to end.
+        let mut st = self.bands.lock();
+        // `io_done` adds the written files to `dirty` without syncing any
+        // early: past the limit, the synchronous path does.
+        if write && st.dirty.len() >= DIRTY_LIMIT {
+            return Ok(None);
+        }
+        for (n, within, plen) in self.pieces(offset, len) {
+            let piece_at = at;
+            at += plen as usize;
+            if st.removing.contains(&n) {
+                return Ok(None);
+            }
+            let Some(f) = self.band_in(&mut st, n, false)? else {
+                if write {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let Some(fds) = f.async_fds() else {
+                return Ok(None);
+            };
+            // Band files only grow while the bundle is shared: a length
+            // read now holds until the request ends.
+            let flen = f.len().map_err(|e| self.band_err(n, "stat", e))?;
+            let data = plen.min(flen.saturating_sub(within));
+            if write && data < plen {
+                return Ok(None);
+            }
+            if data == 0 {
+                continue;
+            }
+            pieces.push(HostPiece::on(fds, piece_at, within, data as usize));
+            files.push((n, f));
+        }
+        let mut busy = Vec::with_capacity(files.len());
+        for (n, f) in files {
+            let b = st.busy.entry(n).or_insert(Busy {
+                file: f,
+                requests: 0,
+                writes: 0,
+            });
+            b.requests += 1;
+            b.writes += usize::from(write);
+            busy.push(n);
+        }
+        drop(st);
+        Ok(Some(Translation {
+            pieces,
+            hold: Box::new(Held {
+                bands: self.bands.clone(),
+                idle: self.idle.clone(),
+                busy,
+                write,
+                _shared: shared,
+            }),
+        }))
+    }
 }
 
 impl Drop for SparseBundle {
@@ -641,6 +805,31 @@ impl Disk for SparseBundle {
         }
         self.counters.io.write(buf.len() as u64);
         Ok(())
+    }
+
+    fn translate(&self, offset: u64, len: u64, write: bool) -> Result<Option<Translation>> {
+        self.translate_bands(offset, len, write)
+    }
+
+    fn may_translate(&self) -> bool {
+        self.crypt.is_none() && self.dir.band_fds()
+    }
+
+    /// Every band file a translated write is under way in goes to `dirty`:
+    /// this request's have landed (or failed, and may have changed them);
+    /// others' are synced early, harmlessly, and added again by their own
+    /// `io_done`.
+    fn io_done(&self, write: bool, len: u64, ok: bool) {
+        if write {
+            let mut st = self.bands.lock();
+            let Bands { busy, dirty, .. } = &mut *st;
+            for b in busy.values().filter(|b| b.writes > 0) {
+                dirty
+                    .entry(file_key(&b.file))
+                    .or_insert_with(|| (b.file.clone(), false));
+            }
+        }
+        self.counters.io.done(write, len, ok);
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
