@@ -75,6 +75,19 @@ unmount_quietly() {
     return 0
 }
 
+# server_pid MOUNTPOINT: pid of the server, from the root's xattr.
+server_pid() {
+    python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.asiffs.pid").decode())' "$1"
+}
+
+# alive PID: the process exists and is not a zombie (exited, not yet reaped).
+alive() {
+    local st
+    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    st="${st##*) }"
+    [[ ${st:0:1} != Z ]]
+}
+
 # wait_for_mount DIR [TIMEOUT_SECONDS] [PID]: poll until DIR is a mount point.
 # Fails after TIMEOUT_SECONDS (default 10), or at once if PID (the process
 # that should be serving the mount) has exited.

@@ -25,19 +25,6 @@ expected_size() {
     esac
 }
 
-# server_pid MOUNTPOINT: pid of the server, from the root's xattr.
-server_pid() {
-    python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.asiffs.pid").decode())' "$1"
-}
-
-# alive PID: the process exists and is not a zombie (exited, not yet reaped).
-alive() {
-    local st
-    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    st="${st##*) }"
-    [[ ${st:0:1} != Z ]]
-}
-
 # --- mount returns once ready ------------------------------------------------
 "$ASIFFS" mount src mnt -o allow_other --log "$TESTDIR/mount.log" 2>mount.err
 mountpoint -q mnt || fail "mount returned before the mount was ready"

@@ -34,10 +34,6 @@ cmp -s "$found" "$INSTALLED" || fail "$found is not the asiffs just installed"
 head -c $MIB /dev/urandom >one
 head -c $MIB /dev/urandom >two
 
-server_pid() {
-    python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.asiffs.pid").decode())' "$1"
-}
-
 # cmdline PID: the process's arguments, one per line.
 cmdline() { tr '\0' '\n' <"/proc/$1/cmdline"; }
 

@@ -68,19 +68,6 @@ head -c $((32 * MIB)) /dev/urandom >pat
 # requests in flight; the fifth holds one block, written in case 1, read to
 # evict the others.
 
-# server_pid MOUNTPOINT: pid of the server, from the root's xattr.
-server_pid() {
-    python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.asiffs.pid").decode())' "$1"
-}
-
-# alive PID: the process exists and is not a zombie (exited, not yet reaped).
-alive() {
-    local st
-    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    st="${st##*) }"
-    [[ ${st:0:1} != Z ]]
-}
-
 # wait_dead PID SECONDS WHAT: poll until PID has exited; fail after SECONDS.
 wait_dead() {
     local i

@@ -155,6 +155,11 @@ fn tag(kind: u64, n: usize) -> u64 {
     (kind << TAG_SHIFT) | n as u64
 }
 
+/// The kind and index a completion's user data carries.
+fn untag(ud: u64) -> (u64, usize) {
+    (ud >> TAG_SHIFT, (ud & ((1 << TAG_SHIFT) - 1)) as usize)
+}
+
 /// The possible CPUs: the kernel makes one queue for each.
 pub fn possible_cpus() -> usize {
     std::fs::read_to_string("/sys/devices/system/cpu/possible")
@@ -296,10 +301,7 @@ impl Queue {
         self.live = DEPTH;
         // Refusals complete at once; a registered entry completes only
         // with its first request, which may also be here already.
-        let mut early = Vec::new();
-        for c in self.ring.completion() {
-            early.push((c.user_data(), c.result()));
-        }
+        let early = self.reaped();
         for &(_, res) in &early {
             if res < 0 && res != -libc::EAGAIN {
                 return Err(io::Error::from_raw_os_error(-res));
@@ -339,11 +341,7 @@ impl Queue {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            let done: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            let done = self.reaped();
             for (ud, res) in done {
                 self.complete(ud, res);
             }
@@ -353,24 +351,26 @@ impl Queue {
             if self.ring.submit_and_wait(1).is_err() {
                 break;
             }
-            let done: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (ud, res) in done {
-                if ud >> TAG_SHIFT == TAG_IO {
-                    self.pieces
-                        .try_remove((ud & ((1 << TAG_SHIFT) - 1)) as usize);
+            let done = self.reaped();
+            for (ud, _) in done {
+                if let (TAG_IO, key) = untag(ud) {
+                    self.pieces.try_remove(key);
                 }
-                let _ = res;
             }
         }
     }
 
+    /// The completions posted so far, as (user data, result).
+    fn reaped(&mut self) -> Vec<(u64, i32)> {
+        self.ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect()
+    }
+
     fn complete(&mut self, ud: u64, res: i32) {
-        let n = (ud & ((1 << TAG_SHIFT) - 1)) as usize;
-        match ud >> TAG_SHIFT {
+        let (kind, n) = untag(ud);
+        match kind {
             TAG_FUSE => {
                 if res < 0 {
                     // ENOTCONN / ECANCELED: the connection is going away.
