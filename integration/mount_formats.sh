@@ -202,7 +202,10 @@ for img in rw bundle; do
     [[ $((before - after)) -ge 8000 ]] || fail "$img: punching 8 MiB freed only $((before - after)) KiB ($before -> $after)"
     [[ $img == bundle ]] && { [[ ! -e $band ]] || fail "band 58 still present after a whole-band punch"; }
     assert_eq "-6 704 300" "$(seeks "mnt/$img.img")" "$img: SEEK_DATA/SEEK_HOLE after the punch"
-    cmp -n $((8 * MiB)) <(tail -c +$((704 * MiB + 1)) "mnt/$img.img") /dev/zero || fail "$img: punched range does not read as zeros"
+    # A pipeline, not <(...): a reader left behind by cmp would keep the
+    # mount busy for the umount below.
+    dd if="mnt/$img.img" bs=1M skip=704 count=8 status=none | cmp -n $((8 * MiB)) - /dev/zero \
+        || fail "$img: punched range does not read as zeros"
     echo "PASS $img: punch freed $((before - after)) KiB on the host; SEEK_DATA/SEEK_HOLE report the holes"
 done
 "$ASIFFS" umount mnt
