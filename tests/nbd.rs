@@ -1350,17 +1350,34 @@ enum Want {
 /// reads with and without DF, trims, flushes, block status, and requests
 /// that fail): every handle is answered exactly once, each reply whole,
 /// with the exact data or error. Then the written and trimmed ranges read
-/// back exactly, and a flush puts the completed writes in the file.
+/// back exactly, and a flush puts the completed writes in the file. The
+/// reads and the writes over stored data go to the session's io_uring.
 #[test]
 fn two_hundred_pipelined_requests_in_odd_slices() {
+    pipelined(Config::default());
+}
+
+/// The same, each request on a worker thread (`--aio threads`).
+#[test]
+fn two_hundred_pipelined_requests_without_the_ring() {
+    pipelined(Config {
+        ring: false,
+        ..Config::default()
+    });
+}
+
+fn pipelined(config: Config) {
     let size = 64 * MIB;
-    let f = start_sized(Config::default(), size);
+    let f = start_sized(config, size);
     let k8 = 8 * 1024;
     for h in 0..200u64 {
         f.disk_a
             .write_at(&pattern(1000 + h, 8192), 4 * MIB + h * k8)
             .unwrap();
     }
+    // Half the writes below land on stored chunks (which the ring takes),
+    // half allocate (which a worker does).
+    f.disk_a.write_at(&vec![0x5a; 800 * 1024], MIB).unwrap();
     for m in 0..20u64 {
         f.disk_a
             .write_at(&vec![0xcc; MIB as usize], 40 * MIB + m * MIB)
@@ -1557,4 +1574,94 @@ fn a_request_sent_byte_by_byte_still_parses() {
         c.send(&[b]);
     }
     assert_eq!(c.simple(3), 0);
+}
+
+/// A client that sends reads and stops reading the replies stalls only
+/// itself: the replies the socket cannot take wait on the session's sender
+/// thread, not on its ring, so the host reads behind them hold no lock.
+/// Another client trims, flushes (which waits for every host I/O started
+/// before it), writes and reads the same range at once.
+#[test]
+fn a_client_that_stops_reading_holds_no_lock() {
+    let f = start_sized(Config::default(), 64 * MIB);
+    f.disk_a
+        .write_at(&vec![0x77; 16 * MIB as usize], 0)
+        .unwrap();
+    let reads_before = f.disk_a.stats()["reads"].as_u64().unwrap();
+    let mut stalled = session_a(&f);
+    let mut frame = Vec::new();
+    for h in 0..256u64 {
+        let r = Request {
+            flags: 0,
+            command: CMD_READ,
+            handle: h,
+            offset: h * 65536,
+            len: 65536,
+        };
+        frame.extend_from_slice(&r.encode());
+    }
+    stalled.send(&frame);
+    // Every read has reached the disk; 16 MiB of replies cannot all be in
+    // the socket's buffer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while f.disk_a.stats()["reads"].as_u64().unwrap() < reads_before + 256 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled client's reads never ran"
+        );
+        std::thread::yield_now();
+    }
+    let mut other = session_a(&f);
+    let start = Instant::now();
+    other.request(0, CMD_TRIM, 1, 0, 16 * MIB as u32);
+    assert_eq!(other.status(1), 0);
+    other.request(0, CMD_FLUSH, 2, 0, 0);
+    assert_eq!(other.status(2), 0);
+    assert_eq!(other.write(3, 4096, &[0x42; 4096], 0), 0);
+    let (data, _) = other.read(4, 0, 8192);
+    assert!(data[..4096].iter().all(|&b| b == 0), "trimmed");
+    assert!(data[4096..].iter().all(|&b| b == 0x42), "written");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the other client waited {:?}",
+        start.elapsed()
+    );
+    // The stalled client still gets its replies, whole, with what was
+    // there when its reads ran.
+    let mut seen = [false; 256];
+    for _ in 0..256 {
+        let r = whole_reply(&mut stalled);
+        let h = r.handle;
+        assert_eq!(r.error, 0, "handle {h}");
+        assert!(!std::mem::replace(&mut seen[h as usize], true));
+        assert!(
+            joined(&r, h * 65536, 65536) == vec![0x77; 65536],
+            "handle {h}"
+        );
+    }
+}
+
+/// `serve` gives each plain session an io_uring and a sender thread, and
+/// `--aio threads` neither; the bytes are the same either way.
+#[test]
+fn aio_chooses_the_ring_or_the_workers() {
+    for (args, threads) in [(&[][..], 1), (&["--aio", "threads"][..], 0)] {
+        let served = Served::start(args);
+        let mut c = served.session();
+        assert_eq!(c.write(1, MIB, &pattern(7, 65536), 0), 0);
+        // Stored now: this read translates.
+        let (data, _) = c.read(2, MIB, 65536);
+        assert!(data == pattern(7, 65536), "{args:?}");
+        let named = |name: &str| {
+            std::fs::read_dir(format!("/proc/{}/task", served.child.id()))
+                .unwrap()
+                .filter(|t| {
+                    let comm = t.as_ref().unwrap().path().join("comm");
+                    std::fs::read_to_string(comm).is_ok_and(|c| c.trim() == name)
+                })
+                .count()
+        };
+        assert_eq!(named("asiffs-ring"), threads, "{args:?}");
+        assert_eq!(named("asiffs-nbd-send"), threads, "{args:?}");
+    }
 }

@@ -141,6 +141,8 @@ struct Shared {
     before_submit: Mutex<Option<Hook>>,
     /// Host I/Os submitted so far.
     submitted: AtomicU64,
+    /// Runs on the reaper after each batch of completions.
+    after_reap: Mutex<Option<Hook>>,
 }
 
 /// One host read or write of an operation.
@@ -161,8 +163,9 @@ enum Done {
 /// One request: its buffer, what it holds and how to finish it.
 struct Op {
     disk: Arc<dyn Disk>,
-    /// Dropped after the reply (see [`Translation::hold`]).
-    _hold: Mutex<Box<dyn Send>>,
+    /// Dropped once the host I/O is over and [`Disk::io_done`] ran, before
+    /// `done`: a reply that waits (a slow NBD client) holds no lock.
+    hold: Mutex<Option<Box<dyn Send>>>,
     /// Start of `buf`'s bytes; the heap block does not move while `buf`
     /// lives, and `buf` is taken out only once no piece is in flight.
     base: usize,
@@ -204,6 +207,7 @@ impl Ring {
             stopping: AtomicBool::new(false),
             before_submit: Mutex::new(None),
             submitted: AtomicU64::new(0),
+            after_reap: Mutex::new(None),
         });
         let s = shared.clone();
         let reaper = std::thread::Builder::new()
@@ -213,6 +217,13 @@ impl Ring {
             shared,
             reaper: Mutex::new(Some(reaper)),
         })
+    }
+
+    /// Runs `hook` on the reaper after each batch of completions (after
+    /// their `done` calls): a caller that queues replies in `done` sends
+    /// them together here.
+    pub fn set_after_reap(&self, hook: Option<Hook>) {
+        *self.shared.after_reap.lock() = hook;
     }
 
     /// Host reads and writes submitted since the ring was set up.
@@ -314,6 +325,10 @@ impl Shared {
                 };
                 self.finish_piece(p, res);
             }
+            let hook = self.after_reap.lock().clone();
+            if let Some(hook) = hook {
+                hook();
+            }
             if stop && self.pieces.lock().is_empty() {
                 return;
             }
@@ -334,7 +349,8 @@ impl Shared {
                 // would be an error). Chunks lie inside the file, but a
                 // shorter file reads as zeros, as `Storage::read_at` says.
                 if !write {
-                    return self.piece_done(p.op);
+                    self.piece_done(p.op);
+                    return;
                 }
                 p.op.error
                     .lock()
@@ -347,13 +363,16 @@ impl Shared {
                 return self.submit(p, write);
             }
         }
-        self.piece_done(p.op)
+        self.piece_done(p.op);
     }
 
-    fn piece_done(&self, op: Arc<Op>) {
-        if op.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+    /// Whether this was the op's last piece (its `done` ran here).
+    fn piece_done(&self, op: Arc<Op>) -> bool {
+        let last = op.remaining.fetch_sub(1, Ordering::AcqRel) == 1;
+        if last {
             op.complete();
         }
+        last
     }
 }
 
@@ -366,6 +385,7 @@ impl Op {
         };
         self.disk
             .io_done(self.write, self.len as u64, error.is_none());
+        drop(self.hold.lock().take());
         let io_err = |what: &str, e: io::Error| {
             Error::io(format!("{}: {what}", self.disk.path().display()), e)
         };
@@ -394,7 +414,8 @@ impl Op {
 }
 
 impl Ring {
-    fn start(&self, disk: Arc<dyn Disk>, t: Translation, mut buf: AlignedBuf, done: Done) {
+    /// Whether `done` already ran, on this thread.
+    fn start(&self, disk: Arc<dyn Disk>, t: Translation, mut buf: AlignedBuf, done: Done) -> bool {
         let write = matches!(done, Done::Write(_));
         let hook = self.shared.before_submit.lock().clone();
         if let Some(hook) = hook {
@@ -403,7 +424,7 @@ impl Ring {
         let base = buf.as_mut().as_mut_ptr() as usize;
         let op = Arc::new(Op {
             disk,
-            _hold: Mutex::new(t.hold),
+            hold: Mutex::new(Some(t.hold)),
             base,
             len: buf.as_slice().len(),
             buf: Mutex::new(Some(buf)),
@@ -427,57 +448,92 @@ impl Ring {
                 write,
             );
         }
-        self.shared.piece_done(op);
+        self.shared.piece_done(op)
     }
 
     /// Reads `len` bytes at `offset` of `disk` and calls `done` with them,
     /// from the ring's thread when the disk translates the request, else
     /// before returning (through `read_at`).
     pub fn read(&self, disk: Arc<dyn Disk>, offset: u64, len: usize, done: ReadDone) {
-        let sync = |done: ReadDone| {
-            let mut buf = self.shared.buffers.take(len);
-            let r = disk.read_at(buf.as_mut(), offset);
-            let buf = ReadBuf {
-                buf: Some(buf),
-                pool: Some(self.shared.buffers.clone()),
-            };
-            done(r.map(|()| buf))
+        let Err(done) = self.try_read(&disk, offset, len, done) else {
+            return;
         };
+        let mut buf = self.shared.buffers.take(len);
+        let r = disk.read_at(buf.as_mut(), offset);
+        let buf = ReadBuf {
+            buf: Some(buf),
+            pool: Some(self.shared.buffers.clone()),
+        };
+        done(r.map(|()| buf))
+    }
+
+    /// Like [`Ring::read`], but hands `done` back, uncalled, when the disk
+    /// does not translate the range, so the caller chooses how to serve it.
+    /// `Ok(true)`: `done` already ran, on this thread (a hole, an error, or
+    /// host I/O that finished at once).
+    pub fn try_read(
+        &self,
+        disk: &Arc<dyn Disk>,
+        offset: u64,
+        len: usize,
+        done: ReadDone,
+    ) -> std::result::Result<bool, ReadDone> {
         if self.shared.stopping.load(Ordering::Relaxed) {
-            return sync(done);
+            return Err(done);
         }
         // A translation not taken is dropped (with its hold) before the
-        // synchronous path runs: that path takes the same locks.
+        // caller's synchronous path runs: that path takes the same locks.
         let t = match disk.translate(offset, len as u64, false) {
             Ok(t) => t.filter(|t| usable(t, len)),
-            Err(e) => return done(Err(e)),
+            Err(e) => {
+                done(Err(e));
+                return Ok(true);
+            }
         };
         let Some(t) = t else {
-            return sync(done);
+            return Err(done);
         };
         let mut buf = self.shared.buffers.take(len);
         zero_gaps(buf.as_mut(), &t.pieces);
-        self.start(disk, t, buf, Done::Read(done));
+        Ok(self.start(disk.clone(), t, buf, Done::Read(done)))
     }
 
     /// Writes `data` at `offset` of `disk` and calls `done`, from the
     /// ring's thread when the disk translates the request, else before
     /// returning (through `write_at`, which may allocate).
     pub fn write(&self, disk: Arc<dyn Disk>, data: &[u8], offset: u64, done: WriteDone) {
+        if let Err(done) = self.try_write(&disk, data, offset, done) {
+            done(disk.write_at(data, offset));
+        }
+    }
+
+    /// Like [`Ring::write`], but hands `done` back, uncalled, when the disk
+    /// does not translate every byte of the range; `Ok(true)` as in
+    /// [`Ring::try_read`].
+    pub fn try_write(
+        &self,
+        disk: &Arc<dyn Disk>,
+        data: &[u8],
+        offset: u64,
+        done: WriteDone,
+    ) -> std::result::Result<bool, WriteDone> {
         if self.shared.stopping.load(Ordering::Relaxed) {
-            return done(disk.write_at(data, offset));
+            return Err(done);
         }
         let t = match disk.translate(offset, data.len() as u64, true) {
             // Every byte of a write must land somewhere.
             Ok(t) => t.filter(|t| covers(t, data.len())),
-            Err(e) => return done(Err(e)),
+            Err(e) => {
+                done(Err(e));
+                return Ok(true);
+            }
         };
         let Some(t) = t else {
-            return done(disk.write_at(data, offset));
+            return Err(done);
         };
         let mut buf = self.shared.buffers.take(data.len());
         buf.as_mut().copy_from_slice(data);
-        self.start(disk, t, buf, Done::Write(done));
+        Ok(self.start(disk.clone(), t, buf, Done::Write(done)))
     }
 }
 

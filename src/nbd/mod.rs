@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// Clients served at once.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_connections: usize,
+    /// How container I/O is issued: uring submits a plain session's
+    /// reads and writes to an io_uring of its own; threads does each on
+    /// a worker thread (also where io_uring is unavailable).
+    #[arg(long, value_enum, default_value_t = crate::fs::Aio::Uring)]
+    pub aio: crate::fs::Aio,
     /// Write the server's process id here (removed on exit).
     #[arg(long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
@@ -361,6 +366,7 @@ pub fn cmd_serve(a: &ServeArgs) -> Result<i32> {
         handshake_timeout: Duration::from_secs(a.handshake_timeout),
         max_connections: a.max_connections,
         max_payload_memory: a.max_payload_memory.saturating_mul(1 << 20),
+        ring: a.aio == crate::fs::Aio::Uring,
     };
     let socket = match &a.socket {
         Some(p) => Some(std::path::absolute(p).map_err(|e| io_err(p.display().to_string(), e))?),

@@ -4,12 +4,17 @@
 //! - every client of an image shares that image's one `Arc<dyn Disk>`, so a
 //!   flush (or FUA) on any connection covers the writes of all of them,
 //!   which is what `NBD_FLAG_CAN_MULTI_CONN` promises;
-//! - a plain session answers up to `WORKERS` requests at once, each reply
-//!   whole and contiguous, in completion order (TLS sessions: one at a
-//!   time); replies that complete together share one `writev`, but none
-//!   waits for another to complete; a request's reply is sent only after the disk call returned
-//!   (and, with FUA, after the flush), so an acknowledged flush survives
-//!   the client vanishing; a flush covers every write completed before it;
+//! - a plain session answers up to `WORKERS` requests at once, plus the
+//!   reads and writes its io_uring carries, each reply whole and
+//!   contiguous, in completion order (TLS sessions: one at a time);
+//!   replies that complete together share one `writev`, but none waits for
+//!   another to complete; a request's reply is sent only after the disk
+//!   call returned (and, with FUA, after the flush), so an acknowledged
+//!   flush survives the client vanishing; a flush covers every write
+//!   completed before it;
+//! - the ring's thread never waits on a client: what the socket does not
+//!   take at once goes to the session's sender thread, so a client that
+//!   stops reading holds no lock of the image;
 //! - on `NBD_CMD_DISC` every request already read is answered before close;
 //! - hostile input never panics: sizes are checked before any allocation
 //!   (options over [`MAX_OPTION_LEN`], payloads over [`MAX_PAYLOAD`]), bad
@@ -36,6 +41,7 @@ use super::jobs::Jobs;
 use super::proto::*;
 use super::room::{Room, PIECE};
 use crate::disk::Disk;
+use crate::host::uring::{ReadDone, Ring, WriteDone};
 use crate::Error;
 
 /// Longest option data accepted; longer options are answered with
@@ -90,6 +96,9 @@ pub struct Config {
     /// Write payload bytes held across all connections at once; at least
     /// [`MAX_PAYLOAD`]. A client past it waits for room.
     pub max_payload_memory: u64,
+    /// Plain sessions submit the reads and writes the disk translates to
+    /// an io_uring of their own (`--aio uring`), instead of a worker each.
+    pub ring: bool,
 }
 
 impl Default for Config {
@@ -99,6 +108,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(30),
             max_connections: 256,
             max_payload_memory: DEFAULT_PAYLOAD_MEMORY,
+            ring: true,
         }
     }
 }
@@ -798,6 +808,7 @@ impl Session<'_> {
             room: &self.server.room,
             timeout: self.server.config.handshake_timeout,
             peer: &peer,
+            ring: self.server.config.ring,
         };
         match std::mem::replace(&mut self.conn, Conn::Gone) {
             Conn::Plain(sock) => {
@@ -839,6 +850,8 @@ struct Ctx<'a> {
     /// The handshake timeout, the base of each payload's deadline.
     timeout: Duration,
     peer: &'a str,
+    /// [`Config::ring`].
+    ring: bool,
 }
 
 /// A write payload in pieces of at most [`PIECE`] bytes, with the room
@@ -1035,17 +1048,56 @@ const SPARE_CAPACITY: usize = 256 * 1024;
 const MAX_IOV: usize = 256;
 
 /// A plain connection: this thread reads requests (through a
-/// [`RECV_BUF`] buffer) and hands them to [`WORKERS`] threads, each of
-/// which does the disk call and queues its whole reply in the [`Outbox`],
-/// so replies go out in completion order (NBD matches them by handle). On
-/// `NBD_CMD_DISC`, EOF or a read error the requests already read are still
-/// answered before the session ends; a failed reply write shuts the
-/// socket, which ends the reading too.
+/// [`RECV_BUF`] buffer). A read or write the disk translates goes to the
+/// connection's io_uring ([`Config::ring`]), whose thread queues the reply
+/// once the host I/O is over; every other request goes to one of
+/// [`WORKERS`] threads, which does the disk call and queues its whole
+/// reply. Replies go out of the [`Outbox`] in completion order (NBD matches
+/// them by handle). On `NBD_CMD_DISC`, EOF or a read error the requests
+/// already read are still answered before the session ends; a failed
+/// reply write shuts the socket, which ends the reading too.
 fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
+    let budget = Arc::new(Budget::new());
+    let outbox = Arc::new(Outbox::new(sock.try_clone()?, budget.clone()));
+    let mut ring = if ctx.ring { session_ring() } else { None };
     let mut reader = io::BufReader::with_capacity(RECV_BUF, Timed::new(sock.try_clone()?));
-    let budget = Budget::new();
-    let outbox = Outbox::new(sock.try_clone()?, &budget);
     let jobs = Jobs::<Job>::new(QUEUED);
+    // The sender thread outlives the workers, whose replies it may send.
+    let r = std::thread::scope(|outer| {
+        if ring.is_some() {
+            let spawned = std::thread::Builder::new()
+                .name("asiffs-nbd-send".into())
+                .spawn_scoped(outer, || outbox.sender());
+            if let Err(e) = spawned {
+                warn!("cannot start an NBD sender thread, serving without io_uring: {e}");
+                ring = None;
+            }
+        }
+        if let Some(ring) = &ring {
+            // Replies completed together leave in one `writev`.
+            let outbox = outbox.clone();
+            ring.set_after_reap(Some(Arc::new(move || outbox.flush())));
+        }
+        let r = serve_requests(ctx, &mut reader, ring.as_ref(), &outbox, &budget, &jobs);
+        outbox.close();
+        r
+    });
+    r?;
+    match outbox.broken() {
+        Some(why) => Err(Stop(why)),
+        None => Ok(()),
+    }
+}
+
+/// The reading half of [`concurrent`], with its workers.
+fn serve_requests<'a>(
+    ctx: &Ctx<'a>,
+    reader: &mut io::BufReader<Timed>,
+    ring: Option<&Ring>,
+    outbox: &Arc<Outbox>,
+    budget: &Budget,
+    jobs: &Jobs<Job<'a>>,
+) -> Step<()> {
     std::thread::scope(|scope| {
         for _ in 0..WORKERS {
             let worker = jobs.join();
@@ -1080,26 +1132,131 @@ fn concurrent(ctx: &Ctx, sock: &Sock) -> Step<()> {
         let pusher = jobs.pusher();
         let mut out = Vec::new();
         let r = loop {
-            let job = match next_request(
-                &mut WriteVia(&mut reader, &outbox),
-                ctx,
-                &mut out,
-                &mut |n| budget.take(n),
-            ) {
+            let job = match next_request(&mut WriteVia(reader, outbox), ctx, &mut out, &mut |n| {
+                budget.take(n)
+            }) {
                 Ok(Some(job)) => job,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
+            };
+            let job = match ring {
+                Some(ring) => match on_ring(ctx, ring, outbox, job) {
+                    Some(job) => job,
+                    None => continue,
+                },
+                None => job,
             };
             if pusher.push(job).is_err() {
                 break Ok(());
             }
         };
+        if let Some(ring) = ring {
+            // Every request on it answered (or dropped, if the socket broke).
+            ring.shutdown();
+            ring.set_after_reap(None);
+        }
         drop(pusher);
         r
-    })?;
-    match outbox.into_broken() {
-        Some(why) => Err(Stop(why)),
-        None => Ok(()),
+    })
+}
+
+/// A plain session's own ring, or `None` (said once) where io_uring is
+/// unavailable.
+fn session_ring() -> Option<Ring> {
+    match Ring::new() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                warn!(
+                    "NBD sessions serve without io_uring: {}",
+                    crate::host::uring::unavailable_reason(&e)
+                )
+            });
+            None
+        }
+    }
+}
+
+/// Puts a plain read, or a plain write of one payload piece, that lies
+/// inside the export on the session's ring, if the disk translates it;
+/// hands back every other request (and any the ring does not take) for a
+/// worker. What the ring takes is answered exactly as [`answer`] would.
+fn on_ring<'a>(ctx: &Ctx, ring: &Ring, outbox: &Arc<Outbox>, job: Job<'a>) -> Option<Job<'a>> {
+    let req = &job.req;
+    let read = match req.command {
+        CMD_READ if ctx.structured => {
+            // One data chunk, as `read` sends when it does not look for holes.
+            req.flags & !(CMD_FLAG_FUA | CMD_FLAG_DF) == 0
+                && (req.flags & CMD_FLAG_DF != 0 || req.len <= SMALL_READ)
+        }
+        CMD_READ => req.flags & !CMD_FLAG_FUA == 0,
+        // FUA needs a flush after the write: a worker's job.
+        CMD_WRITE => {
+            if req.flags != 0 || ctx.export.read_only || job.payload.pieces.len() != 1 {
+                return Some(job);
+            }
+            false
+        }
+        _ => return Some(job),
+    };
+    let end = req.offset.checked_add(req.len.into());
+    if !read && req.command == CMD_READ
+        || req.len == 0
+        || req.len > MAX_PAYLOAD
+        || !end.is_some_and(|end| end <= ctx.export.disk.size())
+    {
+        return Some(job);
+    }
+    if outbox.is_broken() {
+        return Some(job);
+    }
+    let (handle, offset, len, cost) = (req.handle, req.offset, req.len, job.cost);
+    let structured = ctx.structured;
+    let disk = &ctx.export.disk;
+    let reply_to = outbox.clone();
+    let taken = if read {
+        let done: ReadDone = Box::new(move |r| {
+            let mut out = reply_to.spare();
+            match r {
+                Ok(data) => {
+                    if structured {
+                        out.extend_from_slice(&chunk_offset_data_header(handle, offset, len, true));
+                    } else {
+                        out.extend_from_slice(&simple_reply(handle, 0));
+                    }
+                    out.extend_from_slice(data.as_slice());
+                }
+                Err(e) => fail_reply(structured, handle, errno_of(&e), &e.to_string(), &mut out),
+            }
+            reply_to.hold(out, cost);
+        });
+        ring.try_read(disk, offset, len as usize, done)
+            .map_err(drop)
+    } else {
+        let done: WriteDone = Box::new(move |r| {
+            let mut out = reply_to.spare();
+            match r {
+                Ok(()) => out.extend_from_slice(&simple_reply(handle, 0)),
+                Err(e) => {
+                    warn!("{e}");
+                    fail_reply(structured, handle, errno_of(&e), &e.to_string(), &mut out)
+                }
+            }
+            reply_to.hold(out, cost);
+        });
+        ring.try_write(disk, &job.payload.pieces[0], offset, done)
+            .map_err(drop)
+    };
+    match taken {
+        // The reply was held for the reaper's flush, which may not come.
+        Ok(true) => {
+            outbox.flush();
+            None
+        }
+        // A write's data was copied into the ring's buffer: its room is free.
+        Ok(false) => None,
+        Err(_) => Some(job),
     }
 }
 
@@ -1113,6 +1270,11 @@ struct Queue {
     broken: Option<String>,
     /// Sent reply buffers, cleared, for reuse.
     spare: Vec<Vec<u8>>,
+    /// [`Outbox::flush`] found the socket full: the sender thread takes
+    /// over (`sending` stays set).
+    handoff: bool,
+    /// The session is over: the sender thread leaves.
+    closed: bool,
 }
 
 /// The reply side of a plain connection. A worker queues its reply; if no
@@ -1120,17 +1282,19 @@ struct Queue {
 /// with one `writev`, again and again until the queue is empty. So replies
 /// that complete while a write is under way go out together with the next
 /// one, each whole, and none waits for more than the writes ahead of it.
-struct Outbox<'b> {
+struct Outbox {
     /// Written only by the sender; the lock is never contended.
     sock: std::sync::Mutex<Sock>,
     queue: std::sync::Mutex<Queue>,
     /// The sender took a batch (room in the queue) or the socket broke.
     taken: std::sync::Condvar,
-    budget: &'b Budget,
+    /// A handoff, or the close.
+    kick: std::sync::Condvar,
+    budget: Arc<Budget>,
 }
 
-impl<'b> Outbox<'b> {
-    fn new(sock: Sock, budget: &'b Budget) -> Self {
+impl Outbox {
+    fn new(sock: Sock, budget: Arc<Budget>) -> Self {
         Outbox {
             sock: std::sync::Mutex::new(sock),
             queue: std::sync::Mutex::new(Queue {
@@ -1138,8 +1302,11 @@ impl<'b> Outbox<'b> {
                 sending: false,
                 broken: None,
                 spare: Vec::new(),
+                handoff: false,
+                closed: false,
             }),
             taken: std::sync::Condvar::new(),
+            kick: std::sync::Condvar::new(),
             budget,
         }
     }
@@ -1152,17 +1319,143 @@ impl<'b> Outbox<'b> {
         self.lock().broken.is_some()
     }
 
-    fn into_broken(self) -> Option<String> {
-        self.queue
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .broken
+    fn broken(&self) -> Option<String> {
+        self.lock().broken.clone()
+    }
+
+    /// An empty buffer for a reply.
+    fn spare(&self) -> Vec<u8> {
+        self.lock().spare.pop().unwrap_or_default()
     }
 
     /// Queues one whole reply holding `cost` bytes of the budget (given
     /// back once it is sent or dropped), and sends if nobody is; returns
     /// an empty buffer for the next reply.
     fn send(&self, reply: Vec<u8>, cost: u64) -> Vec<u8> {
+        match self.push(reply, cost) {
+            Some(mut q) => q.spare.pop().unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Queues a reply without sending it: [`Outbox::flush`], or the
+    /// sender at work, sends it. Never waits for room: a caller's replies
+    /// are bounded by the [`BUDGET`] their requests took.
+    fn hold(&self, reply: Vec<u8>, cost: u64) {
+        let mut q = self.lock();
+        if q.broken.is_some() {
+            drop(q);
+            self.budget.give(cost);
+            return;
+        }
+        q.replies.push((reply, cost));
+    }
+
+    /// Sends what is queued, unless a sender is at it, without waiting
+    /// for the client: what the socket does not take at once goes to the
+    /// sender thread ([`Outbox::sender`]). For the ring's reaper, which
+    /// must not wait on one client while the completions (and the locks)
+    /// of other requests wait on it.
+    fn flush(&self) {
+        let mut q = self.lock();
+        if q.broken.is_some() || q.sending {
+            return;
+        }
+        q.sending = true;
+        loop {
+            let mut batch = std::mem::take(&mut q.replies);
+            if batch.is_empty() {
+                q.sending = false;
+                return;
+            }
+            if batch.len() >= MAX_QUEUED_REPLIES {
+                self.taken.notify_all();
+            }
+            drop(q);
+            let mut at = (0, 0);
+            let r = {
+                let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+                write_all_vectored(&mut NoWait(&sock), &batch, &mut at)
+            };
+            let sent: u64 = batch[..at.0].iter().map(|r| r.1).sum();
+            self.budget.give(sent);
+            q = self.lock();
+            match r {
+                Ok(()) => self.recycle(&mut q, batch),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut rest = batch.split_off(at.0);
+                    rest[0].0.drain(..at.1);
+                    self.recycle(&mut q, batch);
+                    rest.append(&mut q.replies);
+                    q.replies = rest;
+                    q.handoff = true;
+                    self.kick.notify_one();
+                    return;
+                }
+                Err(e) => {
+                    let unsent: u64 = batch[at.0..].iter().map(|r| r.1).sum();
+                    self.budget.give(unsent);
+                    drop(self.broke(q, e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The thread that finishes what [`Outbox::flush`] handed over, with
+    /// blocking writes; returns once the outbox is closed.
+    fn sender(&self) {
+        let mut q = self.lock();
+        loop {
+            while !q.handoff && !q.closed {
+                q = self.kick.wait(q).unwrap_or_else(|p| p.into_inner());
+            }
+            if !q.handoff {
+                return;
+            }
+            q.handoff = false;
+            q = self.send_all(q);
+        }
+    }
+
+    /// Ends [`Outbox::sender`] once nothing is handed over.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.kick.notify_all();
+    }
+
+    /// Keeps some sent buffers for reuse.
+    fn recycle(&self, q: &mut Queue, mut batch: Vec<(Vec<u8>, u64)>) {
+        for (mut buf, _) in batch.drain(..) {
+            if q.spare.len() < SPARE_REPLIES && buf.capacity() <= SPARE_CAPACITY {
+                buf.clear();
+                q.spare.push(buf);
+            }
+        }
+    }
+
+    /// Records why the socket broke and drops what is queued; returns
+    /// with `sending` clear.
+    fn broke<'q>(
+        &'q self,
+        mut q: std::sync::MutexGuard<'q, Queue>,
+        e: io::Error,
+    ) -> std::sync::MutexGuard<'q, Queue> {
+        self.sock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown();
+        q.broken.get_or_insert_with(|| e.to_string());
+        let dropped: u64 = q.replies.drain(..).map(|r| r.1).sum();
+        q.sending = false;
+        self.taken.notify_all();
+        drop(q);
+        self.budget.give(dropped);
+        self.lock()
+    }
+
+    /// `None` once the socket broke (the reply is dropped).
+    fn push(&self, reply: Vec<u8>, cost: u64) -> Option<std::sync::MutexGuard<'_, Queue>> {
         let mut q = self.lock();
         while q.broken.is_none() && q.replies.len() >= MAX_QUEUED_REPLIES {
             q = self.taken.wait(q).unwrap_or_else(|p| p.into_inner());
@@ -1170,14 +1463,14 @@ impl<'b> Outbox<'b> {
         if q.broken.is_some() {
             drop(q);
             self.budget.give(cost);
-            return Vec::new();
+            return None;
         }
         q.replies.push((reply, cost));
         if !q.sending {
             q.sending = true;
             q = self.send_all(q);
         }
-        q.spare.pop().unwrap_or_default()
+        Some(q)
     }
 
     /// Sends batches until the queue is empty; called with `sending` set,
@@ -1186,9 +1479,8 @@ impl<'b> Outbox<'b> {
         &'q self,
         mut q: std::sync::MutexGuard<'q, Queue>,
     ) -> std::sync::MutexGuard<'q, Queue> {
-        let mut batch = Vec::new();
         loop {
-            std::mem::swap(&mut batch, &mut q.replies);
+            let batch = std::mem::take(&mut q.replies);
             if batch.is_empty() {
                 q.sending = false;
                 return q;
@@ -1200,40 +1492,56 @@ impl<'b> Outbox<'b> {
             drop(q);
             let r = {
                 let mut sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-                let r = write_all_vectored(&mut *sock, &batch);
-                if r.is_err() {
-                    sock.shutdown();
-                }
-                r
+                write_all_vectored(&mut *sock, &batch, &mut (0, 0))
             };
             let cost: u64 = batch.iter().map(|r| r.1).sum();
             self.budget.give(cost);
             q = self.lock();
             if let Err(e) = r {
-                q.broken.get_or_insert_with(|| e.to_string());
-                let dropped: u64 = q.replies.drain(..).map(|r| r.1).sum();
-                q.sending = false;
-                self.taken.notify_all();
-                drop(q);
-                self.budget.give(dropped);
-                return self.lock();
+                return self.broke(q, e);
             }
-            for (mut buf, _) in batch.drain(..) {
-                if q.spare.len() < SPARE_REPLIES && buf.capacity() <= SPARE_CAPACITY {
-                    buf.clear();
-                    q.spare.push(buf);
-                }
-            }
+            self.recycle(&mut q, batch);
         }
     }
 }
 
+/// Writes to a socket without waiting: a full socket is `WouldBlock`.
+struct NoWait<'a>(&'a Sock);
+
+impl Write for NoWait<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendFlags};
+        let fd = match self.0 {
+            Sock::Tcp(s) => std::os::fd::AsFd::as_fd(s),
+            Sock::Unix(s) => std::os::fd::AsFd::as_fd(s),
+        };
+        let flags = SendFlags::DONTWAIT | SendFlags::NOSIGNAL;
+        Ok(sendmsg(
+            fd,
+            bufs,
+            &mut SendAncillaryBuffer::default(),
+            flags,
+        )?)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Writes every reply of `batch` in order, [`MAX_IOV`] buffers per
-/// `writev` at most, resuming after short writes.
-fn write_all_vectored(w: &mut impl Write, batch: &[(Vec<u8>, u64)]) -> io::Result<()> {
-    // The first reply not wholly sent, and how much of it was.
-    let (mut i, mut off) = (0, 0);
-    while i < batch.len() {
+/// `writev` at most, resuming after short writes. `at` is where it stands
+/// (the first reply not wholly sent, and how much of it was), also after
+/// an error.
+fn write_all_vectored(
+    w: &mut impl Write,
+    batch: &[(Vec<u8>, u64)],
+    at: &mut (usize, usize),
+) -> io::Result<()> {
+    while at.0 < batch.len() {
+        let (i, off) = *at;
         let first = io::IoSlice::new(&batch[i].0[off..]);
         let rest = batch[i + 1..].iter().take(MAX_IOV - 1);
         let slices: Vec<io::IoSlice> = std::iter::once(first)
@@ -1245,20 +1553,20 @@ fn write_all_vectored(w: &mut impl Write, batch: &[(Vec<u8>, u64)]) -> io::Resul
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        while i < batch.len() && n >= batch[i].0.len() - off {
-            n -= batch[i].0.len() - off;
-            (i, off) = (i + 1, 0);
+        while at.0 < batch.len() && n >= batch[at.0].0.len() - at.1 {
+            n -= batch[at.0].0.len() - at.1;
+            *at = (at.0 + 1, 0);
         }
-        off += n;
+        at.1 += n;
     }
     Ok(())
 }
 
 /// Reads from the buffered reader half; writes (rare: the oversize-write
 /// error) go through the outbox like any reply.
-struct WriteVia<'a, 'b>(&'a mut io::BufReader<Timed>, &'a Outbox<'b>);
+struct WriteVia<'a>(&'a mut io::BufReader<Timed>, &'a Outbox);
 
-impl Read for WriteVia<'_, '_> {
+impl Read for WriteVia<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf)
     }
@@ -1267,7 +1575,7 @@ impl Read for WriteVia<'_, '_> {
     }
 }
 
-impl Write for WriteVia<'_, '_> {
+impl Write for WriteVia<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.1.send(buf.to_vec(), 0);
         Ok(buf.len())
@@ -1277,7 +1585,7 @@ impl Write for WriteVia<'_, '_> {
     }
 }
 
-impl Deadline for WriteVia<'_, '_> {
+impl Deadline for WriteVia<'_> {
     fn set_deadline(&mut self, d: Option<Instant>) -> io::Result<()> {
         self.0.get_mut().set_deadline(d)
     }
@@ -1285,10 +1593,14 @@ impl Deadline for WriteVia<'_, '_> {
 
 /// Appends the reply to a request that failed with `error`.
 fn fail(ctx: &Ctx, req: &Request, error: u32, message: &str, out: &mut Vec<u8>) {
-    if ctx.structured {
-        out.extend_from_slice(&chunk_error(req.handle, error, message, true));
+    fail_reply(ctx.structured, req.handle, error, message, out)
+}
+
+fn fail_reply(structured: bool, handle: u64, error: u32, message: &str, out: &mut Vec<u8>) {
+    if structured {
+        out.extend_from_slice(&chunk_error(handle, error, message, true));
     } else {
-        out.extend_from_slice(&simple_reply(req.handle, error));
+        out.extend_from_slice(&simple_reply(handle, error));
     }
 }
 
