@@ -48,6 +48,17 @@ impl ReadBuf {
     pub fn as_slice(&self) -> &[u8] {
         self.buf.as_ref().map_or(&[], |b| b.as_slice())
     }
+
+    /// Bytes held outside any ring (tests of what consumes a `ReadBuf`).
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: &[u8]) -> ReadBuf {
+        let mut buf = AlignedBuf::new(bytes.len());
+        buf.as_mut().copy_from_slice(bytes);
+        ReadBuf {
+            buf: Some(buf),
+            pool: None,
+        }
+    }
 }
 
 impl Drop for ReadBuf {

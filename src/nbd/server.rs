@@ -41,7 +41,7 @@ use super::jobs::Jobs;
 use super::proto::*;
 use super::room::{Room, PIECE};
 use crate::disk::Disk;
-use crate::host::uring::{ReadDone, Ring, WriteDone};
+use crate::host::uring::{ReadBuf, ReadDone, Ring, WriteDone};
 use crate::Error;
 
 /// Longest option data accepted; longer options are answered with
@@ -1217,33 +1217,42 @@ fn on_ring<'a>(ctx: &Ctx, ring: &Ring, outbox: &Arc<Outbox>, job: Job<'a>) -> Op
     let reply_to = outbox.clone();
     let taken = if read {
         let done: ReadDone = Box::new(move |r| {
-            let mut out = reply_to.spare();
-            match r {
+            let mut head = reply_to.spare();
+            let data = match r {
                 Ok(data) => {
                     if structured {
-                        out.extend_from_slice(&chunk_offset_data_header(handle, offset, len, true));
+                        head.extend_from_slice(&chunk_offset_data_header(
+                            handle, offset, len, true,
+                        ));
                     } else {
-                        out.extend_from_slice(&simple_reply(handle, 0));
+                        head.extend_from_slice(&simple_reply(handle, 0));
                     }
-                    out.extend_from_slice(data.as_slice());
+                    Some(data)
                 }
-                Err(e) => fail_reply(structured, handle, errno_of(&e), &e.to_string(), &mut out),
-            }
-            reply_to.hold(out, cost);
+                Err(e) => {
+                    fail_reply(structured, handle, errno_of(&e), &e.to_string(), &mut head);
+                    None
+                }
+            };
+            reply_to.hold(Reply { head, data, cost });
         });
         ring.try_read(disk, offset, len as usize, done)
             .map_err(drop)
     } else {
         let done: WriteDone = Box::new(move |r| {
-            let mut out = reply_to.spare();
+            let mut head = reply_to.spare();
             match r {
-                Ok(()) => out.extend_from_slice(&simple_reply(handle, 0)),
+                Ok(()) => head.extend_from_slice(&simple_reply(handle, 0)),
                 Err(e) => {
                     warn!("{e}");
-                    fail_reply(structured, handle, errno_of(&e), &e.to_string(), &mut out)
+                    fail_reply(structured, handle, errno_of(&e), &e.to_string(), &mut head)
                 }
             }
-            reply_to.hold(out, cost);
+            reply_to.hold(Reply {
+                head,
+                data: None,
+                cost,
+            });
         });
         ring.try_write(disk, &job.payload.pieces[0], offset, done)
             .map_err(drop)
@@ -1260,10 +1269,35 @@ fn on_ring<'a>(ctx: &Ctx, ring: &Ring, outbox: &Arc<Outbox>, job: Job<'a>) -> Op
     }
 }
 
+/// One whole reply.
+struct Reply {
+    head: Vec<u8>,
+    /// A read's data as the ring read it, sent after `head` without a copy.
+    data: Option<ReadBuf>,
+    /// Bytes of [`BUDGET`] it holds until sent or dropped.
+    cost: u64,
+}
+
+impl Reply {
+    fn len(&self) -> usize {
+        self.head.len() + self.data.as_ref().map_or(0, |d| d.as_slice().len())
+    }
+
+    /// Its bytes from `off` on, in up to two slices.
+    fn from(&self, off: usize) -> impl Iterator<Item = &[u8]> {
+        let data = self.data.as_ref().map_or(&[][..], |d| d.as_slice());
+        let (h, d) = if off < self.head.len() {
+            (&self.head[off..], data)
+        } else {
+            (&[][..], &data[off - self.head.len()..])
+        };
+        [h, d].into_iter().filter(|s| !s.is_empty())
+    }
+}
+
 /// Replies waiting to go out.
 struct Queue {
-    /// Whole replies, each with the bytes of [`BUDGET`] it holds.
-    replies: Vec<(Vec<u8>, u64)>,
+    replies: Vec<Reply>,
     /// A thread is sending (and will send whatever is queued meanwhile).
     sending: bool,
     /// Why the socket broke, once it has.
@@ -1332,7 +1366,12 @@ impl Outbox {
     /// back once it is sent or dropped), and sends if nobody is; returns
     /// an empty buffer for the next reply.
     fn send(&self, reply: Vec<u8>, cost: u64) -> Vec<u8> {
-        match self.push(reply, cost) {
+        let reply = Reply {
+            head: reply,
+            data: None,
+            cost,
+        };
+        match self.push(reply) {
             Some(mut q) => q.spare.pop().unwrap_or_default(),
             None => Vec::new(),
         }
@@ -1341,14 +1380,14 @@ impl Outbox {
     /// Queues a reply without sending it: [`Outbox::flush`], or the
     /// sender at work, sends it. Never waits for room: a caller's replies
     /// are bounded by the [`BUDGET`] their requests took.
-    fn hold(&self, reply: Vec<u8>, cost: u64) {
+    fn hold(&self, reply: Reply) {
         let mut q = self.lock();
         if q.broken.is_some() {
             drop(q);
-            self.budget.give(cost);
+            self.budget.give(reply.cost);
             return;
         }
-        q.replies.push((reply, cost));
+        q.replies.push(reply);
     }
 
     /// Sends what is queued, unless a sender is at it, without waiting
@@ -1377,14 +1416,23 @@ impl Outbox {
                 let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
                 write_all_vectored(&mut NoWait(&sock), &batch, &mut at)
             };
-            let sent: u64 = batch[..at.0].iter().map(|r| r.1).sum();
+            let sent: u64 = batch[..at.0].iter().map(|r| r.cost).sum();
             self.budget.give(sent);
             q = self.lock();
             match r {
                 Ok(()) => self.recycle(&mut q, batch),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut rest = batch.split_off(at.0);
-                    rest[0].0.drain(..at.1);
+                    if at.1 > 0 {
+                        // What is left of a reply the socket took part of.
+                        let first = &mut rest[0];
+                        let head = first.from(at.1).flatten().copied().collect();
+                        *first = Reply {
+                            head,
+                            data: None,
+                            cost: first.cost,
+                        };
+                    }
                     self.recycle(&mut q, batch);
                     rest.append(&mut q.replies);
                     q.replies = rest;
@@ -1393,7 +1441,7 @@ impl Outbox {
                     return;
                 }
                 Err(e) => {
-                    let unsent: u64 = batch[at.0..].iter().map(|r| r.1).sum();
+                    let unsent: u64 = batch[at.0..].iter().map(|r| r.cost).sum();
                     self.budget.give(unsent);
                     drop(self.broke(q, e));
                     return;
@@ -1425,11 +1473,11 @@ impl Outbox {
     }
 
     /// Keeps some sent buffers for reuse.
-    fn recycle(&self, q: &mut Queue, mut batch: Vec<(Vec<u8>, u64)>) {
-        for (mut buf, _) in batch.drain(..) {
-            if q.spare.len() < SPARE_REPLIES && buf.capacity() <= SPARE_CAPACITY {
-                buf.clear();
-                q.spare.push(buf);
+    fn recycle(&self, q: &mut Queue, batch: Vec<Reply>) {
+        for Reply { mut head, .. } in batch {
+            if q.spare.len() < SPARE_REPLIES && head.capacity() <= SPARE_CAPACITY {
+                head.clear();
+                q.spare.push(head);
             }
         }
     }
@@ -1446,7 +1494,7 @@ impl Outbox {
             .unwrap_or_else(|p| p.into_inner())
             .shutdown();
         q.broken.get_or_insert_with(|| e.to_string());
-        let dropped: u64 = q.replies.drain(..).map(|r| r.1).sum();
+        let dropped: u64 = q.replies.drain(..).map(|r| r.cost).sum();
         q.sending = false;
         self.taken.notify_all();
         drop(q);
@@ -1455,17 +1503,17 @@ impl Outbox {
     }
 
     /// `None` once the socket broke (the reply is dropped).
-    fn push(&self, reply: Vec<u8>, cost: u64) -> Option<std::sync::MutexGuard<'_, Queue>> {
+    fn push(&self, reply: Reply) -> Option<std::sync::MutexGuard<'_, Queue>> {
         let mut q = self.lock();
         while q.broken.is_none() && q.replies.len() >= MAX_QUEUED_REPLIES {
             q = self.taken.wait(q).unwrap_or_else(|p| p.into_inner());
         }
         if q.broken.is_some() {
             drop(q);
-            self.budget.give(cost);
+            self.budget.give(reply.cost);
             return None;
         }
-        q.replies.push((reply, cost));
+        q.replies.push(reply);
         if !q.sending {
             q.sending = true;
             q = self.send_all(q);
@@ -1494,7 +1542,7 @@ impl Outbox {
                 let mut sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
                 write_all_vectored(&mut *sock, &batch, &mut (0, 0))
             };
-            let cost: u64 = batch.iter().map(|r| r.1).sum();
+            let cost: u64 = batch.iter().map(|r| r.cost).sum();
             self.budget.give(cost);
             q = self.lock();
             if let Err(e) = r {
@@ -1537,24 +1585,27 @@ impl Write for NoWait<'_> {
 /// an error.
 fn write_all_vectored(
     w: &mut impl Write,
-    batch: &[(Vec<u8>, u64)],
+    batch: &[Reply],
     at: &mut (usize, usize),
 ) -> io::Result<()> {
+    let mut slices = Vec::new();
     while at.0 < batch.len() {
-        let (i, off) = *at;
-        let first = io::IoSlice::new(&batch[i].0[off..]);
-        let rest = batch[i + 1..].iter().take(MAX_IOV - 1);
-        let slices: Vec<io::IoSlice> = std::iter::once(first)
-            .chain(rest.map(|r| io::IoSlice::new(&r.0)))
-            .collect();
+        slices.clear();
+        slices.extend(batch[at.0].from(at.1).map(io::IoSlice::new));
+        for r in &batch[at.0 + 1..] {
+            if slices.len() + 2 > MAX_IOV {
+                break;
+            }
+            slices.extend(r.from(0).map(io::IoSlice::new));
+        }
         let mut n = match w.write_vectored(&slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        while at.0 < batch.len() && n >= batch[at.0].0.len() - at.1 {
-            n -= batch[at.0].0.len() - at.1;
+        while at.0 < batch.len() && n >= batch[at.0].len() - at.1 {
+            n -= batch[at.0].len() - at.1;
             *at = (at.0 + 1, 0);
         }
         at.1 += n;
@@ -1821,4 +1872,95 @@ fn segments(disk: &dyn Disk, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
         return vec![(offset, len, false)];
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes at most `step` bytes a call and refuses every third call as a
+    /// full socket would.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+        calls: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[io::IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls % 3 == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut left = self.step;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.out.extend_from_slice(&b[..n]);
+                left -= n;
+            }
+            Ok(self.step - left)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Replies with and without read data go out byte for byte, in order,
+    /// through short writes and refusals, resuming where they stopped;
+    /// more replies than one `writev` takes.
+    #[test]
+    fn replies_resume_after_short_and_refused_writes() {
+        let bytes = |seed: u8, n: usize| (0..n).map(|i| seed ^ (i as u8)).collect::<Vec<u8>>();
+        for step in [1, 7, 16, 4099, 1 << 20] {
+            let mut want = Vec::new();
+            let batch: Vec<Reply> = (0..300u32)
+                .map(|i| {
+                    let head = bytes(i as u8, 16 + (i % 5) as usize);
+                    want.extend_from_slice(&head);
+                    let data = (i % 3 != 0).then(|| {
+                        let d = bytes(0x80 | i as u8, 1 + (i as usize * 37) % 5000);
+                        want.extend_from_slice(&d);
+                        ReadBuf::from_bytes(&d)
+                    });
+                    Reply {
+                        head,
+                        data,
+                        cost: 0,
+                    }
+                })
+                .collect();
+            let mut w = Trickle {
+                out: Vec::new(),
+                step,
+                calls: 0,
+            };
+            let mut at = (0, 0);
+            loop {
+                match write_all_vectored(&mut w, &batch, &mut at) {
+                    Ok(()) => break,
+                    Err(e) => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+                }
+            }
+            assert_eq!(at, (300, 0), "step {step}");
+            assert!(w.out == want, "step {step}: bytes differ");
+        }
+    }
+
+    /// What is left of a partly sent reply, from any offset.
+    #[test]
+    fn a_reply_from_an_offset() {
+        let r = Reply {
+            head: vec![1, 2, 3],
+            data: Some(ReadBuf::from_bytes(&[4, 5, 6, 7])),
+            cost: 0,
+        };
+        assert_eq!(r.len(), 7);
+        for off in 0..7 {
+            let rest: Vec<u8> = r.from(off).flatten().copied().collect();
+            assert_eq!(rest, (off as u8 + 1..=7).collect::<Vec<u8>>(), "from {off}");
+        }
+    }
 }
