@@ -29,7 +29,12 @@ use abi::{init, op, InHeader, InitIn, InitOut};
 pub(super) use dispatch::Access;
 use dispatch::{dispatch, Outcome, Session};
 
-pub(crate) const MAX_WRITE: u32 = super::ops::MAX_WRITE;
+/// Largest request on the ring. Every entry's payload buffer must hold
+/// one, and buffers touched stay resident: at 1 MiB, 32 entries per CPU
+/// took the daemon to 87 MiB under 1 MiB sequential I/O; at 256 KiB it
+/// peaked at 43 MiB with the same throughput, within the noise (a 1 MiB
+/// request becomes four).
+pub(crate) const MAX_WRITE: u32 = 256 << 10;
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
 /// Whether the kernel carries FUSE requests over io_uring now; the
