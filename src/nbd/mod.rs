@@ -116,6 +116,19 @@ fn password_file_option(options: &[String]) -> Result<Option<PathBuf>> {
     Ok(file)
 }
 
+/// A buffer is often allocated by one thread (a worker, a reader) and
+/// freed by another (the sender): with an arena per thread, every arena
+/// kept megabytes of freed 1 MiB buffers, and 1 MiB sequential reads took
+/// the server to 71 MiB resident; with two arenas, 44 MiB at the same
+/// speed. Called before any thread exists.
+fn few_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn parse_cache(s: &str) -> std::result::Result<CacheMode, String> {
     match s {
         "none" => Ok(CacheMode::None),
@@ -319,6 +332,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 
 /// `asiffs serve SOURCE (--socket PATH | --listen HOST:PORT)`.
 pub fn cmd_serve(a: &ServeArgs) -> Result<i32> {
+    few_malloc_arenas();
     let source = a
         .source
         .canonicalize()

@@ -1178,7 +1178,14 @@ fn session_ring() -> Option<Ring> {
     }
 }
 
-/// Puts a plain read, or a plain write of one payload piece, that lies
+/// Largest request put on a session's ring. Small random I/O is what the
+/// ring speeds up; larger requests on it held each megabyte twice (the
+/// ring's aligned buffer beside the payload or the reply) and took the
+/// server's peak RSS under 1 MiB sequential I/O from 55 to 97 MiB.
+const RING_LARGEST: u32 = 256 * 1024;
+
+/// Puts a plain read of at most [`RING_LARGEST`] bytes, or a plain write as
+/// small, that lies
 /// inside the export on the session's ring, if the disk translates it;
 /// hands back every other request (and any the ring does not take) for a
 /// worker. What the ring takes is answered exactly as [`answer`] would.
@@ -1203,7 +1210,7 @@ fn on_ring<'a>(ctx: &Ctx, ring: &Ring, outbox: &Arc<Outbox>, job: Job<'a>) -> Op
     let end = req.offset.checked_add(req.len.into());
     if !read && req.command == CMD_READ
         || req.len == 0
-        || req.len > MAX_PAYLOAD
+        || req.len > RING_LARGEST
         || !end.is_some_and(|end| end <= ctx.export.disk.size())
     {
         return Some(job);
