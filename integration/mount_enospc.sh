@@ -31,10 +31,21 @@ buf = mmap.mmap(-1, MIB)
 def pattern(i, phase):
     return struct.pack("<QQ", i, phase) * (MIB // 16)
 
+def write_whole(fd, i):
+    # A write split into several FUSE requests (the ring's are 256 KiB)
+    # that runs out of space part way returns what landed; the rest must
+    # then fail with ENOSPC, as a retrying writer (dd, QEMU) would see.
+    done = 0
+    while done < MIB:
+        n = os.pwrite(fd, memoryview(buf)[done:], i * MIB + done)
+        if n <= 0 or n % 4096:
+            sys.exit(f"MiB {i}: write returned {n} after {done} bytes")
+        done += n
+
 def write_synced(fd, i, phase):
     """Write MiB i and fsync; return which call failed with ENOSPC, or None."""
     buf.seek(0); buf.write(pattern(i, phase))
-    for call, f in (("write", lambda: os.pwrite(fd, buf, i * MIB) == MIB or sys.exit("short write")),
+    for call, f in (("write", lambda: write_whole(fd, i)),
                     ("fsync", lambda: os.fsync(fd))):
         try:
             f()
