@@ -1184,38 +1184,25 @@ fn session_ring() -> Option<Ring> {
 /// server's peak RSS under 1 MiB sequential I/O from 55 to 97 MiB.
 const RING_LARGEST: u32 = 256 * 1024;
 
-/// Puts a plain read of at most [`RING_LARGEST`] bytes, or a plain write as
-/// small, that lies
-/// inside the export on the session's ring, if the disk translates it;
-/// hands back every other request (and any the ring does not take) for a
-/// worker. What the ring takes is answered exactly as [`answer`] would.
+/// Puts a valid read or write of 1 to [`RING_LARGEST`] bytes on the
+/// session's ring, if the disk translates it; hands back every other
+/// request (and any the ring does not take) for a worker. What the ring
+/// takes is answered exactly as [`answer`] would.
 fn on_ring<'a>(ctx: &Ctx, ring: &Ring, outbox: &Arc<Outbox>, job: Job<'a>) -> Option<Job<'a>> {
     let req = &job.req;
-    let read = match req.command {
-        CMD_READ if ctx.structured => {
-            // One data chunk, as `read` sends when it does not look for holes.
-            req.flags & !(CMD_FLAG_FUA | CMD_FLAG_DF) == 0
-                && (req.flags & CMD_FLAG_DF != 0 || req.len <= SMALL_READ)
-        }
-        CMD_READ => req.flags & !CMD_FLAG_FUA == 0,
+    let read = req.command == CMD_READ;
+    let plain = match req.command {
+        // One data chunk, as `read` sends when it does not look for holes.
+        CMD_READ => !ctx.structured || req.flags & CMD_FLAG_DF != 0 || req.len <= SMALL_READ,
         // FUA needs a flush after the write: a worker's job.
-        CMD_WRITE => {
-            if req.flags != 0 || ctx.export.read_only || job.payload.pieces.len() != 1 {
-                return Some(job);
-            }
-            false
-        }
-        _ => return Some(job),
+        CMD_WRITE => req.flags & CMD_FLAG_FUA == 0 && job.payload.pieces.len() == 1,
+        _ => false,
     };
-    let end = req.offset.checked_add(req.len.into());
-    if !read && req.command == CMD_READ
-        || req.len == 0
-        || req.len > RING_LARGEST
-        || !end.is_some_and(|end| end <= ctx.export.disk.size())
+    if !plain
+        || !(1..=RING_LARGEST).contains(&req.len)
+        || refusal(ctx, req).is_some()
+        || outbox.is_broken()
     {
-        return Some(job);
-    }
-    if outbox.is_broken() {
         return Some(job);
     }
     let (handle, offset, len, cost) = (req.handle, req.offset, req.len, job.cost);
@@ -1408,53 +1395,7 @@ impl Outbox {
             return;
         }
         q.sending = true;
-        loop {
-            let mut batch = std::mem::take(&mut q.replies);
-            if batch.is_empty() {
-                q.sending = false;
-                return;
-            }
-            if batch.len() >= MAX_QUEUED_REPLIES {
-                self.taken.notify_all();
-            }
-            drop(q);
-            let mut at = (0, 0);
-            let r = {
-                let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-                write_all_vectored(&mut NoWait(&sock), &batch, &mut at)
-            };
-            let sent: u64 = batch[..at.0].iter().map(|r| r.cost).sum();
-            self.budget.give(sent);
-            q = self.lock();
-            match r {
-                Ok(()) => self.recycle(&mut q, batch),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut rest = batch.split_off(at.0);
-                    if at.1 > 0 {
-                        // What is left of a reply the socket took part of.
-                        let first = &mut rest[0];
-                        let head = first.from(at.1).flatten().copied().collect();
-                        *first = Reply {
-                            head,
-                            data: None,
-                            cost: first.cost,
-                        };
-                    }
-                    self.recycle(&mut q, batch);
-                    rest.append(&mut q.replies);
-                    q.replies = rest;
-                    q.handoff = true;
-                    self.kick.notify_one();
-                    return;
-                }
-                Err(e) => {
-                    let unsent: u64 = batch[at.0..].iter().map(|r| r.cost).sum();
-                    self.budget.give(unsent);
-                    drop(self.broke(q, e));
-                    return;
-                }
-            }
-        }
+        drop(self.send_queued(q, false));
     }
 
     /// The thread that finishes what [`Outbox::flush`] handed over, with
@@ -1532,10 +1473,21 @@ impl Outbox {
     /// returns with it clear.
     fn send_all<'q>(
         &'q self,
+        q: std::sync::MutexGuard<'q, Queue>,
+    ) -> std::sync::MutexGuard<'q, Queue> {
+        self.send_queued(q, true)
+    }
+
+    /// Sends batches until the queue is empty (then `sending` is clear) or,
+    /// without `wait`, until the socket is full: then the rest is handed to
+    /// the sender thread (`handoff` set, `sending` still set).
+    fn send_queued<'q>(
+        &'q self,
         mut q: std::sync::MutexGuard<'q, Queue>,
+        wait: bool,
     ) -> std::sync::MutexGuard<'q, Queue> {
         loop {
-            let batch = std::mem::take(&mut q.replies);
+            let mut batch = std::mem::take(&mut q.replies);
             if batch.is_empty() {
                 q.sending = false;
                 return q;
@@ -1545,17 +1497,45 @@ impl Outbox {
                 self.taken.notify_all();
             }
             drop(q);
+            let mut at = (0, 0);
             let r = {
                 let mut sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-                write_all_vectored(&mut *sock, &batch, &mut (0, 0))
+                if wait {
+                    write_all_vectored(&mut *sock, &batch, &mut at)
+                } else {
+                    write_all_vectored(&mut NoWait(&sock), &batch, &mut at)
+                }
             };
-            let cost: u64 = batch.iter().map(|r| r.cost).sum();
-            self.budget.give(cost);
+            let sent: u64 = batch[..at.0].iter().map(|r| r.cost).sum();
+            self.budget.give(sent);
             q = self.lock();
-            if let Err(e) = r {
-                return self.broke(q, e);
+            match r {
+                Ok(()) => self.recycle(&mut q, batch),
+                Err(e) if !wait && e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut rest = batch.split_off(at.0);
+                    if at.1 > 0 {
+                        // What is left of a reply the socket took part of.
+                        let first = &mut rest[0];
+                        let head = first.from(at.1).flatten().copied().collect();
+                        *first = Reply {
+                            head,
+                            data: None,
+                            cost: first.cost,
+                        };
+                    }
+                    self.recycle(&mut q, batch);
+                    rest.append(&mut q.replies);
+                    q.replies = rest;
+                    q.handoff = true;
+                    self.kick.notify_one();
+                    return q;
+                }
+                Err(e) => {
+                    let unsent: u64 = batch[at.0..].iter().map(|r| r.cost).sum();
+                    self.budget.give(unsent);
+                    return self.broke(q, e);
+                }
             }
-            self.recycle(&mut q, batch);
         }
     }
 }
@@ -1664,35 +1644,28 @@ fn fail_reply(structured: bool, handle: u64, error: u32, message: &str, out: &mu
 
 /// Does what `req` asks and appends its whole reply to `out`; a write's
 /// payload comes in pieces, written in order.
-fn answer(ctx: &Ctx, req: &Request, payload: &[Vec<u8>], out: &mut Vec<u8>) {
-    let export = ctx.export;
+/// Why `req` must be refused, as the error the spec asks for and a
+/// message; `None` when it may run.
+fn refusal(ctx: &Ctx, req: &Request) -> Option<(u32, String)> {
     let allowed = match req.command {
         CMD_READ if ctx.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
         CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
         CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-        c => {
-            return fail(
-                ctx,
-                req,
-                EINVAL,
-                &format!("command {c} is not supported"),
-                out,
-            )
-        }
+        c => return Some((EINVAL, format!("command {c} is not supported"))),
     };
     if req.flags & !allowed != 0 {
         let msg = format!(
             "flags {:#x} are not valid for command {}",
             req.flags, req.command
         );
-        return fail(ctx, req, EINVAL, &msg, out);
+        return Some((EINVAL, msg));
     }
     let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    if writes && export.read_only {
-        return fail(ctx, req, EPERM, "the export is read-only", out);
+    if writes && ctx.export.read_only {
+        return Some((EPERM, "the export is read-only".into()));
     }
-    let size = export.disk.size();
+    let size = ctx.export.disk.size();
     let end = req.offset.checked_add(req.len.into());
     let past_end = match end {
         Some(end) => end > size,
@@ -1704,8 +1677,17 @@ fn answer(ctx: &Ctx, req: &Request, payload: &[Vec<u8>], out: &mut Vec<u8>) {
             req.offset, req.len
         );
         // The spec asks for ENOSPC on writes past the end, EINVAL otherwise.
-        return fail(ctx, req, if writes { ENOSPC } else { EINVAL }, &msg, out);
+        return Some((if writes { ENOSPC } else { EINVAL }, msg));
     }
+    None
+}
+
+fn answer(ctx: &Ctx, req: &Request, payload: &[Vec<u8>], out: &mut Vec<u8>) {
+    if let Some((error, msg)) = refusal(ctx, req) {
+        return fail(ctx, req, error, &msg, out);
+    }
+    let export = ctx.export;
+    let writes = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     let disk = &*export.disk;
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let done = match req.command {
